@@ -1,0 +1,114 @@
+//! The cluster view every agent works from, and the trait its sources implement.
+//!
+//! A source (a shared directory today; identity-ca's registry and the
+//! Kubernetes API server later) publishes this node's record and streams
+//! snapshots of the whole view. Agents never care which source they run on.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::key::PublicKey;
+use crate::policy::MeshPolicy;
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+pub mod file;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cluster source I/O on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cluster source file {path} is invalid: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error("cluster source is unavailable: {reason}")]
+    Unavailable { reason: String },
+}
+
+/// What a node tells the cluster about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeRecord {
+    pub name: String,
+    /// The node's WireGuard public key.
+    pub public_key: PublicKey,
+    /// Where other nodes send WireGuard datagrams.
+    pub endpoint: SocketAddr,
+    /// Pod address ranges hosted on the node; the node's tunnel accepts only
+    /// these as inner source addresses.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// A workload (pod) and where it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A snapshot of everything the agents need to know about the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<TrustDomain>,
+    /// By node name.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// By `<namespace>/<name>`.
+    #[serde(default)]
+    pub workloads: BTreeMap<String, Workload>,
+    /// By `<namespace>/<name>`.
+    #[serde(default)]
+    pub policies: BTreeMap<String, MeshPolicy>,
+}
+
+/// Where the cluster view comes from.
+pub trait ClusterSource: Send + Sync {
+    /// Announces (or updates) this node's record.
+    fn publish_node<'a>(&'a self, node: &'a NodeRecord) -> BoxFuture<'a, Result<(), SourceError>>;
+
+    /// Snapshots of the view; the receiver holds the latest one and is marked
+    /// changed on every update.
+    fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>>;
+}
+
+// === impl Workload ===
+
+impl Workload {
+    /// `<namespace>/<name>`, the pod address users type.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn spiffe_id(&self, td: &TrustDomain) -> Result<SpiffeId, crate::spiffe::SpiffeIdError> {
+        td.workload_id(&self.namespace, &self.service_account)
+    }
+}
+
+// === impl ClusterView ===
+
+impl ClusterView {
+    /// Every node but `local`, in name order.
+    pub fn peers_of<'a>(&'a self, local: &'a str) -> impl Iterator<Item = &'a NodeRecord> + 'a {
+        self.nodes.values().filter(move |n| n.name != local)
+    }
+}

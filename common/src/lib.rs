@@ -1,0 +1,13 @@
+//! Types that several meshguard binaries share.
+//!
+//! Kept deliberately small: identities ([`spiffe`]), WireGuard key encoding
+//! ([`key`]), the cluster view every agent works from and the trait its
+//! sources implement ([`cluster`]), and the `MeshPolicy` resource ([`policy`]).
+
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod key;
+pub mod policy;
+pub mod spiffe;
