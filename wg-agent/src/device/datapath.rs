@@ -1,0 +1,291 @@
+//! The three loops that move packets. Each owns its buffers; nothing on the
+//! per-packet path allocates.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use meshguard_common::key::PublicKey;
+
+use super::peer::Peer;
+use super::stats::DropReason;
+use super::{Shared, State};
+use crate::io::is_timeout;
+use crate::packet;
+
+/// Largest IP packet a TUN can hand us, plus WireGuard's data overhead.
+const MAX_PACKET: usize = 65_535;
+const BUF_LEN: usize = MAX_PACKET + 256;
+
+/// boringtun's timers have 250 ms resolution; ticking at that rate is enough.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+impl Shared {
+    #[inline]
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    #[inline]
+    fn send(&self, peer: &Peer, bytes: &[u8], to: SocketAddr) {
+        match self.socket.read().send_to(bytes, to) {
+            Ok(()) => peer.note_sent(bytes.len(), self.now_ms()),
+            Err(e) => self.stats.drop(DropReason::IoError, || format!("send to {to}: {e}")),
+        }
+    }
+
+    /// Sends whatever the noise layer asked for, to the peer's endpoint.
+    #[inline]
+    fn send_result(&self, peer: &Peer, res: TunnResult<'_>) {
+        match res {
+            TunnResult::WriteToNetwork(bytes) => match peer.endpoint() {
+                Some(ep) => self.send(peer, bytes, ep),
+                None => self.stats.drop(DropReason::NoEndpoint, || format!("peer {}", peer.public_key)),
+            },
+            TunnResult::Err(e) => {
+                let reason = DropReason::from_wg(&e);
+                // An expired connection is the timers' normal idle state, not a refusal.
+                if reason != DropReason::NoSession {
+                    self.stats.drop(reason, || format!("peer {}: {e:?}", peer.public_key));
+                }
+            }
+            TunnResult::Done | TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+        }
+    }
+}
+
+/// TUN → wire: route by destination, encrypt, send.
+pub(super) fn tun_loop(shared: &Shared) {
+    let mut src = vec![0u8; BUF_LEN];
+    let mut dst = vec![0u8; BUF_LEN];
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        let n = match shared.tun.recv(&mut src) {
+            Ok(n) => n,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::ENODEV | libc::EIO)) => {
+                // The interface was deleted under us (`ip link del`): the device is over.
+                tracing::warn!(error = %e, "tun device is gone; stopping");
+                shared.closed.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                shared.stats.drop(DropReason::IoError, || format!("tun read: {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let pkt = &src[..n];
+        let Some(to) = packet::dst_addr(pkt) else {
+            shared.stats.drop(DropReason::MalformedIp, || format!("{n}-byte packet from the tun"));
+            continue;
+        };
+        let peer = match shared.state.read().routes.lookup(to) {
+            Some(p) => p.clone(),
+            None => {
+                shared.stats.drop(DropReason::NoPeer, || format!("no peer for destination {to}"));
+                continue;
+            }
+        };
+        let res = {
+            let mut guard = peer.tunn.lock();
+            let Some(tunn) = guard.as_mut() else {
+                shared.stats.drop(DropReason::NoPrivateKey, || "device has no private key".into());
+                continue;
+            };
+            tunn.encapsulate(pkt, &mut dst)
+        };
+        shared.send_result(&peer, res);
+    }
+}
+
+/// Wire → TUN: authenticate, find the peer, decrypt, check the inner source
+/// against the peer's allowed IPs, deliver.
+pub(super) fn net_loop(shared: &Shared) {
+    let mut buf = vec![0u8; BUF_LEN];
+    let mut out = vec![0u8; BUF_LEN];
+    let mut generation = shared.socket_generation.load(Ordering::SeqCst);
+    let mut socket = shared.socket.read().clone();
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        let current = shared.socket_generation.load(Ordering::SeqCst);
+        if current != generation {
+            generation = current;
+            socket = shared.socket.read().clone();
+        }
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => {
+                shared.stats.drop(DropReason::IoError, || format!("socket read: {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        handle_datagram(shared, &buf[..n], from, &mut out);
+    }
+}
+
+/// One datagram from the wire. Public to the crate for in-process tests.
+pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    let Some(peer) = find_peer(shared, datagram, from, out) else { return };
+    let res = {
+        let mut guard = peer.tunn.lock();
+        let Some(tunn) = guard.as_mut() else { return };
+        let res = tunn.decapsulate(Some(from.ip()), datagram, out);
+        match res {
+            TunnResult::Err(e) => {
+                drop(guard);
+                shared.stats.drop(DropReason::from_wg(&e), || format!("from {from} (peer {}): {e:?}", peer.public_key));
+                return;
+            }
+            TunnResult::WriteToNetwork(bytes) => {
+                // Handshake traffic: answer, then flush what waited for the session.
+                peer.note_received(datagram.len());
+                peer.set_endpoint(from);
+                shared.send(&peer, bytes, from);
+                flush_queue(shared, &peer, tunn, out);
+                return;
+            }
+            r => r,
+        }
+    };
+    // Authenticated: count it and follow the peer if it roamed.
+    peer.note_received(datagram.len());
+    peer.set_endpoint(from);
+    let (inner, src) = match res {
+        TunnResult::WriteToTunnelV4(p, a) => (p, std::net::IpAddr::V4(a)),
+        TunnResult::WriteToTunnelV6(p, a) => (p, std::net::IpAddr::V6(a)),
+        _ => return, // keepalive
+    };
+    // Cryptokey routing: the peer may only speak for its own allowed IPs.
+    let allowed = shared.state.read().routes.lookup(src).is_some_and(|p| Arc::ptr_eq(p, &peer));
+    if !allowed {
+        shared.stats.drop(DropReason::SourceNotAllowed, || {
+            format!("peer {} sent a packet from {src}, outside its allowed IPs", peer.public_key)
+        });
+        return;
+    }
+    if let Err(e) = shared.tun.send(inner) {
+        shared.stats.drop(DropReason::IoError, || format!("tun write: {e}"));
+    }
+}
+
+/// Sends the packets the noise layer queued while it had no session.
+fn flush_queue(shared: &Shared, peer: &Peer, tunn: &mut Tunn, buf: &mut [u8]) {
+    loop {
+        match tunn.decapsulate(None, &[], buf) {
+            TunnResult::WriteToNetwork(bytes) => match peer.endpoint() {
+                Some(ep) => shared.send(peer, bytes, ep),
+                None => return,
+            },
+            _ => return,
+        }
+    }
+}
+
+/// Finds the peer a datagram belongs to, without decrypting it.
+fn find_peer(shared: &Shared, datagram: &[u8], from: SocketAddr, scratch: &mut [u8]) -> Option<Arc<Peer>> {
+    let st = shared.state.read();
+    let Some(key) = st.key.as_ref() else {
+        shared.stats.drop(DropReason::NoPrivateKey, || format!("datagram from {from}"));
+        return None;
+    };
+    let packet = match key.rate_limiter.verify_packet(Some(from.ip()), datagram, scratch) {
+        Ok(p) => p,
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            // Under load: answer with a cookie instead of doing DH work.
+            let _ = shared.socket.read().send_to(cookie, from);
+            shared.stats.drop(DropReason::UnderLoad, || format!("handshake from {from}"));
+            return None;
+        }
+        Err(TunnResult::Err(e)) => {
+            shared.stats.drop(DropReason::from_wg(&e), || format!("{}-byte datagram from {from}", datagram.len()));
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let peer = match packet {
+        Packet::HandshakeInit(ref init) => match parse_handshake_anon(&key.static_secret, &key.public, init) {
+            Ok(half) => {
+                let pk = PublicKey(half.peer_static_public);
+                match st.peers.get(&pk) {
+                    Some(p) => p.clone(),
+                    None => {
+                        shared.stats.drop(DropReason::UnknownPeer, || format!("handshake from unknown key {pk} at {from}"));
+                        return None;
+                    }
+                }
+            }
+            Err(e) => {
+                shared.stats.drop(DropReason::from_wg(&e), || format!("handshake from {from}: {e:?}"));
+                return None;
+            }
+        },
+        Packet::HandshakeResponse(ref r) => by_index(shared, &st, r.receiver_idx, from)?,
+        Packet::PacketCookieReply(ref c) => by_index(shared, &st, c.receiver_idx, from)?,
+        Packet::PacketData(ref d) => by_index(shared, &st, d.receiver_idx, from)?,
+    };
+    Some(peer)
+}
+
+#[inline]
+fn by_index(shared: &Shared, st: &State, receiver_idx: u32, from: SocketAddr) -> Option<Arc<Peer>> {
+    match st.by_index.get(&(receiver_idx >> 8)) {
+        Some(p) => Some(p.clone()),
+        None => {
+            shared.stats.drop(DropReason::UnknownIndex, || format!("index {receiver_idx:#x} from {from}"));
+            None
+        }
+    }
+}
+
+/// Timers: handshake retries, rekeys, keepalives, session expiry.
+pub(super) fn timer_loop(shared: &Shared) {
+    let mut buf = vec![0u8; BUF_LEN];
+    let mut last_reset = std::time::Instant::now();
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        let (peers, limiter) = {
+            let st = shared.state.read();
+            (st.peers.values().cloned().collect::<Vec<_>>(), st.key.as_ref().map(|k| k.rate_limiter.clone()))
+        };
+        if last_reset.elapsed() >= Duration::from_secs(1) {
+            // The shared limiter counts handshakes per second; the device resets it.
+            if let Some(l) = limiter {
+                l.reset_count();
+            }
+            last_reset = std::time::Instant::now();
+        }
+        let now = shared.now_ms();
+        for peer in peers {
+            let mut guard = peer.tunn.lock();
+            let Some(tunn) = guard.as_mut() else { continue };
+            let res = tunn.update_timers(&mut buf);
+            shared.send_result(&peer, res);
+            let ka = peer.keepalive();
+            if ka > 0 && peer.endpoint().is_some() && now.saturating_sub(peer.last_sent_ms()) >= u64::from(ka) * 1000 {
+                let res = tunn.encapsulate(&[], &mut buf);
+                shared.send_result(&peer, res);
+            }
+            drop(guard);
+            // Keep the wall-clock handshake time fresh while the session lives.
+            let _ = peer.last_handshake();
+        }
+    }
+}
+
+pub(super) fn initiate_all(shared: &Shared) {
+    let mut buf = vec![0u8; BUF_LEN];
+    let peers: Vec<_> = shared.state.read().peers.values().cloned().collect();
+    for peer in peers {
+        if peer.endpoint().is_none() {
+            continue;
+        }
+        let mut guard = peer.tunn.lock();
+        let Some(tunn) = guard.as_mut() else { continue };
+        let res = tunn.format_handshake_initiation(&mut buf, false);
+        shared.send_result(&peer, res);
+    }
+}

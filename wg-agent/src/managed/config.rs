@@ -1,0 +1,234 @@
+//! `wg-agent run --config FILE`: the node agent's configuration.
+//!
+//! Parsing (`load`) is separate from the pure `construct_config`, which
+//! tests call without touching files or the environment. Every key has its
+//! default beside it, with the reason.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::io::tun::validate_ifname;
+
+/// WireGuard's customary MTU: 1500 minus the largest (IPv6) encapsulation overhead.
+pub const DEFAULT_MTU: u16 = 1420;
+/// The port WireGuard deployments conventionally use.
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// One tunnel interface per node; a short name that is easy to spot in `ip link`.
+pub const DEFAULT_INTERFACE: &str = "mg0";
+/// The directory the stock `wg` tool reads.
+pub const DEFAULT_UAPI_DIR: &str = crate::uapi::server::DEFAULT_SOCKET_DIR;
+/// Where the node key lives when `stateDir` is not given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshguard";
+/// Strict by default: pod traffic never leaves a node in plaintext.
+pub const DEFAULT_STRICT: bool = true;
+/// The key file's name inside `stateDir`.
+pub const KEY_FILE: &str = "node.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid YAML for wg-agent: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawConfig {
+    pub node_name: String,
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub interface: Option<String>,
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    #[serde(default)]
+    pub listen_port: Option<u16>,
+    /// `IP` or `IP:port` other nodes send to.
+    pub endpoint: String,
+    pub pod_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub cluster_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+    #[serde(default)]
+    pub uapi_socket_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
+    pub cluster: RawSource,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawSource {
+    /// A shared directory (see `meshguard_common::cluster::file`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default)]
+    pub poll_interval_ms: Option<u64>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub interface: String,
+    pub mtu: u16,
+    pub listen_port: u16,
+    pub endpoint: SocketAddr,
+    pub pod_cidrs: Vec<IpNet>,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub strict: bool,
+    pub uapi_socket_dir: PathBuf,
+    pub metrics_address: Option<SocketAddr>,
+    pub source: SourceConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Dir { path: PathBuf, poll: Duration },
+}
+
+// === impl AgentConfig ===
+
+impl AgentConfig {
+    pub fn key_path(&self) -> PathBuf {
+        self.state_dir.join(KEY_FILE)
+    }
+}
+
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let raw: RawConfig =
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
+    construct_config(raw)
+}
+
+pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
+    let invalid = |m: String| Err(ConfigError::Invalid(m));
+    if meshguard_common::spiffe::validate_segment(&raw.node_name).is_err() {
+        return invalid(format!(
+            "nodeName {:?} must be a non-empty name of letters, digits, '.', '-', '_'",
+            raw.node_name
+        ));
+    }
+    let interface = raw.interface.unwrap_or_else(|| DEFAULT_INTERFACE.to_owned());
+    if let Err(e) = validate_ifname(&interface) {
+        return invalid(e.to_string());
+    }
+    let mtu = raw.mtu.unwrap_or(DEFAULT_MTU);
+    if !(576..=65_535 - 80).contains(&mtu) {
+        return invalid(format!("mtu {mtu} must be between 576 and 65455"));
+    }
+    let listen_port = raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT);
+    if listen_port == 0 {
+        return invalid("listenPort must be a fixed port: other nodes are told to send to it".into());
+    }
+    let endpoint = match raw.endpoint.parse::<SocketAddr>() {
+        Ok(ep) => ep,
+        Err(_) => match raw.endpoint.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, listen_port),
+            Err(_) => return invalid(format!("endpoint {:?} must be IP or IP:port", raw.endpoint)),
+        },
+    };
+    if endpoint.ip().is_unspecified() || endpoint.port() == 0 {
+        return invalid(format!("endpoint {endpoint} must name a reachable address and port"));
+    }
+    if raw.pod_cidrs.is_empty() {
+        return invalid("podCidrs must list this node's pod address ranges".into());
+    }
+    let strict = raw.strict.unwrap_or(DEFAULT_STRICT);
+    if strict && raw.cluster_cidrs.is_empty() {
+        return invalid(
+            "strict mode needs clusterCidrs (all pod ranges of the cluster), so that traffic to a node without a tunnel is dropped instead of leaving in plaintext"
+                .into(),
+        );
+    }
+    for pod in &raw.pod_cidrs {
+        if strict && !raw.cluster_cidrs.iter().any(|c| c.contains(pod)) {
+            return invalid(format!("podCidr {pod} is outside every clusterCidr"));
+        }
+    }
+    let source = match raw.cluster.dir {
+        Some(path) => SourceConfig::Dir {
+            path,
+            poll: raw
+                .cluster
+                .poll_interval_ms
+                .map(Duration::from_millis)
+                .unwrap_or(meshguard_common::cluster::file::DEFAULT_POLL_INTERVAL),
+        },
+        None => return invalid("cluster: give a source, e.g. `cluster: {dir: /var/lib/meshguard/cluster}`".into()),
+    };
+    Ok(AgentConfig {
+        node_name: raw.node_name,
+        state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        interface,
+        mtu,
+        listen_port,
+        endpoint,
+        pod_cidrs: raw.pod_cidrs.into_iter().map(|n| n.trunc()).collect(),
+        cluster_cidrs: raw.cluster_cidrs.into_iter().map(|n| n.trunc()).collect(),
+        strict,
+        uapi_socket_dir: raw.uapi_socket_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_UAPI_DIR)),
+        metrics_address: raw.metrics_address,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(yaml: &str) -> RawConfig {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const BASE: &str = "nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nclusterCidrs: [10.244.0.0/16]\ncluster: {dir: /tmp/c}\n";
+
+    #[test]
+    fn defaults_apply() {
+        let c = construct_config(raw(BASE)).unwrap();
+        assert_eq!(c.endpoint, "192.168.50.1:51820".parse().unwrap());
+        assert_eq!(c.mtu, DEFAULT_MTU);
+        assert_eq!(c.interface, "mg0");
+        assert!(c.strict);
+        assert_eq!(c.key_path(), PathBuf::from("/var/lib/meshguard/node.key"));
+    }
+
+    #[test]
+    fn invalid_configs_say_what_to_fix() {
+        let cases = [
+            (BASE.replace("node-1", "node/1"), "nodeName"),
+            (BASE.replace("192.168.50.1", "somewhere"), "endpoint"),
+            (BASE.replace("clusterCidrs: [10.244.0.0/16]\n", ""), "strict mode needs clusterCidrs"),
+            (BASE.replace("10.244.0.0/16", "10.245.0.0/16"), "outside every clusterCidr"),
+            (BASE.replace("cluster: {dir: /tmp/c}", "cluster: {}"), "give a source"),
+            (format!("{BASE}mtu: 100\n"), "mtu"),
+            (format!("{BASE}listenPort: 0\n"), "listenPort"),
+            (format!("{BASE}interface: much-too-long-name\n"), "interface name"),
+        ];
+        for (yaml, want) in cases {
+            let err = construct_config(raw(&yaml)).unwrap_err().to_string();
+            assert!(err.contains(want), "{want:?} not in {err:?}");
+        }
+        assert!(serde_yaml::from_str::<RawConfig>(&format!("{BASE}bogus: 1\n")).is_err());
+    }
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics, read from the live device at scrape time, served on
+//! `metricsAddress` at `/metrics` (and `/healthz`).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use meshguard_common::key::PublicKey;
+use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::reconcile::Refusal;
+use crate::device::{Device, DropReason};
+
+/// What the collector reads on every scrape.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    device: Arc<Device>,
+    /// Peer public key → node name, for labels.
+    pub peer_names: Mutex<BTreeMap<PublicKey, String>>,
+    pub refusals: Mutex<BTreeMap<Refusal, u64>>,
+}
+
+type Labels = Vec<(String, String)>;
+
+fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_owned(), v.to_owned())]
+}
+
+// === impl AgentMetrics ===
+
+impl AgentMetrics {
+    pub fn new(device: Arc<Device>) -> Arc<Self> {
+        Arc::new(Self { device, peer_names: Mutex::default(), refusals: Mutex::default() })
+    }
+
+    pub fn count_refusal(&self, r: Refusal) {
+        *self.refusals.lock().entry(r).or_default() += 1;
+    }
+
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(self.clone()));
+        r
+    }
+}
+
+impl Collector for AgentMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = self.device.stats();
+        {
+            let mut m = enc.encode_descriptor(
+                "meshguard_wg_dropped_packets",
+                "Packets the WireGuard device refused, by reason.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for reason in DropReason::ALL {
+                let l = label("reason", reason.as_str());
+                ConstCounter::new(stats.drops(reason)).encode(m.encode_family(&l)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "meshguard_wg_refused_node_records",
+                "Node records from the cluster source refused as peers, by reason.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, n) in self.refusals.lock().iter() {
+                let l = label("reason", reason.as_str());
+                ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
+            }
+        }
+        let snap = self.device.snapshot();
+        let names = self.peer_names.lock().clone();
+        let name_of = |k: &PublicKey| names.get(k).cloned().unwrap_or_else(|| k.to_base64());
+        ConstGauge::new(snap.peers.len() as i64).encode(enc.encode_descriptor(
+            "meshguard_wg_peers",
+            "Configured WireGuard peers.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)?;
+        for (name, help, pick) in [
+            ("meshguard_wg_peer_transmit_bytes", "Bytes sent to a peer (WireGuard datagrams).", 0),
+            ("meshguard_wg_peer_receive_bytes", "Authenticated bytes received from a peer.", 1),
+        ] {
+            let mut m =
+                enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for p in &snap.peers {
+                let l = label("peer", &name_of(&p.public_key));
+                let v = if pick == 0 { p.tx_bytes } else { p.rx_bytes };
+                ConstCounter::new(v).encode(m.encode_family(&l)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "meshguard_wg_peer_last_handshake_seconds",
+            "Unix time of the latest handshake with a peer (0: never).",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for p in &snap.peers {
+            let t = p.last_handshake.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+            let l = label("peer", &name_of(&p.public_key));
+            ConstGauge::new(t as i64).encode(m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics` until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics");
+    let registry = Arc::new(metrics.registry());
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &registry)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    let (status, body) = match req.uri().path() {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => (StatusCode::OK, text),
+                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n".into()),
+            }
+        }
+        "/healthz" => (StatusCode::OK, "ok\n".into()),
+        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
