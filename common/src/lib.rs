@@ -3,6 +3,8 @@
 //! Kept deliberately small: identities ([`spiffe`]), WireGuard key encoding
 //! ([`key`]), the cluster view every agent works from and the trait its
 //! sources implement ([`cluster`]), and the `MeshPolicy` resource ([`policy`]).
+//! With the `registry` feature: identity-ca's protobufs and the registry client
+//! ([`registry`]), and X.509-SVID verification for TLS ([`svid`]).
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -11,3 +13,8 @@ pub mod cluster;
 pub mod key;
 pub mod policy;
 pub mod spiffe;
+
+#[cfg(feature = "registry")]
+pub mod registry;
+#[cfg(feature = "registry")]
+pub mod svid;

@@ -1,3 +1,28 @@
-//! See Cargo.toml description; built out by its issue.
+//! identity-ca: the trust domain's SPIFFE CA, node attestation, and the
+//! standalone registry of nodes, workloads and policies.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`config`] | the YAML config and its defaults |
+//! | [`store`] | the embedded database (redb) |
+//! | [`authority`] | CA keys, X.509-/JWT-SVID signing, bundle, rotation |
+//! | [`csr`] | checking PKCS#10 requests |
+//! | [`attest`] | node attestation: join tokens, Kubernetes TokenReview |
+//! | [`registry`] | nodes, workloads, policies and their watch stream |
+//! | [`node_api`] | the mutual-TLS gRPC API nodes call |
+//! | [`admin`] | the root-only admin API on a unix socket |
+//! | [`server`] | wiring it all up and running it |
 
 #![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod attest;
+pub mod authority;
+pub mod config;
+pub mod csr;
+pub mod metrics;
+pub mod node_api;
+pub mod registry;
+pub mod server;
+pub mod store;

@@ -1,0 +1,208 @@
+//! identity-ca's configuration: one YAML file, parsed separately from the
+//! pure [`construct_config`] that fills in defaults and validates.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshguard_common::spiffe::TrustDomain;
+use serde::Deserialize;
+
+/// Where nodes reach the CA. 8443 is free on every platform we run on and
+/// says "TLS" to whoever reads a port list.
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8443";
+/// Root-only directory next to the other meshguard runtime sockets.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/meshguard/identity-ca/admin.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshguard/identity-ca";
+/// The X509-SVID lifetime: one hour, as SPIRE's default, renewed at half-life.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Node SVIDs live as long; a node away for longer needs a new join token.
+pub const DEFAULT_NODE_SVID_TTL: Duration = Duration::from_secs(3600);
+/// A CA certificate lives a year; rotate well before that.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// JWT-SVIDs are bearer tokens: short by default.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+/// A join token not used within an hour is probably lost.
+pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// Clock skew tolerated between the CA and the verifiers: certificates are
+/// back-dated by this much.
+pub const BACKDATE: Duration = Duration::from_secs(30);
+
+pub const DB_FILE: &str = "identity-ca.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file is not valid YAML for identity-ca: {source}")]
+    Yaml {
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("config key {key} = {value:?} is invalid: {reason}")]
+    Invalid { key: &'static str, value: String, reason: String },
+}
+
+/// The file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigFile {
+    pub trust_domain: String,
+    pub listen_addr: Option<String>,
+    pub admin_socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub svid_ttl: Option<String>,
+    pub node_svid_ttl: Option<String>,
+    pub ca_ttl: Option<String>,
+    pub jwt_svid_ttl: Option<String>,
+    pub join_token_ttl: Option<String>,
+    /// Plain-HTTP Prometheus endpoint; off when absent.
+    pub metrics_addr: Option<String>,
+}
+
+/// The configuration the CA runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub trust_domain: TrustDomain,
+    pub listen_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub svid_ttl: Duration,
+    pub node_svid_ttl: Duration,
+    pub ca_ttl: Duration,
+    pub jwt_svid_ttl: Duration,
+    pub join_token_ttl: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join(DB_FILE)
+    }
+
+    /// A configuration for tests: loopback on an ephemeral port, state in `dir`.
+    pub fn for_test(trust_domain: &str, dir: &Path) -> Self {
+        Self {
+            trust_domain: TrustDomain::new(trust_domain).expect("test trust domain"),
+            listen_addr: "127.0.0.1:0".parse().expect("loopback"),
+            admin_socket: dir.join("admin.sock"),
+            state_dir: dir.join("state"),
+            svid_ttl: DEFAULT_SVID_TTL,
+            node_svid_ttl: DEFAULT_NODE_SVID_TTL,
+            ca_ttl: DEFAULT_CA_TTL,
+            jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
+            join_token_ttl: DEFAULT_JOIN_TOKEN_TTL,
+            metrics_addr: None,
+        }
+    }
+}
+
+/// Reads and constructs the configuration from `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let file: ConfigFile = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml { source })?;
+    construct_config(file)
+}
+
+/// Fills in defaults and validates; touches nothing outside its argument.
+pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
+    let trust_domain = TrustDomain::new(&f.trust_domain).map_err(|e| ConfigError::Invalid {
+        key: "trustDomain",
+        value: f.trust_domain.clone(),
+        reason: e.to_string(),
+    })?;
+    let addr = |key: &'static str, v: &str| {
+        v.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid { key, value: v.to_owned(), reason: e.to_string() })
+    };
+    let dur = |key: &'static str, v: &Option<String>, default: Duration| match v {
+        None => Ok(default),
+        Some(s) => parse_duration(s).map_err(|reason| ConfigError::Invalid { key, value: s.clone(), reason }),
+    };
+    let cfg = Config {
+        trust_domain,
+        listen_addr: addr("listenAddr", f.listen_addr.as_deref().unwrap_or(DEFAULT_LISTEN_ADDR))?,
+        admin_socket: f.admin_socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+        state_dir: f.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        svid_ttl: dur("svidTtl", &f.svid_ttl, DEFAULT_SVID_TTL)?,
+        node_svid_ttl: dur("nodeSvidTtl", &f.node_svid_ttl, DEFAULT_NODE_SVID_TTL)?,
+        ca_ttl: dur("caTtl", &f.ca_ttl, DEFAULT_CA_TTL)?,
+        jwt_svid_ttl: dur("jwtSvidTtl", &f.jwt_svid_ttl, DEFAULT_JWT_SVID_TTL)?,
+        join_token_ttl: dur("joinTokenTtl", &f.join_token_ttl, DEFAULT_JOIN_TOKEN_TTL)?,
+        metrics_addr: f.metrics_addr.as_deref().map(|v| addr("metricsAddr", v)).transpose()?,
+    };
+    for (key, ttl) in [("svidTtl", cfg.svid_ttl), ("nodeSvidTtl", cfg.node_svid_ttl)] {
+        if ttl < Duration::from_secs(10) || ttl * 2 > cfg.ca_ttl {
+            return Err(ConfigError::Invalid {
+                key,
+                value: format!("{}s", ttl.as_secs()),
+                reason: "must be at least 10s and at most half of caTtl".into(),
+            });
+        }
+    }
+    Ok(cfg)
+}
+
+/// `90s`, `15m`, `1h`, `7d`, or a combination such as `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let mut total = 0u64;
+    let mut num = String::new();
+    if s.trim().is_empty() {
+        return Err("empty duration: write e.g. 30s, 15m, 1h or 7d".into());
+    }
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(format!("unknown unit {c:?}: use s, m, h or d")),
+        };
+        let n: u64 = num.parse().map_err(|_| "a number must precede each unit".to_string())?;
+        total = total.checked_add(n.checked_mul(unit).ok_or("duration too large")?).ok_or("duration too large")?;
+        num.clear();
+    }
+    if !num.is_empty() {
+        return Err("missing unit after the last number: use s, m, h or d".into());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let cfg = construct_config(ConfigFile { trust_domain: "cluster.local".into(), ..Default::default() }).unwrap();
+        assert_eq!(cfg.svid_ttl, DEFAULT_SVID_TTL);
+        assert_eq!(cfg.listen_addr, DEFAULT_LISTEN_ADDR.parse().unwrap());
+        let bad = construct_config(ConfigFile { trust_domain: "Bad".into(), ..Default::default() });
+        assert!(matches!(bad, Err(ConfigError::Invalid { key: "trustDomain", .. })));
+        let bad = construct_config(ConfigFile {
+            trust_domain: "td".into(),
+            svid_ttl: Some("1s".into()),
+            ..Default::default()
+        });
+        assert!(matches!(bad, Err(ConfigError::Invalid { key: "svidTtl", .. })));
+        let yaml = "trustDomain: td\nbogus: 1\n";
+        assert!(serde_yaml::from_str::<ConfigFile>(yaml).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("45s").unwrap(), Duration::from_secs(45));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,364 @@
+//! `identity-ca run --config FILE`, and the admin subcommands that talk to
+//! a running CA over its root-only unix socket.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use meshguard_common::registry::proto;
+use meshguard_identity_ca::{admin, config, server::CaServer};
+
+#[derive(Parser)]
+#[command(name = "identity-ca", version, about = "meshguard's SPIFFE CA and standalone registry")]
+struct Cli {
+    /// The running CA's admin socket.
+    #[arg(long, global = true, default_value = config::DEFAULT_ADMIN_SOCKET)]
+    admin_socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the CA.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Join tokens for node attestation.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Attested and registered nodes.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Workload identities and the nodes hosting them.
+    Identity {
+        #[command(subcommand)]
+        cmd: ListOnly,
+    },
+    /// Issued X.509-SVIDs.
+    Svid {
+        #[command(subcommand)]
+        cmd: SvidCmd,
+    },
+    /// CA authorities and their rotation.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// The trust bundle.
+    Bundle {
+        #[command(subcommand)]
+        cmd: BundleCmd,
+    },
+    /// Workloads (standalone mode).
+    Workload {
+        #[command(subcommand)]
+        cmd: WorkloadCmd,
+    },
+    /// MeshPolicies (standalone mode).
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Print the Prometheus metrics.
+    Metrics,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a single-use join token for a node; prints the token.
+    Create {
+        #[arg(long)]
+        node: String,
+        /// e.g. 10m, 1h (default: the CA's joinTokenTtl).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    List,
+    /// Forget a node: its SVID stops working and its record leaves the registry.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum ListOnly {
+    List,
+}
+
+#[derive(Subcommand)]
+enum SvidCmd {
+    List {
+        /// Include expired SVIDs still on record.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    List,
+    /// Add a new authority to the bundle (it signs nothing yet).
+    Prepare,
+    /// Make the prepared authority sign; the old one stays in the bundle.
+    Activate,
+    /// Drop the previous authority from the bundle.
+    Retire {
+        /// Even though SVIDs it signed are still valid.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCmd {
+    Show {
+        /// pem (X.509 authorities), jwks, or json (everything)
+        #[arg(long, default_value = "pem")]
+        format: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadCmd {
+    Put {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long = "ip")]
+        ips: Vec<String>,
+        /// key=value
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// NAMESPACE/NAME
+    Delete { key: String },
+    List,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Apply a MeshPolicy YAML file ("-" for stdin).
+    Apply {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+    },
+    /// NAMESPACE/NAME
+    Delete { key: String },
+    List,
+}
+
+fn split_key(key: &str) -> Result<(String, String)> {
+    match key.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns.to_owned(), name.to_owned())),
+        _ => bail!("expected NAMESPACE/NAME, got {key:?}"),
+    }
+}
+
+fn time(unix: i64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    let t = time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second())
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Cmd::Run { config } = &cli.cmd {
+        let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
+        let server = CaServer::start(cfg).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        server
+            .run_until(async move {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            })
+            .await;
+        return Ok(());
+    }
+    let mut c = admin::connect(&cli.admin_socket)
+        .await
+        .with_context(|| format!("cannot reach identity-ca's admin socket {} (is it running, and are you root?)", cli.admin_socket.display()))?;
+    let json = cli.json;
+    let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    match cli.cmd {
+        Cmd::Run { .. } => unreachable!("handled above"),
+        Cmd::Token { cmd: TokenCmd::Create { node, ttl } } => {
+            let ttl_seconds = match ttl {
+                Some(t) => config::parse_duration(&t).map_err(anyhow::Error::msg)?.as_secs() as i64,
+                None => 0,
+            };
+            let r = c.create_join_token(proto::CreateJoinTokenRequest { node_name: node, ttl_seconds }).await?.into_inner();
+            if json {
+                print(serde_json::json!({"token": r.token, "expiresAt": time(r.expires_at)}));
+            } else {
+                println!("{}", r.token);
+            }
+        }
+        Cmd::Node { cmd: NodeCmd::List } => {
+            let r = c.list_nodes(proto::ListNodesRequest {}).await?.into_inner();
+            if json {
+                print(serde_json::Value::Array(
+                    r.nodes
+                        .iter()
+                        .map(|n| {
+                            serde_json::json!({
+                                "name": n.name, "spiffeId": n.spiffe_id, "attestedAt": time(n.attested_at),
+                                "svidExpiresAt": time(n.svid_expires_at),
+                                "endpoint": n.record.as_ref().map(|r| r.endpoint.clone()),
+                                "podCidrs": n.record.as_ref().map(|r| r.pod_cidrs.clone()),
+                            })
+                        })
+                        .collect(),
+                ));
+            } else {
+                println!("{:<20} {:<22} {:<22} {:<22} POD CIDRS", "NODE", "ATTESTED", "SVID EXPIRES", "ENDPOINT");
+                for n in r.nodes {
+                    let (ep, cidrs) = n.record.map(|r| (r.endpoint, r.pod_cidrs.join(","))).unwrap_or_default();
+                    println!("{:<20} {:<22} {:<22} {:<22} {}", n.name, time(n.attested_at), time(n.svid_expires_at), ep, cidrs);
+                }
+            }
+        }
+        Cmd::Node { cmd: NodeCmd::Delete { name } } => {
+            c.delete_node(proto::DeleteNodeRequest { name: name.clone() }).await?;
+            println!("node {name} removed");
+        }
+        Cmd::Identity { cmd: ListOnly::List } => {
+            let r = c.list_identities(proto::ListIdentitiesRequest {}).await?.into_inner();
+            if json {
+                print(serde_json::Value::Array(
+                    r.identities.iter().map(|i| serde_json::json!({"spiffeId": i.spiffe_id, "nodes": i.nodes, "workloads": i.workloads})).collect(),
+                ));
+            } else {
+                println!("{:<60} NODES", "SPIFFE ID");
+                for i in r.identities {
+                    println!("{:<60} {}", i.spiffe_id, i.nodes.join(","));
+                }
+            }
+        }
+        Cmd::Svid { cmd: SvidCmd::List { all } } => {
+            let r = c.list_svids(proto::ListSvidsRequest { include_expired: all }).await?.into_inner();
+            if json {
+                print(serde_json::Value::Array(
+                    r.svids
+                        .iter()
+                        .map(|s| serde_json::json!({"serial": s.serial, "spiffeId": s.spiffe_id, "node": s.node, "issuedAt": time(s.issued_at), "expiresAt": time(s.expires_at), "authority": s.authority_id}))
+                        .collect(),
+                ));
+            } else {
+                println!("{:<34} {:<55} {:<14} {:<22} AUTHORITY", "SERIAL", "SPIFFE ID", "NODE", "EXPIRES");
+                for s in r.svids {
+                    println!("{:<34} {:<55} {:<14} {:<22} {}", s.serial, s.spiffe_id, s.node, time(s.expires_at), s.authority_id);
+                }
+            }
+        }
+        Cmd::Ca { cmd } => {
+            let list = match cmd {
+                CaCmd::List => c.list_authorities(proto::ListAuthoritiesRequest {}).await?.into_inner().authorities,
+                CaCmd::Prepare => vec![c.prepare_authority(proto::PrepareAuthorityRequest {}).await?.into_inner()],
+                CaCmd::Activate => vec![c.activate_authority(proto::ActivateAuthorityRequest {}).await?.into_inner()],
+                CaCmd::Retire { force } => vec![c.retire_authority(proto::RetireAuthorityRequest { force }).await?.into_inner()],
+            };
+            if json {
+                print(serde_json::Value::Array(
+                    list.iter().map(|a| serde_json::json!({"id": a.id, "state": a.state, "notBefore": time(a.not_before), "notAfter": time(a.not_after)})).collect(),
+                ));
+            } else {
+                println!("{:<18} {:<10} {:<22} NOT AFTER", "AUTHORITY", "STATE", "NOT BEFORE");
+                for a in list {
+                    println!("{:<18} {:<10} {:<22} {}", a.id, a.state, time(a.not_before), time(a.not_after));
+                }
+            }
+        }
+        Cmd::Bundle { cmd: BundleCmd::Show { format } } => {
+            let b = c.get_bundle(proto::GetBundleRequest {}).await?.into_inner();
+            match format.as_str() {
+                "pem" => b.x509_authorities.iter().for_each(|d| print!("{}", pem("CERTIFICATE", d))),
+                "jwks" => println!("{}", String::from_utf8_lossy(&b.jwt_authorities_jwks)),
+                "json" => {
+                    let jwks: serde_json::Value = serde_json::from_slice(&b.jwt_authorities_jwks).unwrap_or_default();
+                    print(serde_json::json!({
+                        "trustDomain": b.trust_domain, "sequence": b.sequence,
+                        "x509Authorities": b.x509_authorities.iter().map(|d| pem("CERTIFICATE", d)).collect::<Vec<_>>(),
+                        "jwtAuthorities": jwks,
+                    }));
+                }
+                other => bail!("unknown bundle format {other:?}: use pem, jwks or json"),
+            }
+        }
+        Cmd::Workload { cmd: WorkloadCmd::Put { name, namespace, service_account, node, ips, labels } } => {
+            let labels = labels
+                .iter()
+                .map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).context("labels are key=value"))
+                .collect::<Result<_>>()?;
+            let w = proto::Workload { name, namespace, service_account, node, ips, labels };
+            c.put_workload(proto::PutWorkloadRequest { workload: Some(w) }).await?;
+        }
+        Cmd::Workload { cmd: WorkloadCmd::Delete { key } } => {
+            let (namespace, name) = split_key(&key)?;
+            c.delete_workload(proto::DeleteWorkloadRequest { namespace, name }).await?;
+        }
+        Cmd::Workload { cmd: WorkloadCmd::List } => {
+            let r = c.list_workloads(proto::ListWorkloadsRequest {}).await?.into_inner();
+            println!("{:<30} {:<20} {:<14} IPS", "WORKLOAD", "SERVICE ACCOUNT", "NODE");
+            for w in r.workloads {
+                println!("{:<30} {:<20} {:<14} {}", format!("{}/{}", w.namespace, w.name), w.service_account, w.node, w.ips.join(","));
+            }
+        }
+        Cmd::Policy { cmd: PolicyCmd::Apply { file } } => {
+            let yaml = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+            };
+            let r = c.put_policy(proto::PutPolicyRequest { yaml }).await?.into_inner();
+            println!("meshpolicy {}/{} applied", r.namespace, r.name);
+        }
+        Cmd::Policy { cmd: PolicyCmd::Delete { key } } => {
+            let (namespace, name) = split_key(&key)?;
+            c.delete_policy(proto::DeletePolicyRequest { namespace, name }).await?;
+        }
+        Cmd::Policy { cmd: PolicyCmd::List } => {
+            for p in c.list_policies(proto::ListPoliciesRequest {}).await?.into_inner().policies {
+                println!("{}/{}", p.namespace, p.name);
+            }
+        }
+        Cmd::Metrics => print!("{}", c.metrics(proto::MetricsRequest {}).await?.into_inner().text),
+    }
+    Ok(())
+}

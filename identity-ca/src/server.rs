@@ -1,0 +1,364 @@
+//! Running the CA: the shared state, the mutual-TLS node API listener, the
+//! root-only admin socket, and the background tasks (server certificate
+//! renewal, bundle propagation, pruning).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use meshguard_common::registry::proto::{admin_api_server::AdminApiServer, node_api_server::NodeApiServer};
+use meshguard_common::registry::{CA_SERVER_PATH, MAX_MESSAGE_BYTES};
+use meshguard_common::spiffe::SpiffeId;
+use meshguard_common::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+
+use crate::admin::AdminService;
+use crate::attest::{JoinTokens, NodeAttestor};
+use crate::authority::{Ca, CaError, Lifetimes, now_unix};
+use crate::config::{Config, DB_FILE};
+use crate::metrics::Metrics;
+use crate::node_api::NodeService;
+use crate::registry::{Registry, RegistryError};
+use crate::store::{ATTESTED_NODES, Store, StoreError};
+
+/// Largest request the node API decodes: a full batch of CSRs is ~300 KiB.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// A TLS handshake that takes longer than this is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often expired serials and join tokens are pruned, and how long after
+/// expiry they are kept for `svid list --all`.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+pub const PRUNE_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the TLS configuration: {source}")]
+    Tls {
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the CA's own trust bundle is unusable: {source}")]
+    Bundle {
+        #[source]
+        source: svid::SvidError,
+    },
+}
+
+/// What the CA remembers about an attested node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeAttestation {
+    pub spiffe_id: String,
+    pub attested_at: i64,
+    pub svid_expires_at: i64,
+    pub method: String,
+}
+
+/// Everything the services share.
+pub struct CaState {
+    pub ca: Ca,
+    pub registry: Registry,
+    pub tokens: JoinTokens,
+    pub attestors: Vec<Box<dyn NodeAttestor>>,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    nodes: RwLock<BTreeMap<String, NodeAttestation>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A running CA.
+pub struct CaServer {
+    pub state: Arc<CaState>,
+    /// Where the node API listens (the bound address, for port 0).
+    pub addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+// === impl CaState ===
+
+impl CaState {
+    pub fn open(config: Config, shutdown: watch::Receiver<bool>) -> Result<Self, ServerError> {
+        let td = config.trust_domain.clone();
+        let store = Store::open(&config.state_dir, DB_FILE, td.as_str())?;
+        let lifetimes = Lifetimes {
+            svid: config.svid_ttl,
+            node_svid: config.node_svid_ttl,
+            ca: config.ca_ttl,
+            jwt_svid: config.jwt_svid_ttl,
+        };
+        let ca = Ca::open(td.clone(), store.clone(), lifetimes)?;
+        let registry = Registry::open(store.clone(), td)?;
+        let tokens = JoinTokens::new(store.clone());
+        let nodes = store.load_all::<NodeAttestation>(ATTESTED_NODES, "attested_nodes")?.into_iter().collect();
+        Ok(Self {
+            ca,
+            registry,
+            attestors: vec![Box::new(tokens.clone())],
+            tokens,
+            metrics: Arc::new(Metrics::new()),
+            config,
+            nodes: RwLock::new(nodes),
+            shutdown,
+        })
+    }
+
+    pub fn shutdown_rx(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
+    pub fn is_attested(&self, node: &str) -> bool {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner()).contains_key(node)
+    }
+
+    pub fn attested_nodes(&self) -> BTreeMap<String, NodeAttestation> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn record_attestation(&self, node: &str, id: &SpiffeId, expires: i64, method: &str) -> Result<(), StoreError> {
+        let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+        let attested_at = match (method, nodes.get(node)) {
+            ("renewal", Some(prev)) => prev.attested_at,
+            _ => now_unix(),
+        };
+        let rec = NodeAttestation { spiffe_id: id.to_string(), attested_at, svid_expires_at: expires, method: method.to_owned() };
+        self.ca.store().put(ATTESTED_NODES, node, Some(&rec))?;
+        nodes.insert(node.to_owned(), rec);
+        Ok(())
+    }
+
+    /// Forgets a node: its SVID no longer opens the API, its record leaves the registry.
+    pub fn remove_node(&self, node: &str) -> Result<bool, ServerError> {
+        let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+        let was = nodes.remove(node).is_some();
+        self.ca.store().put::<NodeAttestation>(ATTESTED_NODES, node, None)?;
+        drop(nodes);
+        let rec = self.registry.delete_node(node)?;
+        Ok(was || rec)
+    }
+
+    /// A fresh server SVID `spiffe://<td>/meshguard/identity-ca` and its key.
+    fn server_svid(&self) -> Result<(Vec<rustls::pki_types::CertificateDer<'static>>, Vec<u8>, i64), ServerError> {
+        let (key, csr) = crate::csr::generate().map_err(|source| CaError::Sign { source })?;
+        let csr = crate::csr::CsrKey::parse(&csr).map_err(|e| CaError::BadAuthority { id: "server".into(), reason: e.to_string() })?;
+        let id = SpiffeId::new(self.ca.trust_domain(), CA_SERVER_PATH).map_err(|e| CaError::BadAuthority { id: "server".into(), reason: e.to_string() })?;
+        let svid = self.ca.sign_x509(&[(id, csr)], self.config.svid_ttl, "identity-ca")?.remove(0);
+        self.metrics.issued("server", 1);
+        Ok((svid.chain, key.serialize_der(), svid.expires_at))
+    }
+
+    fn x509_bundle(&self) -> Result<X509Bundle, ServerError> {
+        let b = self.ca.bundle();
+        X509Bundle::new(b.trust_domain.clone(), b.x509_authorities.clone()).map_err(|source| ServerError::Bundle { source })
+    }
+}
+
+// === impl CaServer ===
+
+impl CaServer {
+    /// Opens the state, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Self, ServerError> {
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(CaState::open(config.clone(), shutdown_rx.clone())?);
+        let mut tasks = JoinSet::new();
+
+        // Our own certificate, renewed at half-life and whenever the bundle changes.
+        let creds = CredentialCell::default();
+        let bundle = BundleCell::new(state.x509_bundle()?);
+        let (chain, key, expires) = state.server_svid()?;
+        creds.set(chain, &key).map_err(|source| ServerError::Tls { source })?;
+        tasks.spawn(renew_server_svid(state.clone(), creds.clone(), bundle.clone(), expires));
+
+        let verifier = Arc::new(SpiffeVerifier::any_in_trust_domain(bundle).client_auth_optional());
+        let tls = svid::server_config(creds, verifier).map_err(|source| ServerError::Tls { source })?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listen = |source| ServerError::Listen { what: "node API", addr: config.listen_addr.to_string(), source };
+        let listener = tokio::net::TcpListener::bind(config.listen_addr).await.map_err(listen)?;
+        let addr = listener.local_addr().map_err(listen)?;
+
+        let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
+        let mut sd = shutdown_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(c) => c,
+                        Err(error) => { tracing::warn!(%error, "accept failed"); continue; }
+                    },
+                    _ = sd.changed() => return,
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let conn_tx = conn_tx.clone();
+                // Handshakes run concurrently so a slow client cannot stall others.
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        }
+                        Ok(Err(error)) => tracing::info!(%peer, %error, "TLS handshake refused"),
+                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        let node_api = NodeApiServer::new(NodeService { state: state.clone() })
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut sd = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(node_api)
+                .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                    let _ = sd.changed().await;
+                })
+                .await;
+            if let Err(error) = r {
+                tracing::error!(%error, "node API server stopped");
+            }
+        });
+
+        // The admin socket: root (or our own user) only.
+        let admin_socket = config.admin_socket.clone();
+        let admin_listener = bind_admin_socket(&admin_socket)?;
+        let own_uid = std::fs::metadata(&admin_socket).map(|m| m.uid()).unwrap_or(0);
+        let admin = AdminApiServer::new(AdminService { state: state.clone() })
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let admin = tonic::service::interceptor::InterceptedService::new(admin, move |req: tonic::Request<()>| {
+            crate::admin::check_peer(&req, own_uid)?;
+            Ok(req)
+        });
+        let mut sd = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(admin)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
+                    let _ = sd.changed().await;
+                })
+                .await;
+            if let Err(error) = r {
+                tracing::error!(%error, "admin server stopped");
+            }
+        });
+
+        if let Some(maddr) = config.metrics_addr {
+            let m = state.metrics.clone();
+            tasks.spawn(async move {
+                if let Err(error) = crate::metrics::serve(maddr, m).await {
+                    tracing::error!(%error, addr = %maddr, "metrics endpoint stopped");
+                }
+            });
+        }
+        tasks.spawn(prune(state.clone()));
+        tracing::info!(%addr, admin = %admin_socket.display(), trust_domain = %config.trust_domain, "identity-ca serving");
+        Ok(Self { state, addr, admin_socket, shutdown, tasks })
+    }
+
+    /// Stops serving and waits until the state is released (so the same
+    /// state directory can be opened again).
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = self.tasks.join_next() => if r.is_none() { break },
+                _ = &mut deadline => { self.tasks.abort_all(); while self.tasks.join_next().await.is_some() {} break; }
+            }
+        }
+        let _ = std::fs::remove_file(&self.admin_socket);
+        // Wait for in-flight handlers holding the state to finish.
+        for _ in 0..100 {
+            if Arc::strong_count(&self.state) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs until `signal` resolves.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+}
+
+fn bind_admin_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, ServerError> {
+    let io = |source| ServerError::Listen { what: "admin socket", addr: path.display().to_string(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(l)
+}
+
+async fn renew_server_svid(state: Arc<CaState>, creds: CredentialCell, bundle: BundleCell, mut expires: i64) {
+    let mut bundles = state.ca.watch_bundle();
+    let mut sd = state.shutdown_rx();
+    loop {
+        let half = ((expires - now_unix()) / 2).max(1) as u64;
+        let rotated = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(half)) => false,
+            r = bundles.changed() => { if r.is_err() { return; } true },
+            _ = sd.changed() => return,
+        };
+        if rotated {
+            match state.x509_bundle() {
+                Ok(b) => bundle.set(b),
+                Err(error) => tracing::error!(%error, "cannot use the new bundle"),
+            }
+        }
+        match state.server_svid() {
+            Ok((chain, key, exp)) => match creds.set(chain, &key) {
+                Ok(()) => expires = exp,
+                Err(error) => tracing::error!(%error, "cannot install the renewed server certificate"),
+            },
+            Err(error) => tracing::error!(%error, "cannot renew the server certificate"),
+        }
+    }
+}
+
+async fn prune(state: Arc<CaState>) {
+    let mut sd = state.shutdown_rx();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+            _ = sd.changed() => return,
+        }
+        let s = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(error) = s.ca.prune_serials(PRUNE_GRACE) {
+                tracing::warn!(%error, "cannot prune expired serials");
+            }
+            if let Err(error) = s.tokens.prune(PRUNE_GRACE) {
+                tracing::warn!(%error, "cannot prune expired join tokens");
+            }
+        })
+        .await;
+    }
+}
