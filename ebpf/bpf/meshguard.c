@@ -1,0 +1,24 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * meshguard's pod datapath: attached to a pod's host-side veth with TC
+ * (TCX when the kernel has it), one program per direction. Everything else
+ * is in lib/ (pipeline.h for the order of things).
+ */
+#include "lib/pipeline.h"
+
+/* TC ingress of the host veth: packets the pod sends (its egress policy,
+ * anti-spoofing). */
+SEC("tc")
+int mg_from_pod(struct __sk_buff *skb)
+{
+	return mg_handle(skb, MG_DIR_EGRESS);
+}
+
+/* TC egress of the host veth: packets to the pod (its ingress policy). */
+SEC("tc")
+int mg_to_pod(struct __sk_buff *skb)
+{
+	return mg_handle(skb, MG_DIR_INGRESS);
+}
+
+char _license[] SEC("license") = "GPL";

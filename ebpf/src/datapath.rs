@@ -1,0 +1,775 @@
+//! Loading (or adopting) one datapath instance, attaching pods, and keeping
+//! its maps: ipcache, policy, auth, conntrack, counters, events.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, LinkOrder};
+use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::programs::ProgramError;
+use aya::{Ebpf, EbpfLoader};
+use ipnet::IpNet;
+use tracing::{debug, info};
+
+use crate::abi::{
+    self, AuthKey, AuthValue, Code, Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragValue, IpcacheKeyData,
+    IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue, SubjectKey, SubjectValue,
+};
+use crate::events::{EventError, EventReader};
+use crate::objects;
+use crate::pin::{PinError, PinLayout};
+use crate::policy::{CompiledPolicy, Direction, PolicyError, PolicySet};
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("cannot load the eBPF object: {0}; loading needs root (CAP_BPF, CAP_NET_ADMIN)")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF object has no {what} named {name}: the embedded object and this crate disagree (a bug)")]
+    BugMissing { what: &'static str, name: String },
+    #[error("program {name}: {source}")]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot pin {path}: {source}")]
+    PinObject {
+        path: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("link pin {path}: {source}")]
+    Link {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("program {name} was attached without a TCX link ({source}): meshguard needs a kernel with TCX (6.6+)")]
+    LinkKind {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("interface {name}: {source}")]
+    Interface {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interface index {ifindex} is beyond the endpoint map ({max} entries): raise MapSizes::endpoints")]
+    IfindexTooLarge { ifindex: u32, max: u32 },
+    #[error("identity {identity} is reserved: workload identities start at {min}", min = abi::MG_IDENTITY_MIN_WORKLOAD)]
+    ReservedIdentity { identity: u32 },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Events(#[from] EventError),
+}
+
+/// Map capacities. Conntrack and fragments are preallocated LRU hashes
+/// (memory is spent up front); the tries allocate per entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Highest pod interface index + 1 (an array indexed by ifindex).
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub subjects: u32,
+    pub auth: u32,
+    pub conntrack: u32,
+    pub fragments: u32,
+}
+
+/// Conntrack timeouts per protocol and TCP state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// TCP before the first reply.
+    pub tcp_syn: Duration,
+    pub tcp_established: Duration,
+    /// TCP after FIN or RST.
+    pub tcp_closing: Duration,
+    pub udp: Duration,
+    pub sctp: Duration,
+    pub icmp: Duration,
+    pub other: Duration,
+}
+
+/// Everything an instance is loaded with.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub pin: PinLayout,
+    /// This node's id, as the ipcache names nodes.
+    pub node_id: u32,
+    pub sizes: MapSizes,
+    pub timeouts: CtTimeouts,
+    /// At most one auth-required signal per (local, remote, node) per interval.
+    pub auth_signal_interval: Duration,
+    /// How long a first fragment's ports are kept for its later fragments.
+    pub fragment_timeout: Duration,
+}
+
+/// A pod as its host-side interface sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEndpoint {
+    pub identity: u32,
+    pub mac: [u8; 6],
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// A host-side interface, by name (in the caller's network namespace) or index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interface {
+    Name(String),
+    Index(u32),
+}
+
+/// An ipcache value: who holds an address, and on which node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpcacheEntry {
+    pub identity: u32,
+    pub node_id: u32,
+}
+
+/// (local identity, remote identity, remote node): what auth-handshake proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuthPair {
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub remote_node: u32,
+}
+
+/// Counters summed over CPUs, by direction and code.
+pub type Counters = BTreeMap<(Direction, Code), Counter>;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub conntrack_scanned: usize,
+    pub conntrack_removed: usize,
+    pub fragments_removed: usize,
+}
+
+/// The datapath boundary the node agent drives; [`Datapath`] is the real
+/// one, `testing::FakeDatapath` an in-memory double.
+pub trait DatapathApi: Send {
+    /// Records the pod and attaches both programs to its host-side interface.
+    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<(), DatapathError>;
+    /// Detaches, forgets the pod and drops its conntrack entries.
+    fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError>;
+    /// Adds or changes ipcache entries (one revision bump).
+    fn set_ipcache(&mut self, entries: &[(IpNet, IpcacheEntry)]) -> Result<(), DatapathError>;
+    fn remove_ipcache(&mut self, prefixes: &[IpNet]) -> Result<(), DatapathError>;
+    /// Replaces the node's policy; returns the new revision.
+    fn replace_policy(&mut self, set: &PolicySet) -> Result<u32, DatapathError>;
+    fn set_auth(&mut self, pair: AuthPair, expires: SystemTime) -> Result<(), DatapathError>;
+    fn remove_auth(&mut self, pair: AuthPair) -> Result<(), DatapathError>;
+    fn gc(&mut self) -> Result<GcStats, DatapathError>;
+    fn counters(&self) -> Result<Counters, DatapathError>;
+}
+
+/// One loaded (or adopted) datapath instance.
+pub struct Datapath {
+    pin: PinLayout,
+    adopted: bool,
+    fragment_timeout: Duration,
+    from_pod: SchedClassifier,
+    to_pod: SchedClassifier,
+    config: Array<MapData, Config>,
+    endpoints: Array<MapData, Endpoint>,
+    ipcache: LpmTrie<MapData, IpcacheKeyData, IpcacheValue>,
+    policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    subjects: HashMap<MapData, SubjectKey, SubjectValue>,
+    auth: AuthTable,
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    frag: HashMap<MapData, FragKey, FragValue>,
+    counters: PerCpuArray<MapData, Counter>,
+    events: Option<Map>,
+    /// What the policy maps hold, to diff the next replacement against.
+    applied: CompiledPolicy,
+}
+
+/// The pinned auth map, on its own: auth-handshake opens it without
+/// loading any program.
+pub struct AuthTable {
+    map: HashMap<MapData, AuthKey, AuthValue>,
+}
+
+// === impl defaults ===
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            endpoints: 65536,
+            ipcache: 65536,
+            policy: 65536,
+            subjects: 16384,
+            auth: 16384,
+            conntrack: 65536,
+            fragments: 4096,
+        }
+    }
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn: Duration::from_secs(60),
+            tcp_established: Duration::from_secs(6 * 3600),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
+            sctp: Duration::from_secs(300),
+            icmp: Duration::from_secs(30),
+            other: Duration::from_secs(60),
+        }
+    }
+}
+
+impl DatapathConfig {
+    pub fn new(pin: PinLayout, node_id: u32) -> Self {
+        Self {
+            pin,
+            node_id,
+            sizes: MapSizes::default(),
+            timeouts: CtTimeouts::default(),
+            auth_signal_interval: Duration::from_secs(1),
+            fragment_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CtTimeouts {
+    fn abi(&self) -> [u64; abi::MG_CT_TIMEOUT_MAX] {
+        let ns = |d: Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let mut t = [0; abi::MG_CT_TIMEOUT_MAX];
+        t[abi::MG_CT_TIMEOUT_TCP_SYN] = ns(self.tcp_syn);
+        t[abi::MG_CT_TIMEOUT_TCP_EST] = ns(self.tcp_established);
+        t[abi::MG_CT_TIMEOUT_TCP_CLOSE] = ns(self.tcp_closing);
+        t[abi::MG_CT_TIMEOUT_UDP] = ns(self.udp);
+        t[abi::MG_CT_TIMEOUT_SCTP] = ns(self.sctp);
+        t[abi::MG_CT_TIMEOUT_ICMP] = ns(self.icmp);
+        t[abi::MG_CT_TIMEOUT_OTHER] = ns(self.other);
+        t
+    }
+}
+
+// === impl Datapath ===
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
+    ebpf.take_map(name).ok_or(DatapathError::BugMissing { what: "map", name: name.to_owned() })
+}
+
+impl Datapath {
+    /// Loads the datapath under `cfg.pin`, or adopts what is pinned there:
+    /// maps (conntrack included) and programs are reused, never flushed, so
+    /// enforcement carries on across an agent restart.
+    pub fn load_or_adopt(cfg: &DatapathConfig) -> Result<Self, DatapathError> {
+        cfg.pin.prepare()?;
+        let adopted = cfg.pin.exists();
+        let s = cfg.sizes;
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(cfg.pin.maps())
+            .set_max_entries(abi::MAP_ENDPOINTS, s.endpoints)
+            .set_max_entries(abi::MAP_IPCACHE, s.ipcache)
+            .set_max_entries(abi::MAP_POLICY, s.policy)
+            .set_max_entries(abi::MAP_SUBJECTS, s.subjects)
+            .set_max_entries(abi::MAP_AUTH, s.auth)
+            .set_max_entries(abi::MAP_AUTH_SIGNAL, s.auth)
+            .set_max_entries(abi::MAP_CT, s.conntrack)
+            .set_max_entries(abi::MAP_FRAG, s.fragments)
+            .load(objects::DATAPATH)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+
+        let from_pod = program(&mut ebpf, &cfg.pin, abi::PROG_FROM_POD)?;
+        let to_pod = program(&mut ebpf, &cfg.pin, abi::PROG_TO_POD)?;
+        let mut dp = Self {
+            pin: cfg.pin.clone(),
+            adopted,
+            fragment_timeout: cfg.fragment_timeout,
+            from_pod,
+            to_pod,
+            config: Array::try_from(take(&mut ebpf, abi::MAP_CONFIG)?).map_err(map_err(abi::MAP_CONFIG))?,
+            endpoints: Array::try_from(take(&mut ebpf, abi::MAP_ENDPOINTS)?).map_err(map_err(abi::MAP_ENDPOINTS))?,
+            ipcache: LpmTrie::try_from(take(&mut ebpf, abi::MAP_IPCACHE)?).map_err(map_err(abi::MAP_IPCACHE))?,
+            policy: LpmTrie::try_from(take(&mut ebpf, abi::MAP_POLICY)?).map_err(map_err(abi::MAP_POLICY))?,
+            subjects: HashMap::try_from(take(&mut ebpf, abi::MAP_SUBJECTS)?).map_err(map_err(abi::MAP_SUBJECTS))?,
+            auth: AuthTable {
+                map: HashMap::try_from(take(&mut ebpf, abi::MAP_AUTH)?).map_err(map_err(abi::MAP_AUTH))?,
+            },
+            ct: HashMap::try_from(take(&mut ebpf, abi::MAP_CT)?).map_err(map_err(abi::MAP_CT))?,
+            frag: HashMap::try_from(take(&mut ebpf, abi::MAP_FRAG)?).map_err(map_err(abi::MAP_FRAG))?,
+            counters: PerCpuArray::try_from(take(&mut ebpf, abi::MAP_COUNTERS)?).map_err(map_err(abi::MAP_COUNTERS))?,
+            events: Some(take(&mut ebpf, abi::MAP_EVENTS)?),
+            applied: CompiledPolicy::default(),
+        };
+
+        let mut config = dp.config()?;
+        if config.flags & abi::MG_CFG_F_READY == 0 {
+            config.policy_revision = 1;
+        }
+        config.local_node_id = cfg.node_id;
+        config.ct_timeout_ns = cfg.timeouts.abi();
+        config.auth_signal_interval_ns = cfg.auth_signal_interval.as_nanos() as u64;
+        config.flags |= abi::MG_CFG_F_READY;
+        dp.config.set(0, config, 0).map_err(map_err(abi::MAP_CONFIG))?;
+        dp.applied = dp.read_policy()?;
+        info!(pin = %cfg.pin.root().display(), adopted, revision = config.policy_revision, "datapath ready");
+        Ok(dp)
+    }
+
+    pub fn pin(&self) -> &PinLayout {
+        &self.pin
+    }
+
+    /// Whether this instance was already pinned when loaded.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        self.config.get(&0, 0).map_err(map_err(abi::MAP_CONFIG))
+    }
+
+    pub fn revision(&self) -> Result<u32, DatapathError> {
+        Ok(self.config()?.policy_revision)
+    }
+
+    /// Makes every conntrack entry re-evaluate on its next packet.
+    pub fn bump_revision(&mut self) -> Result<u32, DatapathError> {
+        let mut c = self.config()?;
+        c.policy_revision = c.policy_revision.wrapping_add(1).max(1);
+        self.config.set(0, c, 0).map_err(map_err(abi::MAP_CONFIG))?;
+        Ok(c.policy_revision)
+    }
+
+    /// The file descriptor of `mg_from_pod` (true) or `mg_to_pod` (false),
+    /// for BPF_PROG_TEST_RUN.
+    pub fn program_fd(&self, from_pod: bool) -> Result<BorrowedFd<'_>, DatapathError> {
+        let (prog, name) = if from_pod { (&self.from_pod, abi::PROG_FROM_POD) } else { (&self.to_pod, abi::PROG_TO_POD) };
+        prog.fd().map(|fd| fd.as_fd()).map_err(|source| DatapathError::Program { name: name.to_owned(), source })
+    }
+
+    // === endpoints ===
+
+    /// Records a pod on `ifindex` without attaching (tests attach nothing).
+    pub fn set_endpoint(&mut self, ifindex: u32, pod: &PodEndpoint) -> Result<(), DatapathError> {
+        if pod.identity < abi::MG_IDENTITY_MIN_WORKLOAD {
+            return Err(DatapathError::ReservedIdentity { identity: pod.identity });
+        }
+        let max = self.endpoints.len();
+        if ifindex >= max {
+            return Err(DatapathError::IfindexTooLarge { ifindex, max });
+        }
+        let mut ep = Endpoint { identity: pod.identity, flags: abi::MG_EP_F_VALID, mac: pod.mac, ..Default::default() };
+        if let Some(v4) = pod.ipv4 {
+            ep.flags |= abi::MG_EP_F_HAS_IPV4;
+            ep.ipv4 = v4.octets();
+        }
+        if let Some(v6) = pod.ipv6 {
+            ep.flags |= abi::MG_EP_F_HAS_IPV6;
+            ep.ipv6 = v6.octets();
+        }
+        self.endpoints.set(ifindex, ep, 0).map_err(map_err(abi::MAP_ENDPOINTS))
+    }
+
+    pub fn endpoint(&self, ifindex: u32) -> Result<Option<Endpoint>, DatapathError> {
+        let ep = self.endpoints.get(&ifindex, 0).map_err(map_err(abi::MAP_ENDPOINTS))?;
+        Ok((ep.flags & abi::MG_EP_F_VALID != 0).then_some(ep))
+    }
+
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        if ifindex < self.endpoints.len() {
+            self.endpoints.set(ifindex, Endpoint::default(), 0).map_err(map_err(abi::MAP_ENDPOINTS))?;
+        }
+        Ok(())
+    }
+
+    fn resolve(iface: &Interface) -> Result<(u32, String), DatapathError> {
+        match iface {
+            Interface::Name(name) => sys::ifindex(name)
+                .map(|i| (i, name.clone()))
+                .map_err(|source| DatapathError::Interface { name: name.clone(), source }),
+            Interface::Index(i) => sys::ifname(*i)
+                .map(|n| (*i, n))
+                .map_err(|source| DatapathError::Interface { name: format!("#{i}"), source }),
+        }
+    }
+
+    /// Attaches one program with TCX, first in the chain, and pins the link.
+    /// A link already pinned for the same interface and program is replaced
+    /// only after the new one is attached: no gap without enforcement.
+    fn attach_one(&mut self, ifindex: u32, ifname: &str, from_pod: bool) -> Result<(), DatapathError> {
+        let (prog, name, kind) = if from_pod {
+            (&mut self.from_pod, abi::PROG_FROM_POD, TcAttachType::Ingress)
+        } else {
+            (&mut self.to_pod, abi::PROG_TO_POD, TcAttachType::Egress)
+        };
+        let perr = |source| DatapathError::Program { name: name.to_owned(), source };
+        let id = prog.attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(LinkOrder::first())).map_err(perr)?;
+        let link = prog.take_link(id).map_err(perr)?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::LinkKind { name, source })?;
+        let path = self.pin.link(ifindex, name);
+        let tmp = path.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        let pinned = link.pin(&tmp).map_err(|source| DatapathError::PinObject { path: tmp.display().to_string(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| DatapathError::Link { path: path.display().to_string(), source })?;
+        // The pin keeps the link; our descriptor may go.
+        drop(pinned);
+        debug!(ifindex, ifname, program = name, "attached");
+        Ok(())
+    }
+
+    /// The pods with pinned links, by interface index.
+    pub fn attached(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = std::fs::read_dir(self.pin.links())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.split_once('-')?.0.parse().ok())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Removes conntrack entries whose local address is one of `addrs`.
+    pub fn flush_conntrack_for(&mut self, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
+        let keys: Vec<[u8; 16]> = addrs.iter().map(|a| addr_bytes(*a).1).collect();
+        let doomed: Vec<CtKey> =
+            self.ct.keys().filter_map(Result::ok).filter(|k| keys.contains(&k.local_addr)).collect();
+        for k in &doomed {
+            let _ = self.ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    // === ipcache ===
+
+    pub fn ipcache_get(&self, prefix: IpNet) -> Result<Option<IpcacheEntry>, DatapathError> {
+        match self.ipcache.get(&ipcache_key(prefix), 0) {
+            Ok(v) => Ok(Some(IpcacheEntry { identity: v.identity, node_id: v.node_id })),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(abi::MAP_IPCACHE)(e)),
+        }
+    }
+
+    // === policy ===
+
+    fn read_policy(&self) -> Result<CompiledPolicy, DatapathError> {
+        let mut out = CompiledPolicy::default();
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(map_err(abi::MAP_POLICY))?;
+            out.trie.insert(PolicyKey::from_parts(k.prefix_len(), k.data()), v);
+        }
+        for item in self.subjects.iter() {
+            let (k, v) = item.map_err(map_err(abi::MAP_SUBJECTS))?;
+            out.subjects.insert(k, v.flags);
+        }
+        out.any_subject = self.config()?.any_subject_flags;
+        Ok(out)
+    }
+
+    /// The policy entries as the maps hold them.
+    pub fn applied_policy(&self) -> &CompiledPolicy {
+        &self.applied
+    }
+
+    fn write_subjects(&mut self, subjects: &BTreeMap<SubjectKey, u32>, any: [u32; 2]) -> Result<(), DatapathError> {
+        for (k, &flags) in subjects {
+            self.subjects.insert(k, SubjectValue { flags }, 0).map_err(map_err(abi::MAP_SUBJECTS))?;
+        }
+        let mut c = self.config()?;
+        c.any_subject_flags = any;
+        self.config.set(0, c, 0).map_err(map_err(abi::MAP_CONFIG))
+    }
+
+    // === conntrack ===
+
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
+        self.ct.iter().map(|r| r.map_err(map_err(abi::MAP_CT))).collect()
+    }
+
+    /// Opens the event ring buffer; the first call takes this handle's copy,
+    /// later ones open the pin again.
+    pub fn events(&mut self) -> Result<EventReader, DatapathError> {
+        match self.events.take() {
+            Some(map) => Ok(EventReader::from_map(map)?),
+            None => Ok(EventReader::open(&self.pin)?),
+        }
+    }
+
+    pub fn auth_table(&mut self) -> &mut AuthTable {
+        &mut self.auth
+    }
+
+    /// Unpins everything of this instance: detaches every pod, frees the maps.
+    pub fn remove(self) -> Result<(), DatapathError> {
+        let pin = self.pin.clone();
+        drop(self);
+        Ok(pin.remove()?)
+    }
+}
+
+fn program(ebpf: &mut Ebpf, pin: &PinLayout, name: &'static str) -> Result<SchedClassifier, DatapathError> {
+    let path = pin.prog(name);
+    let perr = |source| DatapathError::Program { name: name.to_owned(), source };
+    if !path.exists() {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::BugMissing { what: "program", name: name.to_owned() })?
+            .try_into()
+            .map_err(perr)?;
+        prog.load().map_err(perr)?;
+        prog.pin(&path).map_err(|source| DatapathError::PinObject { path: path.display().to_string(), source })?;
+    }
+    SchedClassifier::from_pin(&path).map_err(perr)
+}
+
+/// (family, 16 address bytes) as the maps store addresses.
+pub fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            (abi::MG_FAMILY_IPV4, b)
+        }
+        IpAddr::V6(v6) => (abi::MG_FAMILY_IPV6, v6.octets()),
+    }
+}
+
+fn ipcache_key(prefix: IpNet) -> LpmKey<IpcacheKeyData> {
+    let prefix = prefix.trunc();
+    let (family, addr) = addr_bytes(prefix.addr());
+    LpmKey::new(
+        abi::MG_IPCACHE_PREFIX_BASE + u32::from(prefix.prefix_len()),
+        IpcacheKeyData { family, pad: [0; 3], addr },
+    )
+}
+
+fn policy_key(k: &PolicyKey) -> LpmKey<PolicyKeyData> {
+    LpmKey::new(k.prefixlen, k.data())
+}
+
+// === impl DatapathApi for Datapath ===
+
+impl DatapathApi for Datapath {
+    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<(), DatapathError> {
+        let (ifindex, ifname) = Self::resolve(iface)?;
+        self.set_endpoint(ifindex, pod)?;
+        self.attach_one(ifindex, &ifname, true)?;
+        self.attach_one(ifindex, &ifname, false)?;
+        info!(ifindex, %ifname, identity = pod.identity, "pod attached");
+        Ok(())
+    }
+
+    fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError> {
+        let ifindex = match iface {
+            Interface::Index(i) => *i,
+            Interface::Name(_) => Self::resolve(iface)?.0,
+        };
+        for name in [abi::PROG_FROM_POD, abi::PROG_TO_POD] {
+            let path = self.pin.link(ifindex, name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Link { path: path.display().to_string(), source }),
+            }
+        }
+        if let Some(ep) = self.endpoint(ifindex)? {
+            let mut addrs = Vec::new();
+            if ep.flags & abi::MG_EP_F_HAS_IPV4 != 0 {
+                addrs.push(IpAddr::from(ep.ipv4));
+            }
+            if ep.flags & abi::MG_EP_F_HAS_IPV6 != 0 {
+                addrs.push(IpAddr::from(ep.ipv6));
+            }
+            self.remove_endpoint(ifindex)?;
+            self.flush_conntrack_for(&addrs)?;
+        }
+        info!(ifindex, "pod detached");
+        Ok(())
+    }
+
+    fn set_ipcache(&mut self, entries: &[(IpNet, IpcacheEntry)]) -> Result<(), DatapathError> {
+        for (prefix, e) in entries {
+            let v = IpcacheValue { identity: e.identity, node_id: e.node_id };
+            self.ipcache.insert(&ipcache_key(*prefix), v, 0).map_err(map_err(abi::MAP_IPCACHE))?;
+        }
+        // An address may have changed hands: flows re-evaluate.
+        self.bump_revision()?;
+        Ok(())
+    }
+
+    fn remove_ipcache(&mut self, prefixes: &[IpNet]) -> Result<(), DatapathError> {
+        for prefix in prefixes {
+            match self.ipcache.remove(&ipcache_key(*prefix)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(abi::MAP_IPCACHE)(e)),
+            }
+        }
+        self.bump_revision()?;
+        Ok(())
+    }
+
+    /// Order, so that packets during the update are never let through by an
+    /// entry that is neither old nor new policy for long: subject flags
+    /// widen first (old | new: no lookup is skipped, default-deny holds),
+    /// then new and changed entries, then stale ones go, then the flags
+    /// narrow, and last the revision bump makes every tracked flow
+    /// (including any admitted mid-update) re-evaluate.
+    fn replace_policy(&mut self, set: &PolicySet) -> Result<u32, DatapathError> {
+        let new = set.compile()?;
+        let old = std::mem::take(&mut self.applied);
+        let mut union = old.subjects.clone();
+        for (k, f) in &new.subjects {
+            *union.entry(*k).or_default() |= f;
+        }
+        let any_union = [old.any_subject[0] | new.any_subject[0], old.any_subject[1] | new.any_subject[1]];
+        self.write_subjects(&union, any_union)?;
+        for (k, v) in &new.trie {
+            if old.trie.get(k) != Some(v) {
+                self.policy.insert(&policy_key(k), *v, 0).map_err(map_err(abi::MAP_POLICY))?;
+            }
+        }
+        for k in old.trie.keys().filter(|k| !new.trie.contains_key(k)) {
+            match self.policy.remove(&policy_key(k)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(abi::MAP_POLICY)(e)),
+            }
+        }
+        for k in union.keys().filter(|k| !new.subjects.contains_key(k)) {
+            match self.subjects.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(abi::MAP_SUBJECTS)(e)),
+            }
+        }
+        self.write_subjects(&new.subjects, new.any_subject)?;
+        let entries = new.trie.len();
+        self.applied = new;
+        let revision = self.bump_revision()?;
+        info!(revision, entries, "policy replaced");
+        Ok(revision)
+    }
+
+    fn set_auth(&mut self, pair: AuthPair, expires: SystemTime) -> Result<(), DatapathError> {
+        self.auth.set(pair, expires)
+    }
+
+    fn remove_auth(&mut self, pair: AuthPair) -> Result<(), DatapathError> {
+        self.auth.remove(pair)
+    }
+
+    /// Deletes expired conntrack entries and fragment records.
+    fn gc(&mut self) -> Result<GcStats, DatapathError> {
+        let now = sys::coarse_ns();
+        let mut stats = GcStats::default();
+        let mut expired = Vec::new();
+        for item in self.ct.iter() {
+            let (k, e) = item.map_err(map_err(abi::MAP_CT))?;
+            stats.conntrack_scanned += 1;
+            if e.expires_ns <= now {
+                expired.push(k);
+            }
+        }
+        for k in &expired {
+            if self.ct.remove(k).is_ok() {
+                stats.conntrack_removed += 1;
+            }
+        }
+        let horizon = now.saturating_sub(self.fragment_timeout.as_nanos() as u64);
+        let old: Vec<FragKey> =
+            self.frag.iter().filter_map(Result::ok).filter(|(_, v)| v.created_ns < horizon).map(|(k, _)| k).collect();
+        for k in &old {
+            if self.frag.remove(k).is_ok() {
+                stats.fragments_removed += 1;
+            }
+        }
+        debug!(?stats, "garbage collected");
+        Ok(stats)
+    }
+
+    fn counters(&self) -> Result<Counters, DatapathError> {
+        let mut out = Counters::new();
+        for slot in 0..abi::MG_COUNTER_SLOTS {
+            let per_cpu = self.counters.get(&slot, 0).map_err(map_err(abi::MAP_COUNTERS))?;
+            let sum = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            });
+            if sum.packets == 0 {
+                continue;
+            }
+            let direction = Direction::from_abi((slot / abi::MG_CODES_PER_DIR) as u8);
+            out.insert((direction, Code::from_code((slot % abi::MG_CODES_PER_DIR) as u8)), sum);
+        }
+        Ok(out)
+    }
+}
+
+// === impl AuthTable ===
+
+impl AuthTable {
+    /// Opens an instance's pinned auth map (for auth-handshake).
+    pub fn open(pin: &PinLayout) -> Result<Self, DatapathError> {
+        let path = pin.map(abi::MAP_AUTH);
+        let data = MapData::from_pin(&path).map_err(map_err(abi::MAP_AUTH))?;
+        Ok(Self { map: HashMap::try_from(Map::HashMap(data)).map_err(map_err(abi::MAP_AUTH))? })
+    }
+
+    /// Admits the pair until `expires` (wall clock, converted to the
+    /// kernel's boot clock now; an expiry in the past stores an expired entry).
+    pub fn set(&mut self, pair: AuthPair, expires: SystemTime) -> Result<(), DatapathError> {
+        let boot_now = sys::boot_ns();
+        let expires_boot_ns = match expires.duration_since(SystemTime::now()) {
+            Ok(left) => boot_now.saturating_add(left.as_nanos().min(u128::from(u64::MAX)) as u64),
+            Err(_) => 0,
+        };
+        self.map.insert(auth_key(pair), AuthValue { expires_boot_ns }, 0).map_err(map_err(abi::MAP_AUTH))
+    }
+
+    pub fn remove(&mut self, pair: AuthPair) -> Result<(), DatapathError> {
+        match self.map.remove(&auth_key(pair)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(abi::MAP_AUTH)(e)),
+        }
+    }
+
+    /// Every entry with its remaining lifetime (zero when expired).
+    pub fn entries(&self) -> Result<Vec<(AuthPair, Duration)>, DatapathError> {
+        let now = sys::boot_ns();
+        self.map
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(map_err(abi::MAP_AUTH))?;
+                let pair = AuthPair { local_identity: k.local_identity, remote_identity: k.remote_identity, remote_node: k.remote_node };
+                Ok((pair, Duration::from_nanos(v.expires_boot_ns.saturating_sub(now))))
+            })
+            .collect()
+    }
+}
+
+fn auth_key(p: AuthPair) -> AuthKey {
+    AuthKey { local_identity: p.local_identity, remote_identity: p.remote_identity, remote_node: p.remote_node, pad: 0 }
+}
+
+/// Whether `path` looks like an instance pin root (for tools).
+pub fn is_instance(path: &Path) -> bool {
+    PinLayout::new(path).exists()
+}
