@@ -57,6 +57,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let tun = LinuxTun::open(&cfg.interface, true)?;
     tun.set_mtu(cfg.mtu)?;
+    // No IPv6 link-local address on the tunnel: it would only emit router
+    // solicitations that no peer can take (and that would count as drops).
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/addr_gen_mode", cfg.interface), "1");
     tun.set_up()?;
     let ifindex = tun.ifindex().context("cannot read the tunnel's interface index")?;
     let device = Arc::new(Device::start(Arc::new(tun), Arc::new(HostNetwork), cfg.listen_port)?);

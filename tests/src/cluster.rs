@@ -1,0 +1,654 @@
+//! The simulated cluster: nodes and pods as network namespaces, real agents.
+//!
+//! ```text
+//!   underlay netns: bridge br0, 192.168.100.0/24
+//!     ├── node-1 netns: eth0 192.168.100.1, wg-agent, pod CIDR 10.244.1.0/24
+//!     │     ├── pod netns: eth0 10.244.1.10/32, default via 169.254.1.1 (the node's veth)
+//!     │     └── ...
+//!     └── node-2 ...
+//! ```
+//!
+//! Every name carries the run id (`mg-<pid>-<hex>`), so runs proceed in
+//! parallel; dropping the [`Cluster`] — also while a test panics — kills
+//! every process it started and deletes every namespace. Namespaces left by
+//! a run that was SIGKILLed are swept by the next run (their pid is gone).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use meshguard_common::cluster::Workload;
+use meshguard_common::cluster::file::ClusterFile;
+use meshguard_common::policy::MeshPolicy;
+use meshguard_common::spiffe::TrustDomain;
+
+use crate::bins::{bin_path, require_root};
+use crate::cmd::{self, CmdError, ip, ip_in, sysctl};
+use crate::uapi::{self, WgDevice};
+
+/// Prefix of every namespace a run creates.
+pub const NETNS_PREFIX: &str = "mg-";
+/// Where runs keep configs, keys, logs and captures.
+pub const RUN_ROOT: &str = "/tmp/meshguard-runs";
+/// Keep namespaces and files after the run (for debugging): `MESHGUARD_KEEP=1`.
+pub const KEEP_ENV: &str = "MESHGUARD_KEEP";
+
+pub const UNDERLAY_BRIDGE: &str = "br0";
+pub const NODE_UNDERLAY_IF: &str = "eth0";
+pub const TUNNEL_IF: &str = "mg0";
+pub const WG_PORT: u16 = 51820;
+/// The pod's next hop: a link-local address answered by the node's veth.
+pub const POD_GATEWAY: &str = "169.254.1.1";
+/// Pods use the tunnel's MTU, as CNIs do, so no packet needs fragmenting.
+pub const POD_MTU: u16 = 1420;
+pub const METRICS_PORT: u16 = 9401;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{what} did not happen within {secs}s")]
+    Timeout { what: String, secs: u64 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A prose-like fixture: `cluster().nodes(3).pod("shop/web").on("node-1").build()`.
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    nodes: usize,
+    pods: Vec<PodSpec>,
+    trust_domain: String,
+    policies: Vec<MeshPolicy>,
+}
+
+pub struct PodBuilder {
+    cluster: ClusterBuilder,
+    spec: PodSpec,
+}
+
+pub struct Node {
+    pub name: String,
+    pub index: u8,
+    pub netns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub dir: PathBuf,
+    agent: Mutex<Option<Child>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The node-side end of the pod's veth.
+    pub host_if: String,
+    pub mac: String,
+}
+
+pub struct Cluster {
+    pub run_id: String,
+    pub dir: PathBuf,
+    pub underlay_ns: String,
+    pub trust_domain: TrustDomain,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    policies: Vec<MeshPolicy>,
+    children: Mutex<Vec<Child>>,
+    keep: bool,
+}
+
+pub fn cluster() -> ClusterBuilder {
+    ClusterBuilder { nodes: 2, pods: Vec::new(), trust_domain: "cluster.local".into(), policies: Vec::new() }
+}
+
+// === impl ClusterBuilder ===
+
+impl ClusterBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        assert!((1..=200).contains(&n), "1 to 200 nodes");
+        self.nodes = n;
+        self
+    }
+
+    pub fn trust_domain(mut self, td: &str) -> Self {
+        self.trust_domain = td.into();
+        self
+    }
+
+    /// A pod `<namespace>/<name>`; its service account defaults to its name.
+    pub fn pod(self, key: &str) -> PodBuilder {
+        let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+        PodBuilder {
+            spec: PodSpec {
+                namespace: namespace.into(),
+                name: name.into(),
+                node: String::new(),
+                service_account: name.into(),
+                labels: BTreeMap::new(),
+            },
+            cluster: self,
+        }
+    }
+
+    pub fn policy(mut self, yaml: &str) -> Self {
+        self.policies.extend(MeshPolicy::all_from_yaml(yaml).expect("fixture policy is valid"));
+        self
+    }
+
+    /// Creates every namespace, link, address and route. Agents are started
+    /// separately ([`Cluster::start_agents`]) so tests can act before that.
+    pub fn build(self) -> Result<Cluster> {
+        require_root();
+        sweep_stale_runs();
+        mount_bpffs_if_needed();
+        let run_id = format!("{NETNS_PREFIX}{}-{:04x}", std::process::id(), rand::random::<u16>());
+        let dir = PathBuf::from(RUN_ROOT).join(&run_id);
+        std::fs::create_dir_all(&dir)?;
+        let trust_domain = TrustDomain::new(&self.trust_domain).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let mut c = Cluster {
+            underlay_ns: format!("{run_id}-underlay"),
+            run_id,
+            dir,
+            trust_domain,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            policies: self.policies,
+            children: Mutex::new(Vec::new()),
+            keep: std::env::var_os(KEEP_ENV).is_some(),
+        };
+        // From here on, Drop cleans up whatever was created.
+        c.create_underlay()?;
+        for i in 1..=self.nodes {
+            c.create_node(i as u8)?;
+        }
+        for spec in self.pods {
+            if !c.nodes.iter().any(|n| n.name == spec.node) {
+                return Err(ClusterError::Invalid(format!("pod {}/{} is on unknown node {}", spec.namespace, spec.name, spec.node)));
+            }
+            c.create_pod(spec)?;
+        }
+        c.write_cluster_file()?;
+        Ok(c)
+    }
+}
+
+impl PodBuilder {
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.spec.service_account = sa.into();
+        self
+    }
+
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.spec.labels.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn on(mut self, node: &str) -> ClusterBuilder {
+        self.spec.node = node.into();
+        self.cluster.pods.push(self.spec);
+        self.cluster
+    }
+}
+
+// === impl Cluster ===
+
+impl Cluster {
+    fn create_underlay(&mut self) -> Result<()> {
+        ip(&["netns", "add", &self.underlay_ns])?;
+        ip_in(&self.underlay_ns, &["link", "set", "lo", "up"])?;
+        ip_in(&self.underlay_ns, &["link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
+        ip_in(&self.underlay_ns, &["link", "set", UNDERLAY_BRIDGE, "up"])?;
+        Ok(())
+    }
+
+    fn create_node(&mut self, index: u8) -> Result<()> {
+        let name = format!("node-{index}");
+        let netns = format!("{}-{name}", self.run_id);
+        let dir = self.dir.join(&name);
+        std::fs::create_dir_all(&dir)?;
+        ip(&["netns", "add", &netns])?;
+        let node = Node {
+            name,
+            index,
+            underlay_ip: Ipv4Addr::new(192, 168, 100, index),
+            pod_cidr: format!("10.244.{index}.0/24"),
+            dir,
+            netns,
+            agent: Mutex::new(None),
+        };
+        let ns = node.netns.clone();
+        let port = format!("n{index}");
+        self.nodes.push(node);
+        ip_in(&ns, &["link", "set", "lo", "up"])?;
+        ip_in(&ns, &["link", "add", NODE_UNDERLAY_IF, "type", "veth", "peer", "name", &port, "netns", &self.underlay_ns])?;
+        ip_in(&self.underlay_ns, &["link", "set", &port, "master", UNDERLAY_BRIDGE, "up"])?;
+        ip_in(&ns, &["addr", "add", &format!("192.168.100.{index}/24"), "dev", NODE_UNDERLAY_IF])?;
+        ip_in(&ns, &["link", "set", NODE_UNDERLAY_IF, "up"])?;
+        sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        Ok(())
+    }
+
+    fn create_pod(&mut self, spec: PodSpec) -> Result<()> {
+        let node = self.node(&spec.node);
+        let k = self.pods.iter().filter(|p| p.node == spec.node).count() as u8;
+        let pod_ip = Ipv4Addr::new(10, 244, node.index, 10 + k);
+        let netns = format!("{}-{}-{}", self.run_id, spec.namespace, spec.name);
+        let host_if = format!("lxc{}", 10 + k);
+        let node_ns = node.netns.clone();
+        ip(&["netns", "add", &netns])?;
+        let pod = Pod {
+            namespace: spec.namespace,
+            name: spec.name,
+            node: spec.node,
+            service_account: spec.service_account,
+            labels: spec.labels,
+            netns: netns.clone(),
+            ip: pod_ip,
+            host_if: host_if.clone(),
+            mac: String::new(),
+        };
+        self.pods.push(pod);
+        let mtu = POD_MTU.to_string();
+        ip_in(&netns, &["link", "set", "lo", "up"])?;
+        ip_in(&node_ns, &["link", "add", &host_if, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", &netns])?;
+        ip_in(&node_ns, &["link", "set", &host_if, "up"])?;
+        ip_in(&netns, &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+        ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        let host_mac = link_mac(&node_ns, &host_if)?;
+        let pod_mac = link_mac(&netns, "eth0")?;
+        ip_in(&netns, &["neigh", "replace", POD_GATEWAY, "lladdr", &host_mac, "dev", "eth0", "nud", "permanent"])?;
+        ip_in(&netns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ip_in(&netns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+        ip_in(&node_ns, &["route", "add", &format!("{pod_ip}/32"), "dev", &host_if])?;
+        self.pods.last_mut().expect("just pushed").mac = pod_mac;
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// A pod by `<namespace>/<name>`.
+    pub fn pod(&self, key: &str) -> &Pod {
+        self.pods.iter().find(|p| p.key() == key).unwrap_or_else(|| panic!("no pod {key}"))
+    }
+
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.dir.join("cluster")
+    }
+
+    /// The operator part of the file source: workloads (from the pods) and policies.
+    pub fn write_cluster_file(&self) -> Result<()> {
+        let file = ClusterFile {
+            trust_domain: Some(self.trust_domain.clone()),
+            workloads: self
+                .pods
+                .iter()
+                .map(|p| Workload {
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
+                    node: p.node.clone(),
+                    ips: vec![p.ip.into()],
+                    labels: p.labels.clone(),
+                })
+                .collect(),
+            policies: self.policies.clone(),
+        };
+        let dir = self.cluster_dir();
+        std::fs::create_dir_all(&dir)?;
+        let text = serde_yaml::to_string(&file).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let tmp = dir.join("cluster.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, dir.join("cluster.yaml"))?;
+        Ok(())
+    }
+
+    /// Replaces the policies in the cluster file (agents see it within ~100 ms).
+    pub fn set_policies(&mut self, yaml: &str) -> Result<()> {
+        self.policies = MeshPolicy::all_from_yaml(yaml).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        self.write_cluster_file()
+    }
+
+    pub fn agent_config_path(&self, node: &str) -> PathBuf {
+        self.node(node).dir.join("agent.yaml")
+    }
+
+    pub fn uapi_dir(&self, node: &str) -> PathBuf {
+        self.node(node).dir.join("run")
+    }
+
+    pub fn write_agent_config(&self, node: &str, strict: bool) -> Result<PathBuf> {
+        let n = self.node(node);
+        let cfg = format!(
+            "nodeName: {name}\nstateDir: {state}\ninterface: {TUNNEL_IF}\nlistenPort: {WG_PORT}\n\
+             endpoint: {ip}:{WG_PORT}\npodCidrs: [{cidr}]\nclusterCidrs: [10.244.0.0/16]\nstrict: {strict}\n\
+             uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {{dir: {cluster}}}\n",
+            name = n.name,
+            state = n.dir.join("state").display(),
+            ip = n.underlay_ip,
+            cidr = n.pod_cidr,
+            uapi = self.uapi_dir(node).display(),
+            cluster = self.cluster_dir().display(),
+        );
+        let path = self.agent_config_path(node);
+        std::fs::write(&path, cfg)?;
+        Ok(path)
+    }
+
+    /// Starts `wg-agent run` on every node and waits for a full mesh.
+    pub fn start_agents(&self) -> Result<()> {
+        for n in &self.nodes {
+            self.start_agent(&n.name)?;
+        }
+        self.wait_mesh()
+    }
+
+    /// Starts (or restarts) the node agent of `node`.
+    pub fn start_agent(&self, node: &str) -> Result<()> {
+        let config = self.write_agent_config(node, true)?;
+        let n = self.node(node);
+        let log = OpenOptions::new().create(true).append(true).open(n.dir.join("agent.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &n.netns])
+            .arg(bin_path("wg-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut slot = n.agent.lock().expect("agent lock");
+        if let Some(mut old) = slot.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        *slot = Some(child);
+        drop(slot);
+        let sock = uapi::socket_path(&self.uapi_dir(node), TUNNEL_IF);
+        wait_until(&format!("{node}'s agent to serve {}", sock.display()), Duration::from_secs(20), || {
+            self.agent_alive(node) && uapi::get(&sock).is_ok()
+        })
+        .map_err(|e| self.with_log(node, e))
+    }
+
+    fn agent_alive(&self, node: &str) -> bool {
+        let mut slot = self.node(node).agent.lock().expect("agent lock");
+        match slot.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Stops the agent: `graceful` sends SIGTERM, otherwise SIGKILL (a crash).
+    pub fn stop_agent(&self, node: &str, graceful: bool) -> Result<()> {
+        let Some(mut child) = self.node(node).agent.lock().expect("agent lock").take() else { return Ok(()) };
+        if graceful {
+            signal(child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait()?.is_some() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // `ip netns exec` replaces itself with the agent, so the child is the agent.
+        Ok(())
+    }
+
+    /// The node's WireGuard device as `wg show` would print it.
+    pub fn wg(&self, node: &str) -> Result<WgDevice> {
+        uapi::get(&uapi::socket_path(&self.uapi_dir(node), TUNNEL_IF)).map_err(ClusterError::Io)
+    }
+
+    /// Waits until every node has a peer for every other node and a handshake with each.
+    pub fn wait_mesh(&self) -> Result<()> {
+        let want = self.nodes.len() - 1;
+        for n in &self.nodes {
+            wait_until(&format!("{} to have {want} peers with handshakes", n.name), Duration::from_secs(20), || {
+                self.wg(&n.name).is_ok_and(|d| d.peers.len() == want && d.peers.iter().all(|p| p.last_handshake_sec > 0))
+            })
+            .map_err(|e| self.with_log(&n.name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a command in a pod's network namespace and returns its output.
+    pub fn exec(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
+        Ok(cmd::in_ns_output(&self.pod(pod).netns, program, args)?)
+    }
+
+    /// Runs a command in a node's network namespace.
+    pub fn exec_node(&self, node: &str, program: &str, args: &[&str]) -> Result<Output> {
+        Ok(cmd::in_ns_output(&self.node(node).netns, program, args)?)
+    }
+
+    /// Starts a long-running command in a pod; it is killed with the cluster.
+    pub fn spawn_in_pod(&self, pod: &str, program: &Path, args: &[&str]) -> Result<u32> {
+        let log = OpenOptions::new().create(true).append(true).open(self.dir.join("pods.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.pod(pod).netns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let pid = child.id();
+        self.children.lock().expect("children lock").push(child);
+        Ok(pid)
+    }
+
+    /// Starts an echo server (TCP and UDP on `port`) in a pod and waits until it listens.
+    pub fn start_echo(&self, pod: &str, port: u16) -> Result<()> {
+        let p = port.to_string();
+        self.spawn_in_pod(pod, &bin_path("mg-probe"), &["serve", "--port", &p])?;
+        let ns = self.pod(pod).netns.clone();
+        wait_until(&format!("echo server in {pod}"), Duration::from_secs(10), || {
+            cmd::in_ns(&ns, "ss", &["-Hltn", &format!("sport = :{port}")]).is_ok_and(|o| !o.trim().is_empty())
+        })
+    }
+
+    /// Fetches the node agent's Prometheus metrics.
+    pub fn metrics(&self, node: &str) -> Result<String> {
+        let out = self.exec_node(node, bin_path("mg-probe").to_str().expect("utf-8 path"), &[
+            "http-get",
+            &format!("127.0.0.1:{METRICS_PORT}"),
+            "/metrics",
+        ])?;
+        if !out.status.success() {
+            return Err(ClusterError::Invalid(String::from_utf8_lossy(&out.stderr).into_owned()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// One metric's value: `name{labels}` exactly as exposed, e.g.
+    /// `meshguard_wg_dropped_packets_total{reason="no_peer"}`.
+    pub fn metric(&self, node: &str, series: &str) -> Result<f64> {
+        let text = self.metrics(node)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .ok_or_else(|| ClusterError::Invalid(format!("{node} exposes no {series}")))
+    }
+
+    pub fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.node(node).dir.join("agent.log")).unwrap_or_default()
+    }
+
+    fn with_log(&self, node: &str, e: ClusterError) -> ClusterError {
+        let log = self.agent_log(node);
+        let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+        ClusterError::Invalid(format!("{e}\n--- {node} agent log (tail) ---\n{}", tail.join("\n")))
+    }
+
+    fn teardown(&mut self) {
+        for n in &self.nodes {
+            if let Some(mut c) = n.agent.lock().map(|mut s| s.take()).unwrap_or(None) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for mut c in self.children.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut all: Vec<String> = self.pods.iter().map(|p| p.netns.clone()).collect();
+        all.extend(self.nodes.iter().map(|n| n.netns.clone()));
+        all.push(self.underlay_ns.clone());
+        for ns in all {
+            delete_netns(&ns);
+        }
+        remove_bpf_pins(&self.run_id);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                let log = self.agent_log(&n.name);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+                eprintln!("--- {} agent log (tail) ---\n{}", n.name, tail.join("\n"));
+            }
+        }
+        if self.keep {
+            eprintln!("{KEEP_ENV} is set: leaving {} and its namespaces in place", self.dir.display());
+            return;
+        }
+        self.teardown();
+    }
+}
+
+// === impl Pod ===
+
+impl Pod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+// === helpers ===
+
+fn signal(pid: u32, sig: i32) {
+    let _ = cmd::run("kill", &[format!("-{sig}"), pid.to_string()]);
+}
+
+fn link_mac(ns: &str, ifname: &str) -> Result<String> {
+    let out = ip_in(ns, &["-j", "link", "show", ifname])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| ClusterError::Invalid(format!("no MAC for {ifname} in {ns}")))
+}
+
+/// Polls `f` every 50 ms until it is true or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ClusterError::Timeout { what: what.into(), secs: timeout.as_secs() });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn delete_netns(ns: &str) {
+    // Whatever still runs inside (a server that outlived its parent) goes first.
+    if let Ok(pids) = ip(&["netns", "pids", ns]) {
+        for pid in pids.split_whitespace() {
+            let _ = cmd::run("kill", &["-9", pid]);
+        }
+    }
+    let _ = ip(&["netns", "del", ns]);
+}
+
+/// Removes namespaces and files of runs whose process no longer exists.
+fn sweep_stale_runs() {
+    let Ok(list) = ip(&["netns", "list"]) else { return };
+    for line in list.lines() {
+        let ns = line.split_whitespace().next().unwrap_or("");
+        // Names are `mg-<pid>-<hex>-...`: the run id is the first three parts.
+        let parts: Vec<&str> = ns.splitn(4, '-').collect();
+        let [_, pid, hex, ..] = parts.as_slice() else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !ns.starts_with(NETNS_PREFIX) || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        delete_netns(ns);
+        let run = format!("{NETNS_PREFIX}{pid}-{hex}");
+        let _ = std::fs::remove_dir_all(PathBuf::from(RUN_ROOT).join(&run));
+        remove_bpf_pins(&run);
+    }
+}
+
+/// bpffs holds pinned datapath state per run (see the ebpf crate).
+pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/meshguard";
+
+fn remove_bpf_pins(run_id: &str) {
+    if let Ok(entries) = std::fs::read_dir(BPF_PIN_ROOT) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(run_id) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// bpffs is not mounted at boot on every machine; mount it as Cilium's agent does.
+fn mount_bpffs_if_needed() {
+    let mounted = cmd::output("mountpoint", &["-q", "/sys/fs/bpf"]).is_ok_and(|o| o.status.success());
+    if !mounted {
+        let _ = cmd::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    }
+}
+
+/// The address other nodes use for `node`'s WireGuard endpoint.
+pub fn endpoint_of(node: &Node) -> SocketAddr {
+    SocketAddr::new(node.underlay_ip.into(), WG_PORT)
+}
+
+// === node records ===
+
+impl Cluster {
+    /// The node's current public key (base64), as it published it.
+    pub fn node_public_key(&self, node: &str) -> Result<String> {
+        let path = self.cluster_dir().join("nodes").join(format!("{node}.yaml"));
+        let text = std::fs::read_to_string(&path)?;
+        let rec: meshguard_common::cluster::NodeRecord =
+            serde_yaml::from_str(&text).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        Ok(rec.public_key.to_base64())
+    }
+}
