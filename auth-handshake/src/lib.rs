@@ -1,3 +1,28 @@
-//! See Cargo.toml description; built out by its issue.
+//! auth-handshake: the per-node identity agent.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`config`] | the YAML config and its defaults |
+//! | [`ca_client`] | attestation, the node SVID, calls to identity-ca |
+//! | [`svids`] | the SVIDs of this node's workloads, renewed at half-life |
+//! | [`caller`] | Workload API caller (pid) → workload |
+//! | [`workload_api`] | the SPIFFE Workload API on a unix socket |
+//! | [`jwt`] | JWT-SVID validation |
+//! | [`agent`] | wiring it all up and running it |
 
 #![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod ca_client;
+pub mod caller;
+pub mod config;
+pub mod jwt;
+pub mod svids;
+pub mod workload_api;
+
+/// The upstream SPIFFE Workload API (`workload.proto`, no package), generated.
+#[allow(clippy::all, rust_2018_idioms, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("_");
+}

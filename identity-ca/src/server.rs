@@ -224,9 +224,14 @@ impl CaServer {
         let node_api = NodeApiServer::new(NodeService { state: state.clone() })
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let conn_age = config.node_svid_ttl.min(config.svid_ttl) / 4;
         let mut sd = shutdown_rx.clone();
         tasks.spawn(async move {
             let r = tonic::transport::Server::builder()
+                // Connections are recycled well within a node SVID's lifetime,
+                // so no connection outlives the certificate it was opened with.
+                .max_connection_age(conn_age)
+                .max_connection_age_grace(conn_age / 2)
                 .add_service(node_api)
                 .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                     let _ = sd.changed().await;

@@ -1,0 +1,146 @@
+//! auth-handshake's configuration: one YAML file, parsed separately from the
+//! pure [`construct_config`] that fills in defaults and validates.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshguard_common::spiffe::{TrustDomain, validate_segment};
+use serde::Deserialize;
+
+/// The Workload API socket; `SPIFFE_ENDPOINT_SOCKET=unix:///run/meshguard/workload-api.sock`.
+pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/meshguard/workload-api.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshguard/auth-handshake";
+/// Where the simulated cluster (and `ip netns`) keeps pod network namespaces.
+pub const DEFAULT_POD_NETNS_PATH: &str = "/run/netns/{namespace}-{name}";
+/// How often the trust bundle is re-read from the CA: a rotation's prepare
+/// step must reach every node before activation, so keep this well under
+/// the operator's wait between the two.
+pub const DEFAULT_BUNDLE_REFRESH: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file is not valid YAML for auth-handshake: {source}")]
+    Yaml {
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("config key {key} = {value:?} is invalid: {reason}")]
+    Invalid { key: &'static str, value: String, reason: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigFile {
+    pub trust_domain: String,
+    pub node_name: String,
+    /// `host:port` of identity-ca.
+    pub ca_address: String,
+    /// PEM file with the CA certificates to trust when first contacting the
+    /// CA (`identity-ca bundle show`). Never trust-on-first-use.
+    pub trust_bundle_file: PathBuf,
+    /// The join token, or a file holding it (preferred: keeps it out of the config).
+    pub join_token: Option<String>,
+    pub join_token_file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub workload_api_socket: Option<PathBuf>,
+    /// Path of each pod's network namespace, with `{namespace}`, `{name}` and `{node}`.
+    pub pod_netns_path: Option<String>,
+    /// e.g. `10s`.
+    pub bundle_refresh: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub trust_domain: TrustDomain,
+    pub node_name: String,
+    pub ca_address: String,
+    pub trust_bundle_file: PathBuf,
+    pub join_token: Option<String>,
+    pub state_dir: PathBuf,
+    pub workload_api_socket: PathBuf,
+    pub pod_netns_path: String,
+    pub bundle_refresh: Duration,
+}
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let mut file: ConfigFile = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml { source })?;
+    if let Some(p) = file.join_token_file.take() {
+        let t = std::fs::read_to_string(&p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+        file.join_token = Some(t.trim().to_owned());
+    }
+    construct_config(file)
+}
+
+pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
+    let invalid = |key, value: &str, reason: String| ConfigError::Invalid { key, value: value.to_owned(), reason };
+    let trust_domain = TrustDomain::new(&f.trust_domain).map_err(|e| invalid("trustDomain", &f.trust_domain, e.to_string()))?;
+    validate_segment(&f.node_name).map_err(|e| invalid("nodeName", &f.node_name, e.to_string()))?;
+    if !f.ca_address.contains(':') {
+        return Err(invalid("caAddress", &f.ca_address, "expected host:port".into()));
+    }
+    let pod_netns_path = f.pod_netns_path.unwrap_or_else(|| DEFAULT_POD_NETNS_PATH.into());
+    if !pod_netns_path.contains("{name}") {
+        return Err(invalid("podNetnsPath", &pod_netns_path, "must contain {name} (and usually {namespace})".into()));
+    }
+    let bundle_refresh = match &f.bundle_refresh {
+        None => DEFAULT_BUNDLE_REFRESH,
+        Some(s) => parse_secs(s).ok_or_else(|| invalid("bundleRefresh", s, "write e.g. 10s, 1m".into()))?,
+    };
+    Ok(Config {
+        trust_domain,
+        node_name: f.node_name,
+        ca_address: f.ca_address,
+        trust_bundle_file: f.trust_bundle_file,
+        join_token: f.join_token.filter(|t| !t.is_empty()),
+        state_dir: f.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        workload_api_socket: f.workload_api_socket.unwrap_or_else(|| DEFAULT_WORKLOAD_API_SOCKET.into()),
+        pod_netns_path,
+        bundle_refresh,
+    })
+}
+
+fn parse_secs(s: &str) -> Option<Duration> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok()?;
+    let mul = match unit {
+        "ms" => return Some(Duration::from_millis(n)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n * mul))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> ConfigFile {
+        ConfigFile {
+            trust_domain: "cluster.local".into(),
+            node_name: "node-1".into(),
+            ca_address: "127.0.0.1:8443".into(),
+            trust_bundle_file: "/b.pem".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let c = construct_config(base()).unwrap();
+        assert_eq!(c.bundle_refresh, DEFAULT_BUNDLE_REFRESH);
+        assert_eq!(c.pod_netns_path, DEFAULT_POD_NETNS_PATH);
+        assert!(construct_config(ConfigFile { node_name: "a/b".into(), ..base() }).is_err());
+        assert!(construct_config(ConfigFile { ca_address: "nohost".into(), ..base() }).is_err());
+        assert!(construct_config(ConfigFile { pod_netns_path: Some("/run/netns/x".into()), ..base() }).is_err());
+        assert_eq!(construct_config(ConfigFile { bundle_refresh: Some("500ms".into()), ..base() }).unwrap().bundle_refresh, Duration::from_millis(500));
+    }
+}
