@@ -32,14 +32,14 @@ static __always_inline int floor_key(struct __sk_buff *skb, struct mg_ct_key *ke
 }
 
 /* Nothing at all. */
-SEC("tc")
+SEC("classifier")
 int floor_empty(struct __sk_buff *skb)
 {
 	return TC_ACT_OK;
 }
 
 /* One 5-tuple lookup in the conntrack table. */
-SEC("tc")
+SEC("classifier")
 int floor_hash(struct __sk_buff *skb)
 {
 	struct mg_ct_key key = {};
@@ -50,7 +50,7 @@ int floor_hash(struct __sk_buff *skb)
 }
 
 /* One /32 lookup in the ipcache trie. */
-SEC("tc")
+SEC("classifier")
 int floor_lpm(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -67,7 +67,7 @@ int floor_lpm(struct __sk_buff *skb)
 }
 
 /* One conntrack-style insert of a key never seen before. */
-SEC("tc")
+SEC("classifier")
 int floor_insert(struct __sk_buff *skb)
 {
 	struct mg_ct_key key = {};

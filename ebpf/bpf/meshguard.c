@@ -8,14 +8,14 @@
 
 /* TC ingress of the host veth: packets the pod sends (its egress policy,
  * anti-spoofing). */
-SEC("tc")
+SEC("classifier")
 int mg_from_pod(struct __sk_buff *skb)
 {
 	return mg_handle(skb, MG_DIR_EGRESS);
 }
 
 /* TC egress of the host veth: packets to the pod (its ingress policy). */
-SEC("tc")
+SEC("classifier")
 int mg_to_pod(struct __sk_buff *skb)
 {
 	return mg_handle(skb, MG_DIR_INGRESS);

@@ -267,7 +267,7 @@ mod tests {
         // The allow for 8080 sits inside the denied 8000-8191 block.
         assert_eq!(get(96, 8080).action, abi::MG_ACTION_DENY);
         assert_eq!(get(96, 8080).cookie, 2);
-        assert_eq!(get(83, 8000).action, abi::MG_ACTION_DENY);
+        assert_eq!(get(90, 8000).action, abi::MG_ACTION_DENY);
         let any = c.trie[&PolicyKey { prefixlen: 72, subject: 300, peer: 400, direction: 0, protocol: 0, port: 0 }];
         assert_eq!(any.action, abi::MG_ACTION_AUTH);
         assert_eq!(c.subjects[&SubjectKey { identity: 300, direction: 0 }], abi::MG_SUBJ_F_EXACT_PEERS | abi::MG_SUBJ_F_DEFAULT_DENY);
