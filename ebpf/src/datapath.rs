@@ -422,11 +422,21 @@ impl Datapath {
             (&mut self.to_pod, abi::PROG_TO_POD, TcAttachType::Egress)
         };
         let perr = |source| DatapathError::Program { name: name.to_owned(), source };
-        let id = prog.attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(LinkOrder::first())).map_err(perr)?;
+        let path = self.pin.link(ifindex, name);
+        let id = match prog.attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(LinkOrder::first())) {
+            Ok(id) => id,
+            // This program already sits on this hook, through the link we
+            // pinned (a restarted agent re-attaching its pods): nothing to do.
+            Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) && path.exists() => {
+                debug!(ifindex, ifname, program = name, "already attached");
+                return Ok(());
+            }
+            Err(e) => return Err(perr(e)),
+        };
         let link = prog.take_link(id).map_err(perr)?;
         let link = FdLink::try_from(link).map_err(|source| DatapathError::LinkKind { name, source })?;
-        let path = self.pin.link(ifindex, name);
-        let tmp = path.with_extension("new");
+        // bpffs refuses names with a dot.
+        let tmp = self.pin.links().join(format!("{ifindex}-{name}-new"));
         let _ = std::fs::remove_file(&tmp);
         let pinned = link.pin(&tmp).map_err(|source| DatapathError::PinObject { path: tmp.display().to_string(), source })?;
         std::fs::rename(&tmp, &path).map_err(|source| DatapathError::Link { path: path.display().to_string(), source })?;
@@ -442,7 +452,13 @@ impl Datapath {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| e.file_name().to_str()?.split_once('-')?.0.parse().ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                if name.ends_with("-new") {
+                    return None;
+                }
+                name.split_once('-')?.0.parse().ok()
+            })
             .collect();
         out.sort_unstable();
         out.dedup();

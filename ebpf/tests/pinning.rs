@@ -1,0 +1,133 @@
+//! Pinning and adoption (root only; fails without root): a restarted agent
+//! adopts the pinned maps and programs without flushing conntrack, pinned
+//! TCX links keep enforcing while no agent runs, and removing an instance
+//! detaches and frees everything.
+
+mod support;
+
+use std::process::Command;
+
+use meshguard_ebpf::abi::ForwardReason as F;
+use meshguard_ebpf::policy::{Action, Direction, PolicyEntry, PolicySet, Ports};
+use meshguard_ebpf::{Datapath, DatapathApi, Interface, PodEndpoint};
+use aya::programs::tc::{SchedClassifier, TcAttachType};
+use support::*;
+
+#[test]
+fn a_new_loader_adopts_pinned_state_without_flushing_conntrack() {
+    let mut h = Harness::new("adopt").with_pod();
+    let entry = PolicyEntry {
+        subject: POD_ID,
+        peer: PEER_ID,
+        direction: Direction::Egress,
+        protocol: Some(TCP),
+        ports: Ports::Range { first: 80, last: 80 },
+        action: Action::Allow,
+        cookie: 1,
+    };
+    let set = PolicySet { entries: vec![entry], default_deny: [(POD_ID, Direction::Egress)].into() };
+    h.dp().replace_policy(&set).unwrap();
+    assert_eq!(h.egress(&from_pod_v4().tcp(5000, 80, SYN)), fwd(F::PolicyAllow));
+    let revision = h.dp().revision().unwrap();
+    let applied = h.dp().applied_policy().clone();
+    assert!(!h.dp().adopted());
+
+    // The agent goes away; the pins stay.
+    drop(h.dp.take());
+    assert!(h.pin.exists());
+    let dp = Datapath::load_or_adopt(&small_config(h.pin.clone())).unwrap();
+    h.dp = Some(dp);
+    assert!(h.dp().adopted());
+    assert_eq!(h.dp().revision().unwrap(), revision, "adoption must not bump the revision");
+    assert_eq!(h.dp().applied_policy(), &applied);
+    assert_eq!(h.dp().conntrack().unwrap().len(), 1);
+    // The established flow carries on without re-evaluation; new ones are still judged.
+    assert_eq!(h.ingress(&to_pod_v4().tcp(80, 5000, SYN | ACK)), fwd(F::CtReply));
+    assert_eq!(h.egress(&from_pod_v4().tcp(5001, 81, SYN)), drop_(meshguard_ebpf::abi::DropReason::PolicyDefault));
+}
+
+#[test]
+fn instances_are_separate_and_removal_is_complete() {
+    let mut a = Harness::new("inst-a").with_pod();
+    let mut b = Harness::new("inst-b").with_pod();
+    let set = PolicySet { entries: vec![], default_deny: [(POD_ID, Direction::Egress)].into() };
+    a.dp().replace_policy(&set).unwrap();
+    assert_eq!(a.egress(&from_pod_v4().udp(1, 2)), drop_(meshguard_ebpf::abi::DropReason::PolicyDefault));
+    assert_eq!(b.egress(&from_pod_v4().udp(1, 2)), fwd(F::Unselected));
+    let root = a.pin.root().to_owned();
+    a.dp.take().unwrap().remove().unwrap();
+    assert!(!root.exists());
+}
+
+/// Runs `f` on a thread inside a fresh network namespace holding a veth pair.
+fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare only changes this thread's namespaces.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        // Children forked from this thread start in its namespace.
+        let ok = Command::new("ip").args(["link", "add", "mgt-host", "type", "veth", "peer", "name", "mgt-pod"]).status().unwrap();
+        assert!(ok.success(), "ip link add failed");
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn tcx_programs(ifname: &str, kind: TcAttachType) -> usize {
+    SchedClassifier::query_tcx(ifname, kind).map(|(_, p)| p.len()).unwrap_or(0)
+}
+
+/// Unpinning releases a link asynchronously (the inode goes after an RCU
+/// grace period): wait up to a second for the count to settle.
+fn settles_at(ifname: &str, kind: TcAttachType, want: usize) -> usize {
+    for _ in 0..100 {
+        if tcx_programs(ifname, kind) == want {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    tcx_programs(ifname, kind)
+}
+
+#[test]
+fn pods_attach_with_pinned_tcx_links_that_outlive_the_agent() {
+    require_root();
+    let pin = test_pin("attach");
+    let cleanup = pin.clone();
+    in_netns(move || {
+        let mut dp = Datapath::load_or_adopt(&small_config(pin.clone())).unwrap();
+        let iface = Interface::Name("mgt-host".into());
+        let pod = PodEndpoint { identity: POD_ID, mac: POD_MAC, ipv4: Some(pod_v4()), ipv6: None };
+        dp.attach(&iface, &pod).unwrap();
+        let ifindex = meshguard_ebpf::sys::ifindex("mgt-host").unwrap();
+        assert_eq!(dp.attached(), vec![ifindex]);
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Ingress), 1);
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Egress), 1);
+        // Attaching again replaces the link, never stacks a second one.
+        dp.attach(&iface, &pod).unwrap();
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Ingress), 1);
+
+        // The agent exits: the pinned links keep the programs attached.
+        drop(dp);
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Ingress), 1);
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Egress), 1);
+
+        // A restarted agent adopts, then detaches the pod.
+        let mut dp = Datapath::load_or_adopt(&small_config(pin.clone())).unwrap();
+        assert!(dp.adopted());
+        assert_eq!(dp.endpoint(ifindex).unwrap().map(|e| e.identity), Some(POD_ID));
+        dp.detach(&iface).unwrap();
+        assert_eq!(settles_at("mgt-host", TcAttachType::Ingress, 0), 0);
+        assert_eq!(settles_at("mgt-host", TcAttachType::Egress, 0), 0);
+        assert!(dp.attached().is_empty());
+        assert_eq!(dp.endpoint(ifindex).unwrap(), None);
+
+        // Removing the instance detaches whatever is still attached.
+        dp.attach(&iface, &pod).unwrap();
+        dp.remove().unwrap();
+        assert_eq!(settles_at("mgt-host", TcAttachType::Ingress, 0), 0);
+        assert_eq!(settles_at("mgt-host", TcAttachType::Egress, 0), 0);
+    });
+    let _ = cleanup.remove();
+}
