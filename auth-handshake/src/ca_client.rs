@@ -83,7 +83,11 @@ pub struct GrpcCa {
     trust_domain: TrustDomain,
     creds: CredentialCell,
     bundle: BundleCell,
-    channel: Channel,
+    addr: String,
+    tls: Arc<rustls::ClientConfig>,
+    /// Replaced when the node SVID changes: the attestation connection
+    /// carried no client certificate, and old connections the old one.
+    channel: std::sync::RwLock<Channel>,
     state_file: PathBuf,
     node_svid: std::sync::RwLock<Option<Svid>>,
 }
@@ -156,7 +160,8 @@ impl GrpcCa {
         let creds = CredentialCell::default();
         let tls = svid::client_config(creds.clone(), Arc::new(SpiffeVerifier::exactly(bundle.clone(), ca_id)))
             .map_err(|source| CaClientError::Tls { source })?;
-        let channel = registry::channel(addr, Arc::new(tls)).map_err(|e| CaClientError::Key { reason: e.to_string() })?;
+        let tls = Arc::new(tls);
+        let channel = registry::channel(addr, tls.clone()).map_err(|e| CaClientError::Key { reason: e.to_string() })?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -167,18 +172,20 @@ impl GrpcCa {
             trust_domain,
             creds,
             bundle,
-            channel,
+            addr: addr.to_owned(),
+            tls,
+            channel: std::sync::RwLock::new(channel),
             state_file: state_dir.join(NODE_STATE_FILE),
             node_svid: std::sync::RwLock::new(None),
         })
     }
 
     pub fn channel(&self) -> Channel {
-        self.channel.clone()
+        self.channel.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn client(&self) -> proto::node_api_client::NodeApiClient<Channel> {
-        registry::node_client(self.channel.clone())
+        registry::node_client(self.channel())
     }
 
     pub fn node_svid(&self) -> Option<Svid> {
@@ -232,6 +239,9 @@ impl GrpcCa {
         let chain = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
         self.creds.set(chain, &svid.key_pkcs8).map_err(|source| CaClientError::Tls { source })?;
         self.save_state(&svid)?;
+        if let Ok(ch) = registry::channel(&self.addr, self.tls.clone()) {
+            *self.channel.write().unwrap_or_else(|e| e.into_inner()) = ch;
+        }
         *self.node_svid.write().unwrap_or_else(|e| e.into_inner()) = Some(svid);
         Ok(())
     }

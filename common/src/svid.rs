@@ -409,6 +409,10 @@ pub fn server_config(creds: CredentialCell, verifier: Arc<SpiffeVerifier>) -> Re
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(creds));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: a resumed session would carry the identity (or the
+    // absence of one) of an earlier handshake instead of a fresh verification.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
@@ -420,5 +424,6 @@ pub fn client_config(creds: CredentialCell, verifier: Arc<SpiffeVerifier>) -> Re
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(creds));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }

@@ -283,7 +283,9 @@ impl Ca {
     }
 
     fn publish_bundle(&self, sequence: u64) {
-        let list = self.list();
+        // Oldest first, the same on every run.
+        let mut list = self.list();
+        list.sort_by(|a, b| (a.not_before, &a.id).cmp(&(b.not_before, &b.id)));
         let bundle = Bundle {
             trust_domain: self.trust_domain.clone(),
             x509_authorities: list.iter().map(|a| a.cert_der.clone()).collect(),
