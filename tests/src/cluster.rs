@@ -453,11 +453,19 @@ impl Cluster {
 
     /// Starts a long-running command in a pod; it is killed with the cluster.
     pub fn spawn_in_pod(&self, pod: &str, program: &Path, args: &[&str]) -> Result<u32> {
-        let log = OpenOptions::new().create(true).append(true).open(self.dir.join("pods.log"))?;
+        let ns = self.pod(pod).netns.clone();
+        self.spawn_in(&ns, program, args, &[], "pods.log")
+    }
+
+    /// Starts a long-running command in any of the run's namespaces, its
+    /// output appended to `<run dir>/<log>`; it is killed with the cluster.
+    pub fn spawn_in(&self, netns: &str, program: &Path, args: &[&str], env: &[(&str, &str)], log: &str) -> Result<u32> {
+        let log = OpenOptions::new().create(true).append(true).open(self.dir.join(log))?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.pod(pod).netns])
+            .args(["netns", "exec", netns])
             .arg(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -465,6 +473,12 @@ impl Cluster {
         let pid = child.id();
         self.children.lock().expect("children lock").push(child);
         Ok(pid)
+    }
+
+    /// Whether a process started with [`Cluster::spawn_in`] still runs.
+    pub fn is_running(&self, pid: u32) -> bool {
+        let mut children = self.children.lock().expect("children lock");
+        children.iter_mut().find(|c| c.id() == pid).is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Starts an echo server (TCP and UDP on `port`) in a pod and waits until it listens.

@@ -242,6 +242,11 @@ impl Drop for Device {
 
 impl State {
     fn set_key(&mut self, key: Option<DeviceKey>) {
+        // Re-setting the same key (as `wg syncconf` and `wg setconf` do) must
+        // not cost the sessions: a no-op, as in wireguard-go and the kernel.
+        if self.key.as_ref().map(|k| &k.secret) == key.as_ref().map(|k| &k.secret) {
+            return;
+        }
         if let Some(k) = &key {
             // A peer with our own public key makes no sense; wireguard-go drops it too.
             let own = k.public_key();

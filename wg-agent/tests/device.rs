@@ -280,3 +280,22 @@ fn one_device_many_peers() {
     }
     assert_eq!(hub.device.snapshot().peers.len(), 10);
 }
+
+#[test]
+fn re_setting_the_same_private_key_keeps_sessions() {
+    let switch = Switch::new();
+    let a = node(&switch, 1, 51820);
+    let b = node(&switch, 2, 51820);
+    connect(&a, "10.99.1.0/24", &b, "10.99.2.0/24");
+    deliver(&a, &b, &ipv4_udp([10, 99, 1, 5], [10, 99, 2, 5], b"one"));
+    let inits = || switch.captured().iter().filter(|d| d.bytes[0] == 1).count();
+    let before = inits();
+    // What `wg syncconf` sends: the same key again.
+    let same = a.device.snapshot().private_key;
+    a.device.apply(&DeviceUpdate { private_key: Some(same), ..Default::default() }).unwrap();
+    deliver(&a, &b, &ipv4_udp([10, 99, 1, 5], [10, 99, 2, 5], b"two"));
+    assert_eq!(inits(), before, "no new handshake for an unchanged key");
+    // A different key does reset the sessions.
+    a.device.apply(&DeviceUpdate { private_key: Some(Some(SecretKey::generate())), ..Default::default() }).unwrap();
+    assert_ne!(a.device.public_key(), Some(a.public));
+}

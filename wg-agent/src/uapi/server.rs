@@ -182,6 +182,8 @@ fn handle_request(r: &mut impl BufRead, device: &Device, access: Access) -> Resu
                 });
             }
             let update = parse_set(lines.iter().map(String::as_str))?;
+            // Secret keys print as <redacted>; public keys are public.
+            tracing::debug!(?update, "uapi set");
             device.apply(&update).map_err(|e| match e {
                 DeviceError::Bind { .. } => UapiError { errno: errno::EADDRINUSE, message: e.to_string() },
                 other => UapiError { errno: errno::EIO, message: other.to_string() },

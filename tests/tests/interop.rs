@@ -1,0 +1,191 @@
+//! `wg-agent device` against wireguard-go, both configured only with the
+//! stock `wg` tool over the standard UAPI sockets (root only).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshguard_common::key::PublicKey;
+use meshguard_tests::bins::bin_path;
+use meshguard_tests::cluster::{Cluster, cluster, wait_until};
+use meshguard_tests::cmd::{in_ns, in_ns_output, ip_in, run};
+use meshguard_tests::uapi::{self, reply_errno};
+
+const UAPI_DIR: &str = "/var/run/wireguard";
+
+struct Pair {
+    c: Cluster,
+    /// Interface names: ours on node-1, wireguard-go's on node-2.
+    ours: String,
+    theirs: String,
+    ours_pub: String,
+    theirs_pub: String,
+    ours_pid: u32,
+}
+
+fn genkey(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = run("wg", &["genkey"]).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, &key).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("wg pubkey < {}", path.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    (path, String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn sock(ifname: &str) -> PathBuf {
+    uapi::socket_path(Path::new(UAPI_DIR), ifname)
+}
+
+fn wg(c: &Cluster, node: &str, args: &[&str]) -> String {
+    in_ns(&c.node(node).netns, "wg", args).unwrap_or_else(|e| panic!("wg {args:?}: {e}"))
+}
+
+fn setup() -> Pair {
+    let c = cluster().nodes(2).build().unwrap();
+    let tag = &c.run_id[c.run_id.len() - 4..];
+    let ours = format!("wgm{tag}");
+    let theirs = format!("wgg{tag}");
+    let n1 = c.node("node-1").netns.clone();
+    let n2 = c.node("node-2").netns.clone();
+    let ours_pid = c.spawn_in(&n1, &bin_path("wg-agent"), &["device", &ours], &[], "wg-agent.log").unwrap();
+    c.spawn_in(&n2, Path::new("wireguard-go"), &["-f", &theirs], &[("LOG_LEVEL", "error")], "wireguard-go.log")
+        .unwrap();
+    for s in [sock(&ours), sock(&theirs)] {
+        wait_until(&format!("{} to answer", s.display()), Duration::from_secs(10), || uapi::get(&s).is_ok()).unwrap();
+    }
+    let (k1, ours_pub) = genkey(&c.dir, "ours.key");
+    let (k2, theirs_pub) = genkey(&c.dir, "theirs.key");
+    let k1 = k1.to_str().unwrap().to_owned();
+    let k2 = k2.to_str().unwrap().to_owned();
+    wg(&c, "node-1", &[
+        "set", &ours, "private-key", &k1, "listen-port", "51820", "peer", &theirs_pub, "allowed-ips", "10.9.0.2/32",
+        "endpoint", "192.168.100.2:51821",
+    ]);
+    wg(&c, "node-2", &[
+        "set", &theirs, "private-key", &k2, "listen-port", "51821", "peer", &ours_pub, "allowed-ips", "10.9.0.1/32",
+        "endpoint", "192.168.100.1:51820",
+    ]);
+    for (node, ifname, addr) in [("node-1", &ours, "10.9.0.1/24"), ("node-2", &theirs, "10.9.0.2/24")] {
+        let ns = &c.node(node).netns;
+        ip_in(ns, &["addr", "add", addr, "dev", ifname]).unwrap();
+        ip_in(ns, &["link", "set", ifname, "up"]).unwrap();
+    }
+    Pair { c, ours, theirs, ours_pub, theirs_pub, ours_pid }
+}
+
+fn ping(c: &Cluster, node: &str, to: &str) -> bool {
+    in_ns_output(&c.node(node).netns, "ping", &["-c", "3", "-W", "2", "-i", "0.2", to]).is_ok_and(|o| o.status.success())
+}
+
+fn tcp(c: &Cluster, node: &str, to: &str, msg: &str) -> bool {
+    in_ns_output(&c.node(node).netns, bin_path("mg-probe").to_str().unwrap(), &["tcp", &format!("{to}:7000"), msg])
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `wg show <if> dump` peer line: (latest handshake, rx, tx).
+fn dump_peer(c: &Cluster, node: &str, ifname: &str) -> (u64, u64, u64) {
+    let out = wg(c, node, &["show", ifname, "dump"]);
+    let line = out.lines().nth(1).unwrap_or_else(|| panic!("no peer in dump: {out}"));
+    let f: Vec<&str> = line.split('\t').collect();
+    (f[4].parse().unwrap(), f[5].parse().unwrap(), f[6].parse().unwrap())
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // Interfaces die with their namespaces; the sockets live in /var/run.
+        let _ = std::fs::remove_file(sock(&self.ours));
+        let _ = std::fs::remove_file(sock(&self.theirs));
+    }
+}
+
+#[test]
+fn root_interop_with_wireguard_go_ping_tcp_and_counters_both_ways() {
+    let p = setup();
+    let c = &p.c;
+    let n1 = c.node("node-1").netns.clone();
+    let n2 = c.node("node-2").netns.clone();
+    let probe = bin_path("mg-probe");
+    c.spawn_in(&n1, &probe, &["serve", "--port", "7000"], &[], "echo.log").unwrap();
+    c.spawn_in(&n2, &probe, &["serve", "--port", "7000"], &[], "echo.log").unwrap();
+
+    assert!(ping(c, "node-1", "10.9.0.2"), "ping wg-agent -> wireguard-go");
+    assert!(ping(c, "node-2", "10.9.0.1"), "ping wireguard-go -> wg-agent");
+    wait_until("echo servers", Duration::from_secs(5), || tcp(c, "node-1", "10.9.0.2", "x")).unwrap();
+    assert!(tcp(c, "node-1", "10.9.0.2", "hello from wg-agent"), "TCP wg-agent -> wireguard-go");
+    assert!(tcp(c, "node-2", "10.9.0.1", "hello from wireguard-go"), "TCP wireguard-go -> wg-agent");
+
+    // Both sides report a handshake and moving counters through `wg show`.
+    let (hs1, rx1, tx1) = dump_peer(c, "node-1", &p.ours);
+    let (hs2, rx2, tx2) = dump_peer(c, "node-2", &p.theirs);
+    assert!(hs1 > 0 && rx1 > 0 && tx1 > 0, "wg-agent dump: {hs1} {rx1} {tx1}");
+    assert!(hs2 > 0 && rx2 > 0 && tx2 > 0, "wireguard-go dump: {hs2} {rx2} {tx2}");
+    assert!(tcp(c, "node-1", "10.9.0.2", "more traffic"));
+    let (_, rx1b, tx1b) = dump_peer(c, "node-1", &p.ours);
+    assert!(rx1b > rx1 && tx1b > tx1, "counters must move: rx {rx1}->{rx1b} tx {tx1}->{tx1b}");
+    let human = wg(c, "node-1", &["show", &p.ours]);
+    assert!(human.contains("latest handshake") && human.contains("transfer"), "{human}");
+    assert!(human.contains(&p.theirs_pub), "{human}");
+
+    // showconf -> edit -> syncconf: a live change without dropping the session.
+    let conf = wg(c, "node-1", &["showconf", &p.ours]);
+    assert!(conf.contains("ListenPort = 51820") && conf.contains(&p.theirs_pub), "{conf}");
+    let edited = conf.replace("AllowedIPs = 10.9.0.2/32", "AllowedIPs = 10.9.0.2/32, 10.9.1.0/24");
+    let conf_path = c.dir.join("ours.conf");
+    std::fs::write(&conf_path, edited).unwrap();
+    wg(c, "node-1", &["syncconf", &p.ours, conf_path.to_str().unwrap()]);
+    let allowed = wg(c, "node-1", &["show", &p.ours, "allowed-ips"]);
+    assert!(allowed.contains("10.9.1.0/24") && allowed.contains("10.9.0.2/32"), "{allowed}");
+    assert!(ping(c, "node-1", "10.9.0.2"), "still up after syncconf");
+    assert_eq!(dump_peer(c, "node-1", &p.ours).0, hs1, "syncconf must not force a new handshake");
+    assert!(!p.ours_pub.is_empty());
+}
+
+#[test]
+fn root_interop_bad_input_changes_nothing() {
+    let p = setup();
+    let c = &p.c;
+    assert!(ping(c, "node-1", "10.9.0.2"));
+    let ours = sock(&p.ours);
+    let before = uapi::request(&ours, "get=1\n\n").unwrap();
+    let theirs_hex = PublicKey::from_base64(&p.theirs_pub).unwrap().to_hex();
+
+    // Malformed requests get a UAPI errno and leave the configuration alone,
+    // including a request whose first lines were valid (all or nothing).
+    for (req, errno) in [
+        ("set=1\nlisten_port=70000\n\n".to_owned(), -22),
+        ("set=1\nbogus_key=1\n\n".to_owned(), -22),
+        ("set=1\nlisten_port\n\n".to_owned(), -71),
+        (format!("set=1\nlisten_port=51999\npublic_key={theirs_hex}\nendpoint=garbage\n\n"), -22),
+        (format!("set=1\npublic_key={theirs_hex}\nallowed_ip=10.0.0.0/40\n\n"), -22),
+        ("frobnicate=1\n\n".to_owned(), -71),
+    ] {
+        let reply = uapi::request(&ours, &req).unwrap();
+        assert_eq!(reply_errno(&reply), Some(errno), "request {req:?} got {reply:?}");
+    }
+    let after = uapi::request(&ours, "get=1\n\n").unwrap();
+    let stable = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| ["private_key", "listen_port", "public_key", "endpoint", "allowed_ip"].iter().any(|k| l.starts_with(k)))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(stable(&before), stable(&after), "a refused request changed the configuration");
+
+    // Garbage on the WireGuard port from the other node: dropped, no panic, session intact.
+    let probe = bin_path("mg-probe");
+    for len in ["1", "4", "32", "92", "148", "1400"] {
+        let out = in_ns_output(&c.node("node-2").netns, probe.to_str().unwrap(), &[
+            "spray", "192.168.100.1:51820", "--count", "200", "--len", len,
+        ])
+        .unwrap();
+        assert!(out.status.success());
+    }
+    assert!(c.is_running(p.ours_pid), "wg-agent must survive garbage");
+    assert!(ping(c, "node-1", "10.9.0.2"), "session survives garbage");
+    assert!(ping(c, "node-2", "10.9.0.1"));
+}
