@@ -1,0 +1,105 @@
+//! The Workload API against a real CA on loopback, with the standard Rust
+//! `spiffe` client library as the workload. This process plays the pod: a
+//! static resolver maps its pid to `shop/web` (the network-namespace
+//! resolver is exercised by the simulated-cluster test and its unit test).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshguard_auth_handshake::agent::Agent;
+use meshguard_auth_handshake::caller::StaticResolver;
+use meshguard_auth_handshake::config::{Config, DEFAULT_POD_NETNS_PATH};
+use meshguard_common::cluster::Workload;
+use meshguard_common::spiffe::TrustDomain;
+use meshguard_identity_ca::server::CaServer;
+use tokio_stream::StreamExt as _;
+
+fn workload(name: &str, sa: &str, node: &str) -> Workload {
+    Workload { name: name.into(), namespace: "shop".into(), service_account: sa.into(), node: node.into(), ips: vec![], labels: Default::default() }
+}
+
+fn pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", base64::engine::general_purpose::STANDARD.encode(der))
+}
+
+#[tokio::test]
+async fn standard_client_fetches_its_own_svid_and_rotations_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = meshguard_identity_ca::config::Config::for_test("cluster.local", dir.path());
+    cfg.svid_ttl = Duration::from_secs(10);
+    let ca = CaServer::start(cfg).await.unwrap();
+    ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
+    ca.state.registry.put_workload(workload("db", "db", "node-2")).unwrap();
+    let bundle_file = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_file, ca.state.ca.bundle().x509_authorities.iter().map(|c| pem(c)).collect::<String>()).unwrap();
+    let token = ca.state.tokens.create("node-1", Duration::from_secs(60)).unwrap().0;
+
+    let socket = dir.path().join("workload.sock");
+    let config = Config {
+        trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        node_name: "node-1".into(),
+        ca_address: ca.addr.to_string(),
+        trust_bundle_file: bundle_file,
+        join_token: Some(token),
+        state_dir: dir.path().join("agent"),
+        workload_api_socket: socket.clone(),
+        pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
+        bundle_refresh: Duration::from_millis(500),
+    };
+    let resolver = Arc::new(StaticResolver::default());
+    let agent = Agent::start_with(config, Some(resolver.clone())).await.unwrap();
+    let endpoint = format!("unix:{}", socket.display());
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint).await.unwrap();
+
+    // Not (yet) a known workload: nothing.
+    assert!(client.fetch_x509_svid().await.is_err());
+
+    // This process is shop/web.
+    resolver.0.lock().unwrap().insert(std::process::id() as i32, "shop/web".into());
+    let svid = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(s) = client.fetch_x509_svid().await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("svid within 10 s");
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    assert!(bundles.get(&"cluster.local".try_into().unwrap()).is_some());
+
+    // JWT-SVID round trip through the standard client.
+    let jwt = client.fetch_jwt_svid(&["backend"], None).await.unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    let validated = client.validate_jwt_token("backend", jwt.token()).await.unwrap();
+    assert_eq!(validated.spiffe_id().to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+    assert!(client.validate_jwt_token("someone-else", jwt.token()).await.is_err());
+    // Asking for another identity's JWT is refused.
+    let other: spiffe::SpiffeId = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
+    assert!(client.fetch_jwt_svid(&["backend"], Some(&other)).await.is_err());
+
+    // A rotated SVID arrives on the stream before the first one expires.
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let first_leaf = first.leaf().as_bytes().to_vec();
+    let rotated = tokio::time::timeout(Duration::from_secs(9), async {
+        loop {
+            let s = stream.next().await.unwrap().unwrap();
+            if s.leaf().as_bytes() != first_leaf.as_slice() {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("rotated SVID before expiry");
+    assert_eq!(rotated.spiffe_id().to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+
+    // Pretending to be db (hosted on node-2) gets nothing: this node never holds it.
+    resolver.0.lock().unwrap().insert(std::process::id() as i32, "shop/db".into());
+    assert!(client.fetch_x509_svid().await.is_err());
+    agent.shutdown().await;
+    ca.shutdown().await;
+}
