@@ -6,6 +6,7 @@
  * (the idea of Cilium's bpf_alignchecker.c).
  */
 #include "lib/pipeline.h"
+#include "lib/clock.h"
 
 #define MG_ABI(type, name) type name __attribute__((used)) SEC(".abi")
 
@@ -25,6 +26,7 @@ MG_ABI(struct mg_frag_key, abi_frag_key);
 MG_ABI(struct mg_frag_value, abi_frag_value);
 MG_ABI(struct mg_event, abi_event);
 MG_ABI(struct mg_counter, abi_counter);
+MG_ABI(struct mg_clock, abi_clock);
 MG_ABI(enum mg_drop_reason, abi_drop_reason);
 MG_ABI(enum mg_fwd_reason, abi_fwd_reason);
 MG_ABI(enum mg_event_type, abi_event_type);

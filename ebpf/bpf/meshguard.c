@@ -5,6 +5,7 @@
  * is in lib/ (pipeline.h for the order of things).
  */
 #include "lib/pipeline.h"
+#include "lib/clock.h"
 
 /* TC ingress of the host veth: packets the pod sends (its egress policy,
  * anti-spoofing). */
@@ -19,6 +20,13 @@ SEC("classifier")
 int mg_to_pod(struct __sk_buff *skb)
 {
 	return mg_handle(skb, MG_DIR_INGRESS);
+}
+
+/* Run by user space (BPF_PROG_TEST_RUN), never attached: samples jiffies. */
+SEC("classifier")
+int mg_clock_now(struct __sk_buff *skb)
+{
+	return mg_clock_sample();
 }
 
 char _license[] SEC("license") = "GPL";

@@ -24,6 +24,7 @@ pub const MAP_CT: &str = "mg_ct";
 pub const MAP_FRAG: &str = "mg_frag";
 pub const MAP_COUNTERS: &str = "mg_counters";
 pub const MAP_EVENTS: &str = "mg_events";
+pub const MAP_CLOCK: &str = "mg_clock";
 /// Benchmark objects only (not pinned).
 pub const MAP_BENCH: &str = "mg_bench";
 
@@ -40,17 +41,23 @@ pub const PINNED_MAPS: &[&str] = &[
     MAP_FRAG,
     MAP_COUNTERS,
     MAP_EVENTS,
+    MAP_CLOCK,
 ];
 
 /// TC ingress of the pod's host-side interface: what the pod sends.
 pub const PROG_FROM_POD: &str = "mg_from_pod";
 /// TC egress of the pod's host-side interface: what the pod receives.
 pub const PROG_TO_POD: &str = "mg_to_pod";
+/// Never attached: run through BPF_PROG_TEST_RUN to sample the datapath's jiffies.
+pub const PROG_CLOCK: &str = "mg_clock_now";
 
 pub const PROG_FLOOR_EMPTY: &str = "floor_empty";
 pub const PROG_FLOOR_HASH: &str = "floor_hash";
 pub const PROG_FLOOR_LPM: &str = "floor_lpm";
+pub const PROG_FLOOR_LPM_IPCACHE: &str = "floor_lpm_ipcache";
 pub const PROG_FLOOR_INSERT: &str = "floor_insert";
+/// The floor objects' own trie (`bpf/floors.c`).
+pub const MAP_FLOOR_TRIE: &str = "floor_trie";
 
 // === pin layout, below an instance's pin root ===
 
@@ -130,8 +137,10 @@ pub struct Config {
     pub policy_revision: u32,
     pub local_node_id: u32,
     pub any_subject_flags: [u32; MG_DIR_MAX],
-    pub pad: u32,
-    pub ct_timeout_ns: [u64; MG_CT_TIMEOUT_MAX],
+    /// The kernel's HZ: jiffies per second.
+    pub hz: u32,
+    /// Jiffies.
+    pub ct_timeout: [u64; MG_CT_TIMEOUT_MAX],
     pub auth_signal_interval_ns: u64,
 }
 
@@ -258,8 +267,8 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// CLOCK_MONOTONIC (coarse) nanoseconds.
-    pub expires_ns: u64,
+    /// Jiffies.
+    pub expires: u64,
     pub policy_revision: u32,
     pub peer_identity: u32,
     pub peer_node: u32,
@@ -283,7 +292,8 @@ pub struct FragKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragValue {
-    pub created_ns: u64,
+    /// Jiffies.
+    pub created: u64,
     pub sport: u16,
     pub dport: u16,
     pub policy_port: u16,
@@ -322,6 +332,13 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// `struct mg_clock`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub jiffies: u64,
+}
+
 /// `struct mg_bench_cfg` (benchmark objects only).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -355,6 +372,7 @@ pod!(
     FragValue,
     RawEvent,
     Counter,
+    Clock,
     BenchConfig,
 );
 

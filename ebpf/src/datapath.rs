@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
@@ -17,7 +18,7 @@ use ipnet::IpNet;
 use tracing::{debug, info};
 
 use crate::abi::{
-    self, AuthKey, AuthValue, Code, Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragValue, IpcacheKeyData,
+    self, AuthKey, AuthValue, Clock, Code, Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragValue, IpcacheKeyData,
     IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue, SubjectKey, SubjectValue,
 };
 use crate::events::{EventError, EventReader};
@@ -74,6 +75,11 @@ pub enum DatapathError {
     IfindexTooLarge { ifindex: u32, max: u32 },
     #[error("identity {identity} is reserved: workload identities start at {min}", min = abi::MG_IDENTITY_MIN_WORKLOAD)]
     ReservedIdentity { identity: u32 },
+    #[error("cannot read the datapath clock (BPF_PROG_TEST_RUN): {source}")]
+    Clock {
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
@@ -198,6 +204,10 @@ pub struct Datapath {
     frag: HashMap<MapData, FragKey, FragValue>,
     counters: PerCpuArray<MapData, Counter>,
     events: Option<Map>,
+    clock: Array<MapData, Clock>,
+    /// Holds the clock program (loaded, never pinned or attached).
+    obj: Ebpf,
+    hz: u32,
     /// What the policy maps hold, to diff the next replacement against.
     applied: CompiledPolicy,
 }
@@ -251,9 +261,14 @@ impl DatapathConfig {
     }
 }
 
+/// `d` in jiffies at `hz`, rounded up (a timeout never shrinks to nothing).
+pub fn to_jiffies(d: Duration, hz: u32) -> u64 {
+    (d.as_nanos() * u128::from(hz)).div_ceil(1_000_000_000).min(u128::from(u64::MAX)) as u64
+}
+
 impl CtTimeouts {
-    fn abi(&self) -> [u64; abi::MG_CT_TIMEOUT_MAX] {
-        let ns = |d: Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
+    fn abi(&self, hz: u32) -> [u64; abi::MG_CT_TIMEOUT_MAX] {
+        let ns = |d: Duration| to_jiffies(d, hz);
         let mut t = [0; abi::MG_CT_TIMEOUT_MAX];
         t[abi::MG_CT_TIMEOUT_TCP_SYN] = ns(self.tcp_syn);
         t[abi::MG_CT_TIMEOUT_TCP_EST] = ns(self.tcp_established);
@@ -298,6 +313,14 @@ impl Datapath {
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
 
         let from_pod = program(&mut ebpf, &cfg.pin, abi::PROG_FROM_POD)?;
+        {
+            let clock: &mut SchedClassifier = ebpf
+                .program_mut(abi::PROG_CLOCK)
+                .ok_or(DatapathError::BugMissing { what: "program", name: abi::PROG_CLOCK.to_owned() })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name: abi::PROG_CLOCK.to_owned(), source })?;
+            clock.load().map_err(|source| DatapathError::Program { name: abi::PROG_CLOCK.to_owned(), source })?;
+        }
         let to_pod = program(&mut ebpf, &cfg.pin, abi::PROG_TO_POD)?;
         let mut dp = Self {
             pin: cfg.pin.clone(),
@@ -317,21 +340,64 @@ impl Datapath {
             frag: HashMap::try_from(take(&mut ebpf, abi::MAP_FRAG)?).map_err(map_err(abi::MAP_FRAG))?,
             counters: PerCpuArray::try_from(take(&mut ebpf, abi::MAP_COUNTERS)?).map_err(map_err(abi::MAP_COUNTERS))?,
             events: Some(take(&mut ebpf, abi::MAP_EVENTS)?),
+            clock: Array::try_from(take(&mut ebpf, abi::MAP_CLOCK)?).map_err(map_err(abi::MAP_CLOCK))?,
+            obj: ebpf,
+            hz: 0,
             applied: CompiledPolicy::default(),
         };
+        dp.hz = dp.probe_hz()?;
 
         let mut config = dp.config()?;
         if config.flags & abi::MG_CFG_F_READY == 0 {
             config.policy_revision = 1;
         }
         config.local_node_id = cfg.node_id;
-        config.ct_timeout_ns = cfg.timeouts.abi();
+        config.hz = dp.hz;
+        config.ct_timeout = cfg.timeouts.abi(dp.hz);
         config.auth_signal_interval_ns = cfg.auth_signal_interval.as_nanos() as u64;
         config.flags |= abi::MG_CFG_F_READY;
         dp.config.set(0, config, 0).map_err(map_err(abi::MAP_CONFIG))?;
         dp.applied = dp.read_policy()?;
         info!(pin = %cfg.pin.root().display(), adopted, revision = config.policy_revision, "datapath ready");
         Ok(dp)
+    }
+
+    /// The datapath's clock now, in jiffies (conntrack expiry, fragment age).
+    pub fn jiffies_now(&self) -> Result<u64, DatapathError> {
+        let prog: &SchedClassifier = self
+            .obj
+            .program(abi::PROG_CLOCK)
+            .ok_or(DatapathError::BugMissing { what: "program", name: abi::PROG_CLOCK.to_owned() })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name: abi::PROG_CLOCK.to_owned(), source })?;
+        let fd = prog.fd().map_err(|source| DatapathError::Program { name: abi::PROG_CLOCK.to_owned(), source })?;
+        // The smallest frame the test runner accepts.
+        sys::test_run(fd.as_fd(), &[0u8; 14], 1).map_err(|source| DatapathError::Clock { source })?;
+        Ok(self.clock.get(&0, 0).map_err(map_err(abi::MAP_CLOCK))?.jiffies)
+    }
+
+    /// The kernel's HZ, measured once per process: jiffies elapsed over
+    /// 100 ms of CLOCK_MONOTONIC, snapped to the values Linux allows.
+    fn probe_hz(&self) -> Result<u32, DatapathError> {
+        static HZ: OnceLock<u32> = OnceLock::new();
+        if let Some(hz) = HZ.get() {
+            return Ok(*hz);
+        }
+        let (j0, t0) = (self.jiffies_now()?, sys::monotonic_ns());
+        std::thread::sleep(Duration::from_millis(100));
+        let (j1, t1) = (self.jiffies_now()?, sys::monotonic_ns());
+        let measured = (j1 - j0) as f64 * 1e9 / (t1 - t0) as f64;
+        let hz = [100u32, 250, 300, 1000]
+            .into_iter()
+            .min_by(|a, b| (f64::from(*a) - measured).abs().total_cmp(&(f64::from(*b) - measured).abs()))
+            .unwrap();
+        debug!(measured, hz, "kernel HZ");
+        Ok(*HZ.get_or_init(|| hz))
+    }
+
+    /// Jiffies per second.
+    pub fn hz(&self) -> u32 {
+        self.hz
     }
 
     pub fn pin(&self) -> &PinLayout {
@@ -518,6 +584,11 @@ impl Datapath {
 
     // === conntrack ===
 
+    /// Writes a conntrack entry directly (state restore tools, benchmarks).
+    pub fn insert_conntrack(&mut self, key: &CtKey, entry: &CtEntry) -> Result<(), DatapathError> {
+        self.ct.insert(key, entry, 0).map_err(map_err(abi::MAP_CT))
+    }
+
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
         self.ct.iter().map(|r| r.map_err(map_err(abi::MAP_CT))).collect()
     }
@@ -694,13 +765,13 @@ impl DatapathApi for Datapath {
 
     /// Deletes expired conntrack entries and fragment records.
     fn gc(&mut self) -> Result<GcStats, DatapathError> {
-        let now = sys::coarse_ns();
+        let now = self.jiffies_now()?;
         let mut stats = GcStats::default();
         let mut expired = Vec::new();
         for item in self.ct.iter() {
             let (k, e) = item.map_err(map_err(abi::MAP_CT))?;
             stats.conntrack_scanned += 1;
-            if e.expires_ns <= now {
+            if e.expires <= now {
                 expired.push(k);
             }
         }
@@ -709,9 +780,9 @@ impl DatapathApi for Datapath {
                 stats.conntrack_removed += 1;
             }
         }
-        let horizon = now.saturating_sub(self.fragment_timeout.as_nanos() as u64);
+        let horizon = now.saturating_sub(to_jiffies(self.fragment_timeout, self.hz));
         let old: Vec<FragKey> =
-            self.frag.iter().filter_map(Result::ok).filter(|(_, v)| v.created_ns < horizon).map(|(k, _)| k).collect();
+            self.frag.iter().filter_map(Result::ok).filter(|(_, v)| v.created < horizon).map(|(k, _)| k).collect();
         for k in &old {
             if self.frag.remove(k).is_ok() {
                 stats.fragments_removed += 1;

@@ -24,9 +24,9 @@ pub fn boot_ns() -> u64 {
     clock_ns(libc::CLOCK_BOOTTIME)
 }
 
-/// CLOCK_MONOTONIC_COARSE: `bpf_ktime_get_coarse_ns()`, conntrack's clock.
-pub fn coarse_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+/// CLOCK_MONOTONIC.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 pub fn ifindex(name: &str) -> io::Result<u32> {

@@ -23,7 +23,7 @@ fn btf() -> Btf {
 fn structs_match_the_c_headers() {
     let btf = btf();
     let mirrors = vec![
-        layout!("mg_config", Config { flags, policy_revision, local_node_id, any_subject_flags, pad, ct_timeout_ns, auth_signal_interval_ns }),
+        layout!("mg_config", Config { flags, policy_revision, local_node_id, any_subject_flags, hz, ct_timeout, auth_signal_interval_ns }),
         layout!("mg_endpoint", Endpoint { identity, flags, mac, pad, ipv4, ipv6 }),
         layout!("mg_ipcache_key", IpcacheKey { prefixlen, family, pad, addr }),
         layout!("mg_ipcache_value", IpcacheValue { identity, node_id }),
@@ -34,11 +34,12 @@ fn structs_match_the_c_headers() {
         layout!("mg_auth_key", AuthKey { local_identity, remote_identity, remote_node, pad }),
         layout!("mg_auth_value", AuthValue { expires_boot_ns }),
         layout!("mg_ct_key", CtKey { local_addr, remote_addr, local_port, remote_port, protocol, family, pad }),
-        layout!("mg_ct_entry", CtEntry { expires_ns, policy_revision, peer_identity, peer_node, policy_port, flags }),
+        layout!("mg_ct_entry", CtEntry { expires, policy_revision, peer_identity, peer_node, policy_port, flags }),
         layout!("mg_frag_key", FragKey { saddr, daddr, id, protocol, family, pad }),
-        layout!("mg_frag_value", FragValue { created_ns, sport, dport, policy_port, protocol, pad }),
+        layout!("mg_frag_value", FragValue { created, sport, dport, policy_port, protocol, pad }),
         layout!("mg_event", RawEvent { timestamp_ns, r#type, reason, direction, family, protocol, pad, ifindex, subject_identity, peer_identity, peer_node, cookie, saddr, daddr, sport, dport, pad2 }),
         layout!("mg_counter", Counter { packets, bytes }),
+        layout!("mg_clock", Clock { jiffies }),
     ];
     for (name, size, fields) in mirrors {
         let c = btf.structs.get(name).unwrap_or_else(|| panic!("struct {name} is not in abi.o's BTF: instantiate it in bpf/abi.c"));

@@ -395,3 +395,27 @@ fn icmp_errors_about_tracked_flows_pass() {
     let out6 = from_pod_v6().udp(1, 443);
     assert_eq!(h.egress(&out6), drop_(D::PolicyDefault));
 }
+
+#[test]
+fn the_established_fast_path_checks_what_the_full_path_checks() {
+    let mut h = Harness::new("fastpath").with_pod();
+    assert_eq!(h.egress(&from_pod_v4().udp(7000, 53)), fwd(F::Unselected));
+    assert_eq!(h.egress(&from_pod_v4().udp(7000, 53)), fwd(F::CtEstablished));
+    // Same tuple, someone else's MAC: still a spoof.
+    assert_eq!(h.egress(&from_pod_v4().src_mac([0x02, 0xbb, 0, 0, 0, 9]).udp(7000, 53)), drop_(D::SpoofedMac));
+    // Same tuple, malformed UDP length.
+    let mut bad = from_pod_v4().udp(7000, 53).build();
+    bad[ETH_LEN + 20 + 4..ETH_LEN + 20 + 6].copy_from_slice(&3u16.to_be_bytes());
+    assert_eq!(h.run(Direction::Egress, &bad), drop_(D::InvalidL4));
+    // Unusual but valid forms take the full path and agree.
+    assert_eq!(h.egress(&from_pod_v4().ip_options(&[1, 1, 1, 1]).udp(7000, 53)), fwd(F::CtEstablished));
+    assert_eq!(h.ingress(&to_pod_v4().udp(53, 7000)), fwd(F::CtReply));
+    // TCP: the first reply and a FIN change state on the full path.
+    assert_eq!(h.egress(&from_pod_v4().tcp(7001, 80, SYN)), fwd(F::Unselected));
+    assert_eq!(h.ingress(&to_pod_v4().tcp(80, 7001, SYN | ACK)), fwd(F::CtReply));
+    assert_eq!(h.egress(&from_pod_v4().tcp(7001, 80, ACK)), fwd(F::CtEstablished));
+    assert_eq!(h.egress(&from_pod_v4().tcp(7001, 80, FIN | ACK)), fwd(F::CtEstablished));
+    let flags = h.dp().conntrack().unwrap().into_iter().find(|(k, _)| u16::from_be(k.local_port) == 7001).unwrap().1.flags;
+    let want = meshguard_ebpf::abi::MG_CT_F_EGRESS | meshguard_ebpf::abi::MG_CT_F_REPLY_SEEN | meshguard_ebpf::abi::MG_CT_F_CLOSING;
+    assert_eq!(flags, want);
+}

@@ -50,6 +50,18 @@ enum mg_reserved_identity {
 	MG_IDENTITY_MIN_WORKLOAD = 256,
 };
 
+/* Address arrays are 4-byte aligned so copies and compares are word-wide:
+ * a u8[16] copy with alignment 1 would cost sixteen byte moves. */
+#define MG_ADDR_ALIGN __attribute__((aligned(4)))
+
+/* Now, in jiffies: bpf_jiffies64() is inlined by the verifier on 64-bit
+ * JITs (a single load), where a ktime helper is a call costing as much as
+ * the whole conntrack lookup. Conntrack and fragment ages use it. */
+static __always_inline __u64 mg_now(void)
+{
+	return bpf_jiffies64();
+}
+
 static __always_inline int mg_addr_eq(const __u8 *a, const __u8 *b, int len)
 {
 	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
@@ -65,7 +77,7 @@ static __always_inline void mg_addr_copy(__u8 *dst, const __u8 *src, int len)
 	const __u32 *s = (const __u32 *)src;
 
 	d[0] = s[0];
-	if (len == 16) {
+	if (len > 4) {
 		d[1] = s[1];
 		d[2] = s[2];
 		d[3] = s[3];

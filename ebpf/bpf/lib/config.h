@@ -39,8 +39,10 @@ struct mg_config {
 	__u32 local_node_id;
 	/* MG_SUBJ_F_* for the any-subject wildcard, per direction. */
 	__u32 any_subject_flags[MG_DIR_MAX];
-	__u32 pad;
-	__u64 ct_timeout_ns[MG_CT_TIMEOUT_MAX];
+	/* Jiffies per second (the kernel's HZ), probed by user space. */
+	__u32 hz;
+	/* Conntrack timeouts, in jiffies. */
+	__u64 ct_timeout[MG_CT_TIMEOUT_MAX];
 	/* At most one auth-required signal per identity pair and node per interval. */
 	__u64 auth_signal_interval_ns;
 };

@@ -19,10 +19,10 @@
  * longer allowed, the entry is deleted and the packet dropped. So a policy
  * change keeps flows that stay allowed and cuts those that do not.
  *
- * Expiry is CLOCK_MONOTONIC coarse (bpf_ktime_get_coarse_ns), cheap to read
- * per packet. The timeout depends on protocol and TCP state (mg_config);
- * the entry is rewritten only when its expiry moves by more than
- * MG_CT_REFRESH_NS or its state changes, to keep established packets from
+ * Expiry is in jiffies (mg_now(), an inlined load), cheap to read per
+ * packet. The timeout depends on protocol and TCP state (mg_config); the
+ * entry is rewritten only when its expiry moves by more than a second
+ * (mg_config.hz jiffies) or its state changes, to keep established packets from
  * writing a shared cache line each time. User space deletes expired entries
  * (garbage collection); the map is an LRU, so it never refuses a new flow.
  */
@@ -37,8 +37,6 @@
 #define MG_CT_MAX 262144
 #endif
 
-#define MG_CT_REFRESH_NS 1000000000ULL
-
 enum mg_ct_flags {
 	MG_CT_F_EGRESS = 1,      /* the first packet went from the pod */
 	MG_CT_F_REPLY_SEEN = 2,  /* a packet went the other way */
@@ -47,8 +45,8 @@ enum mg_ct_flags {
 };
 
 struct mg_ct_key {
-	__u8 local_addr[16];
-	__u8 remote_addr[16];
+	__u8 local_addr[16] MG_ADDR_ALIGN;
+	__u8 remote_addr[16] MG_ADDR_ALIGN;
 	__be16 local_port;
 	__be16 remote_port;
 	__u8 protocol;
@@ -57,7 +55,7 @@ struct mg_ct_key {
 };
 
 struct mg_ct_entry {
-	__u64 expires_ns;        /* CLOCK_MONOTONIC (coarse) */
+	__u64 expires;           /* jiffies */
 	__u32 policy_revision;
 	__u32 peer_identity;     /* as of admission/re-evaluation */
 	__u32 peer_node;
@@ -76,13 +74,13 @@ struct {
 static __always_inline void mg_ct_key_of(const struct mg_pkt *pkt, __u8 dir, struct mg_ct_key *key)
 {
 	if (dir == MG_DIR_EGRESS) {
-		__builtin_memcpy(key->local_addr, pkt->saddr, 16);
-		__builtin_memcpy(key->remote_addr, pkt->daddr, 16);
+		mg_addr_copy(key->local_addr, pkt->saddr, 16);
+		mg_addr_copy(key->remote_addr, pkt->daddr, 16);
 		key->local_port = pkt->sport;
 		key->remote_port = pkt->dport;
 	} else {
-		__builtin_memcpy(key->local_addr, pkt->daddr, 16);
-		__builtin_memcpy(key->remote_addr, pkt->saddr, 16);
+		mg_addr_copy(key->local_addr, pkt->daddr, 16);
+		mg_addr_copy(key->remote_addr, pkt->saddr, 16);
 		key->local_port = pkt->dport;
 		key->remote_port = pkt->sport;
 	}
@@ -120,7 +118,7 @@ static __always_inline __u64 mg_ct_timeout(const struct mg_config *cfg, __u8 pro
 	}
 	if (slot >= MG_CT_TIMEOUT_MAX)
 		return 0;
-	return cfg->ct_timeout_ns[slot];
+	return cfg->ct_timeout[slot];
 }
 
 /* Returns the live entry for `key`, or NULL. */
@@ -128,7 +126,7 @@ static __always_inline struct mg_ct_entry *mg_ct_lookup(const struct mg_ct_key *
 {
 	struct mg_ct_entry *e = bpf_map_lookup_elem(&mg_ct, key);
 
-	if (e && e->expires_ns > now)
+	if (e && e->expires > now)
 		return e;
 	return 0;
 }
@@ -149,9 +147,9 @@ static __always_inline int mg_ct_touch(const struct mg_config *cfg, struct mg_ct
 	expires = now + mg_ct_timeout(cfg, pkt->protocol, flags);
 	if (flags != e->flags) {
 		e->flags = flags;
-		e->expires_ns = expires;
-	} else if (expires > e->expires_ns + MG_CT_REFRESH_NS) {
-		e->expires_ns = expires;
+		e->expires = expires;
+	} else if (expires > e->expires + cfg->hz) {
+		e->expires = expires;
 	}
 	return reply ? FWD_CT_REPLY : FWD_CT_ESTABLISHED;
 }
@@ -171,7 +169,7 @@ static __always_inline int mg_ct_create(const struct mg_config *cfg, const struc
 
 	if (pkt->flags & MG_PKT_F_TCP_FIN_RST)
 		e.flags |= MG_CT_F_CLOSING;
-	e.expires_ns = now + mg_ct_timeout(cfg, pkt->protocol, e.flags);
+	e.expires = now + mg_ct_timeout(cfg, pkt->protocol, e.flags);
 	return bpf_map_update_elem(&mg_ct, key, &e, BPF_ANY);
 }
 

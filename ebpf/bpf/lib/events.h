@@ -34,8 +34,8 @@ struct mg_event {
 	__u32 peer_identity;
 	__u32 peer_node;
 	__u32 cookie;            /* the policy entry's, for explicit denies */
-	__u8 saddr[16];
-	__u8 daddr[16];
+	__u8 saddr[16] MG_ADDR_ALIGN;
+	__u8 daddr[16] MG_ADDR_ALIGN;
 	__be16 sport;
 	__be16 dport;
 	__u32 pad2;
@@ -68,8 +68,8 @@ static __always_inline int mg_event_send(__u16 type, __u16 reason, __u8 dir, __u
 	ev->peer_identity = peer;
 	ev->peer_node = peer_node;
 	ev->cookie = cookie;
-	__builtin_memcpy(ev->saddr, pkt->saddr, 16);
-	__builtin_memcpy(ev->daddr, pkt->daddr, 16);
+	mg_addr_copy(ev->saddr, pkt->saddr, 16);
+	mg_addr_copy(ev->daddr, pkt->daddr, 16);
 	ev->sport = pkt->sport;
 	ev->dport = pkt->dport;
 	ev->pad2 = 0;

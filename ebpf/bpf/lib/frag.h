@@ -20,8 +20,8 @@
 #endif
 
 struct mg_frag_key {
-	__u8 saddr[16];
-	__u8 daddr[16];
+	__u8 saddr[16] MG_ADDR_ALIGN;
+	__u8 daddr[16] MG_ADDR_ALIGN;
 	__u32 id;
 	__u8 protocol;    /* IPv4 protocol, or the IPv6 fragment header's next header */
 	__u8 family;
@@ -29,7 +29,7 @@ struct mg_frag_key {
 };
 
 struct mg_frag_value {
-	__u64 created_ns; /* CLOCK_MONOTONIC (coarse) */
+	__u64 created;    /* jiffies */
 	__be16 sport;
 	__be16 dport;
 	__be16 policy_port;
@@ -47,8 +47,8 @@ struct {
 
 static __always_inline void mg_frag_key_of(const struct mg_pkt *pkt, struct mg_frag_key *key)
 {
-	__builtin_memcpy(key->saddr, pkt->saddr, 16);
-	__builtin_memcpy(key->daddr, pkt->daddr, 16);
+	mg_addr_copy(key->saddr, pkt->saddr, 16);
+	mg_addr_copy(key->daddr, pkt->daddr, 16);
 	key->id = pkt->frag_id;
 	key->protocol = pkt->frag_proto;
 	key->family = pkt->family;
@@ -61,7 +61,7 @@ static __always_inline void mg_frag_record(const struct mg_pkt *pkt)
 	struct mg_frag_value val = {};
 
 	mg_frag_key_of(pkt, &key);
-	val.created_ns = bpf_ktime_get_coarse_ns();
+	val.created = mg_now();
 	val.sport = pkt->sport;
 	val.dport = pkt->dport;
 	val.policy_port = pkt->policy_port;

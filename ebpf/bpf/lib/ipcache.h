@@ -20,7 +20,7 @@ struct mg_ipcache_key {
 	__u32 prefixlen;
 	__u8 family;      /* MG_FAMILY_* */
 	__u8 pad[3];
-	__u8 addr[16];
+	__u8 addr[16] MG_ADDR_ALIGN;
 };
 
 struct mg_ipcache_value {

@@ -40,8 +40,8 @@ enum mg_pkt_flags {
 
 /* What the rest of the pipeline knows about a packet. */
 struct mg_pkt {
-	__u8 saddr[16];
-	__u8 daddr[16];
+	__u8 saddr[16] MG_ADDR_ALIGN;
+	__u8 daddr[16] MG_ADDR_ALIGN;
 	__be16 sport;        /* TCP/UDP/SCTP ports; for ICMP echo both are the id */
 	__be16 dport;
 	__be16 policy_port;  /* what the policy matches: dport, or ICMP type<<8|code */

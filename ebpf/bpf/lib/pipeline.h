@@ -27,6 +27,7 @@
 #include "conntrack.h"
 #include "events.h"
 #include "counters.h"
+#include "fastpath.h"
 #ifdef MG_BENCH_NEWFLOW
 #include "bench.h"
 #endif
@@ -255,7 +256,7 @@ static __always_inline int mg_verdict(const struct mg_config *cfg, const struct 
 				      struct __sk_buff *skb, struct mg_pkt *pkt, __u8 dir,
 				      struct mg_info *info)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = mg_now();
 	struct mg_ct_key key = {};
 	struct mg_ct_entry *e;
 	int ret;
@@ -285,6 +286,7 @@ static __always_inline int mg_verdict(const struct mg_config *cfg, const struct 
 static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg_pkt *pkt,
 				      struct mg_info *info)
 {
+
 	const struct mg_config *cfg = mg_config_get();
 	const struct mg_endpoint *ep;
 	void *data, *data_end;
@@ -300,6 +302,9 @@ static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg
 	info->subject = ep->identity;
 
 	mg_pull(skb);
+	ret = mg_fastpath_v4(skb, cfg, ep, dir);
+	if (ret)
+		return ret;
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	eth = data;

@@ -90,7 +90,10 @@ impl Harness {
     pub fn new(name: &str) -> Self {
         require_root();
         let pin = test_pin(name);
-        let dp = Datapath::load_or_adopt(&small_config(pin.clone())).expect("load datapath");
+        let dp = Datapath::load_or_adopt(&small_config(pin.clone())).unwrap_or_else(|e| {
+            let _ = pin.remove();
+            panic!("load datapath: {e}")
+        });
         Self { dp: Some(dp), pin }
     }
 
