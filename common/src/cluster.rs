@@ -18,7 +18,11 @@ use crate::key::PublicKey;
 use crate::policy::MeshPolicy;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
+pub mod alloc;
 pub mod file;
+
+/// The trust domain when a source does not name one.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -79,6 +83,13 @@ pub struct ClusterView {
     /// By `<namespace>/<name>`.
     #[serde(default)]
     pub policies: BTreeMap<String, MeshPolicy>,
+    /// Numeric identities for the datapath, allocated by the source:
+    /// identical on every node, stable across restarts, never reused.
+    #[serde(default)]
+    pub identities: BTreeMap<SpiffeId, u32>,
+    /// Numeric node ids (the auth map's "remote node"), allocated the same way.
+    #[serde(default)]
+    pub node_ids: BTreeMap<String, u32>,
 }
 
 /// Where the cluster view comes from.
@@ -107,6 +118,17 @@ impl Workload {
 // === impl ClusterView ===
 
 impl ClusterView {
+    /// The trust domain, or the conventional `cluster.local` when the source names none.
+    pub fn trust_domain_or_default(&self) -> TrustDomain {
+        self.trust_domain.clone().unwrap_or_else(|| TrustDomain::new(DEFAULT_TRUST_DOMAIN).expect("valid constant"))
+    }
+
+    /// The SPIFFE ID of every workload, in key order.
+    pub fn workload_ids(&self) -> impl Iterator<Item = (&Workload, Option<SpiffeId>)> + '_ {
+        let td = self.trust_domain_or_default();
+        self.workloads.values().map(move |w| (w, w.spiffe_id(&td).ok()))
+    }
+
     /// Every node but `local`, in name order.
     pub fn peers_of<'a>(&'a self, local: &'a str) -> impl Iterator<Item = &'a NodeRecord> + 'a {
         self.nodes.values().filter(move |n| n.name != local)

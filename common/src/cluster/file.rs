@@ -4,6 +4,8 @@
 //! ```text
 //! <dir>/cluster.yaml        optional: trustDomain, workloads, policies (written by an operator)
 //! <dir>/nodes/<name>.yaml   one NodeRecord per node (written by that node's agent)
+//! <dir>/allocations.yaml    numeric identities and node ids (written by whichever
+//!                           agent first needs a number, under an exclusive lock)
 //! ```
 //!
 //! Files are replaced atomically (write, then rename), so a reader never sees
@@ -18,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::alloc::Allocations;
 use super::{BoxFuture, ClusterSource, ClusterView, NodeRecord, SourceError, Workload};
 use crate::policy::MeshPolicy;
 use crate::spiffe::TrustDomain;
@@ -28,6 +31,8 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 pub const CLUSTER_FILE: &str = "cluster.yaml";
 pub const NODES_DIR: &str = "nodes";
+pub const ALLOCATIONS_FILE: &str = "allocations.yaml";
+const ALLOCATIONS_LOCK: &str = "allocations.lock";
 
 /// The operator-written part of a file-backed cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +153,13 @@ impl PollState {
             view.policies = c.policies.iter().map(|p| (p.key(), p.clone())).collect();
         }
         view.nodes = self.nodes.values().map(|(_, n)| (n.name.clone(), n.clone())).collect();
+        match allocate(dir, &view) {
+            Ok(a) => {
+                view.identities = a.identities;
+                view.node_ids = a.nodes;
+            }
+            Err(reason) => tracing::error!(%reason, "cannot allocate numeric identities; the datapath keeps its last view"),
+        }
         view
     }
 
@@ -221,6 +233,61 @@ impl PollState {
     }
 }
 
+/// Every identity the view names: its workloads' and those policies name by SPIFFE ID.
+fn wanted_identities(view: &ClusterView) -> Vec<crate::spiffe::SpiffeId> {
+    let mut ids: Vec<_> = view.workload_ids().filter_map(|(_, id)| id).collect();
+    for p in view.policies.values() {
+        for rule in p.spec.ingress.iter().flatten().chain(p.spec.egress.iter().flatten()) {
+            for peer in rule.from.iter().flatten().chain(rule.to.iter().flatten()) {
+                if let Some(id) = &peer.spiffe_id {
+                    ids.push(id.clone());
+                }
+            }
+        }
+    }
+    ids
+}
+
+fn read_allocations(path: &Path) -> Result<Allocations, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let a: Allocations = serde_yaml::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            a.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(a)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Returns the allocations covering `view`, allocating (under an exclusive
+/// lock, so concurrent agents agree) whatever is missing.
+fn allocate(dir: &Path, view: &ClusterView) -> Result<Allocations, String> {
+    let path = dir.join(ALLOCATIONS_FILE);
+    let ids = wanted_identities(view);
+    let nodes: Vec<&String> = view.nodes.keys().collect();
+    let current = read_allocations(&path)?;
+    if ids.iter().all(|i| current.identities.contains_key(i)) && nodes.iter().all(|n| current.nodes.contains_key(*n)) {
+        return Ok(current);
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(ALLOCATIONS_LOCK))
+        .map_err(|e| format!("allocation lock: {e}"))?;
+    lock.lock().map_err(|e| format!("allocation lock: {e}"))?;
+    // Re-read under the lock: another agent may have just allocated.
+    let mut a = read_allocations(&path)?;
+    if a.allocate(&ids, nodes).map_err(|e| e.to_string())? {
+        let text = serde_yaml::to_string(&a).map_err(|e| e.to_string())?;
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    drop(lock);
+    Ok(a)
+}
+
 /// Parses and validates `cluster.yaml`.
 pub fn parse_cluster_file(bytes: &[u8]) -> Result<ClusterFile, String> {
     let c: ClusterFile = serde_yaml::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -283,6 +350,31 @@ mod tests {
         // Removal is seen.
         std::fs::remove_file(dir.path().join("nodes/node-1.yaml")).unwrap();
         tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.nodes.is_empty())).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn identities_are_allocated_once_and_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CLUSTER_FILE),
+            "trustDomain: td\nworkloads:\n  - {name: web, namespace: shop, serviceAccount: web, node: node-1}\n  - {name: web2, namespace: shop, serviceAccount: web, node: node-2}\n  - {name: api, namespace: shop, serviceAccount: api, node: node-2}\n",
+        )
+        .unwrap();
+        let a = FileSource::start(dir.path(), Duration::from_millis(10)).unwrap();
+        let b = FileSource::start(dir.path(), Duration::from_millis(10)).unwrap();
+        a.publish_node(&node("node-1", 1)).await.unwrap();
+        let mut rx = b.subscribe();
+        let view = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.node_ids.contains_key("node-1")))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+        assert_eq!(view.identities.len(), 2, "two service accounts, two identities: {:?}", view.identities);
+        assert_eq!(a.subscribe().borrow().identities, view.identities);
+        // A restart (a new source on the same directory) sees the same numbers.
+        drop((a, b));
+        let c = FileSource::start(dir.path(), Duration::from_millis(10)).unwrap();
+        assert_eq!(c.subscribe().borrow().identities, view.identities);
     }
 
     #[test]

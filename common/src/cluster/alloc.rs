@@ -1,0 +1,140 @@
+//! Numeric identities and node ids for the datapath.
+//!
+//! The kernel keys its maps by numbers, not SPIFFE IDs. The numbers must be
+//! identical on every node and stable across restarts, and must never
+//! collide — so they are allocated (not hashed) by the cluster view's source
+//! and persisted there. A number, once given, is never reused: a packet or a
+//! conntrack entry that outlives its identity cannot be mistaken for a new one.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::spiffe::SpiffeId;
+
+/// The first workload identity; below it the datapath reserves numbers
+/// (0 = any, 1 = host, 2 = world).
+pub const FIRST_IDENTITY: u32 = 256;
+/// The first node id; 0 means "no node" in the datapath.
+pub const FIRST_NODE_ID: u32 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Allocations {
+    #[serde(default)]
+    pub identities: BTreeMap<SpiffeId, u32>,
+    #[serde(default)]
+    pub nodes: BTreeMap<String, u32>,
+    /// The next numbers to hand out: kept, so removal never frees a number.
+    #[serde(default = "first_identity")]
+    pub next_identity: u32,
+    #[serde(default = "first_node_id")]
+    pub next_node_id: u32,
+}
+
+fn first_identity() -> u32 {
+    FIRST_IDENTITY
+}
+
+fn first_node_id() -> u32 {
+    FIRST_NODE_ID
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("numeric identities are exhausted")]
+    Exhausted,
+    #[error("allocations are inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl Allocations {
+    pub fn new() -> Self {
+        Self { next_identity: FIRST_IDENTITY, next_node_id: FIRST_NODE_ID, ..Default::default() }
+    }
+
+    /// Checks the invariants a hand-edited or damaged file could break.
+    pub fn validate(&self) -> Result<(), AllocError> {
+        let mut seen = BTreeSet::new();
+        for (id, n) in &self.identities {
+            if *n < FIRST_IDENTITY || *n >= self.next_identity || !seen.insert(*n) {
+                return Err(AllocError::Corrupt(format!("identity {id} has number {n}")));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (node, n) in &self.nodes {
+            if *n < FIRST_NODE_ID || *n >= self.next_node_id || !seen.insert(*n) {
+                return Err(AllocError::Corrupt(format!("node {node} has id {n}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a number to everything in `ids` and `nodes` that has none.
+    /// Returns whether anything was added.
+    pub fn allocate<'a>(
+        &mut self,
+        ids: impl IntoIterator<Item = &'a SpiffeId>,
+        nodes: impl IntoIterator<Item = &'a String>,
+    ) -> Result<bool, AllocError> {
+        let mut changed = false;
+        for id in ids {
+            if !self.identities.contains_key(id) {
+                let n = self.next_identity;
+                self.next_identity = n.checked_add(1).ok_or(AllocError::Exhausted)?;
+                self.identities.insert(id.clone(), n);
+                changed = true;
+            }
+        }
+        for node in nodes {
+            if !self.nodes.contains_key(node) {
+                let n = self.next_node_id;
+                self.next_node_id = n.checked_add(1).ok_or(AllocError::Exhausted)?;
+                self.nodes.insert(node.clone(), n);
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn numbers_are_stable_and_never_reused() {
+        let mut a = Allocations::new();
+        let web = id("spiffe://td/ns/shop/sa/web");
+        let api = id("spiffe://td/ns/shop/sa/api");
+        assert!(a.allocate([&web, &api], [&"node-1".to_owned()]).unwrap());
+        let (w, p) = (a.identities[&web], a.identities[&api]);
+        assert!(w >= FIRST_IDENTITY && p >= FIRST_IDENTITY && w != p);
+        assert!(!a.allocate([&web], []).unwrap(), "nothing new");
+        // Removing an identity does not free its number.
+        a.identities.remove(&web);
+        let db = id("spiffe://td/ns/shop/sa/db");
+        a.allocate([&db], []).unwrap();
+        assert!(a.identities[&db] > p);
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn damaged_allocations_are_refused() {
+        let mut a = Allocations::new();
+        a.allocate([&id("spiffe://td/ns/a/sa/a"), &id("spiffe://td/ns/b/sa/b")], []).unwrap();
+        let mut dup = a.clone();
+        let first = *dup.identities.values().next().unwrap();
+        for v in dup.identities.values_mut() {
+            *v = first;
+        }
+        assert!(dup.validate().is_err());
+        let mut low = a.clone();
+        low.identities.values_mut().for_each(|v| *v = 3);
+        assert!(low.validate().is_err());
+    }
+}
