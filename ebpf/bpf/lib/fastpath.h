@@ -27,9 +27,11 @@
 #include "bench.h"
 #endif
 
-/* Returns FWD_CT_ESTABLISHED / FWD_CT_REPLY, or MG_OK to take the full path. */
+/* Returns FWD_CT_ESTABLISHED / FWD_CT_REPLY, or MG_OK to take the full
+ * path; sets *ct_miss when it looked the flow up and found no entry at all
+ * (the full path builds the very same key and need not look again). */
 static __always_inline int mg_fastpath_v4(struct __sk_buff *skb, const struct mg_config *cfg,
-					  const struct mg_endpoint *ep, __u8 dir)
+					  const struct mg_endpoint *ep, __u8 dir, __u8 *ct_miss)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -88,8 +90,12 @@ static __always_inline int mg_fastpath_v4(struct __sk_buff *skb, const struct mg
 #endif
 
 	e = bpf_map_lookup_elem(&mg_ct, &key);
+	if (!e) {
+		*ct_miss = 1;
+		return MG_OK;
+	}
 	now = mg_now();
-	if (!e || e->expires <= now || e->policy_revision != cfg->policy_revision ||
+	if (e->expires <= now || e->policy_revision != cfg->policy_revision ||
 	    (e->flags & (MG_CT_F_AUTH | MG_CT_F_CLOSING)))
 		return MG_OK;
 	reply = ((e->flags & MG_CT_F_EGRESS) != 0) != (dir == MG_DIR_EGRESS);

@@ -43,6 +43,7 @@ struct mg_info {
 	__u32 peer_node;
 	__u32 cookie;
 	__u8 auth_signal;  /* send an auth-required signal */
+	__u8 ct_miss;      /* the fast path found no conntrack entry for this packet's key */
 };
 
 struct mg_arp {
@@ -262,7 +263,7 @@ static __always_inline int mg_verdict(const struct mg_config *cfg, const struct 
 	int ret;
 
 	mg_ct_key_of(pkt, dir, &key);
-	e = mg_ct_lookup(&key, now);
+	e = info->ct_miss ? 0 : mg_ct_lookup(&key, now);
 	if (e) {
 		if (e->policy_revision != cfg->policy_revision)
 			return mg_ct_reevaluate(cfg, ep, &key, e, pkt, dir, now, info);
@@ -302,7 +303,7 @@ static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg
 	info->subject = ep->identity;
 
 	mg_pull(skb);
-	ret = mg_fastpath_v4(skb, cfg, ep, dir);
+	ret = mg_fastpath_v4(skb, cfg, ep, dir, &info->ct_miss);
 	if (ret)
 		return ret;
 	data = (void *)(long)skb->data;
