@@ -118,7 +118,10 @@ fn is_bpffs(path: &Path) -> bool {
     // memory the size of `struct statfs`, which statfs fills on success.
     let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
     // SAFETY: statfs returned 0, so it initialised `st`.
-    rc == 0 && unsafe { st.assume_init() }.f_type as i64 == BPF_FS_MAGIC
+    // f_type's width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let is = rc == 0 && unsafe { st.assume_init() }.f_type as i64 == BPF_FS_MAGIC;
+    is
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless it is mounted (as Cilium's agent does).

@@ -141,10 +141,10 @@ impl PolicySet {
                 // The most restrictive of this prefix and every shorter one covering it.
                 let (mut action, mut cookie) = (action, cookie);
                 for ancestor in ancestors(len, protocol, port) {
-                    if let Some(&(a, c)) = group.get(&ancestor) {
-                        if a > action {
-                            (action, cookie) = (a, c);
-                        }
+                    if let Some(&(a, c)) = group.get(&ancestor)
+                        && a > action
+                    {
+                        (action, cookie) = (a, c);
                     }
                 }
                 let key = PolicyKey { prefixlen: len, subject, peer, direction, protocol, port: port.to_be() };

@@ -86,3 +86,34 @@ impl DatapathApi for FakeDatapath {
         Ok(self.counters.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Action, Direction, PolicyEntry, Ports};
+
+    #[test]
+    fn the_double_records_and_compiles() {
+        let mut dp = FakeDatapath::default();
+        let pod = PodEndpoint { identity: 300, mac: [2, 0, 0, 0, 0, 1], ipv4: None, ipv6: None };
+        dp.attach(&Interface::Name("veth0".into()), &pod).unwrap();
+        assert!(matches!(
+            dp.attach(&Interface::Index(3), &PodEndpoint { identity: 2, ..pod.clone() }),
+            Err(DatapathError::ReservedIdentity { identity: 2 })
+        ));
+        let entry = PolicyEntry {
+            subject: 300,
+            peer: 400,
+            direction: Direction::Ingress,
+            protocol: Some(6),
+            ports: Ports::Range { first: 80, last: 81 },
+            action: Action::Allow,
+            cookie: 1,
+        };
+        let rev = dp.replace_policy(&PolicySet { entries: vec![entry], ..Default::default() }).unwrap();
+        assert_eq!(rev, 1);
+        assert_eq!(dp.compiled.trie.len(), 1, "80-81 is one aligned prefix");
+        dp.detach(&Interface::Name("veth0".into())).unwrap();
+        assert!(dp.pods.is_empty());
+    }
+}

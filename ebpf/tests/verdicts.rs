@@ -419,3 +419,22 @@ fn the_established_fast_path_checks_what_the_full_path_checks() {
     let want = meshguard_ebpf::abi::MG_CT_F_EGRESS | meshguard_ebpf::abi::MG_CT_F_REPLY_SEEN | meshguard_ebpf::abi::MG_CT_F_CLOSING;
     assert_eq!(flags, want);
 }
+
+#[tokio::test]
+async fn events_stream_asynchronously() {
+    let mut h = Harness::new("async-events").with_pod();
+    h.dp().replace_policy(&policy(vec![], &[Direction::Ingress])).unwrap();
+    let mut events = h.dp().events().unwrap();
+    events.drain();
+    let mut events = events.into_async().unwrap();
+    assert_eq!(h.ingress(&to_pod_v6().sctp(9, 9000)), drop_(D::PolicyDefault));
+    let ev = tokio::time::timeout(Duration::from_secs(2), events.next()).await.expect("an event in time").unwrap();
+    assert_eq!(ev.kind, EventKind::Drop(D::PolicyDefault));
+    assert_eq!((ev.src, ev.dst), (Some(peer_v6().into()), Some(pod_v6().into())));
+    assert_eq!((ev.protocol, ev.sport, ev.dport), (SCTP, 9, 9000));
+    // A second process (auth-handshake) opens the same ring by its pin.
+    assert_eq!(h.ingress(&to_pod_v4().udp(1, 2)), drop_(D::PolicyDefault));
+    let mut other = meshguard_ebpf::events::EventReader::open(&h.pin).unwrap();
+    let ev = other.next_timeout(Duration::from_secs(1)).unwrap().expect("the event via the pin");
+    assert_eq!((ev.protocol, ev.dport), (UDP, 2));
+}
