@@ -452,7 +452,14 @@ impl Datapath {
             ep.flags |= abi::MG_EP_F_HAS_IPV6;
             ep.ipv6 = v6.octets();
         }
-        self.endpoints.set(ifindex, ep, 0).map_err(map_err(abi::MAP_ENDPOINTS))
+        let before = self.endpoint(ifindex)?;
+        self.endpoints.set(ifindex, ep, 0).map_err(map_err(abi::MAP_ENDPOINTS))?;
+        // Flows admitted for the interface's previous identity or addresses
+        // are judged again.
+        if before.is_some_and(|b| b != ep) {
+            self.bump_revision()?;
+        }
+        Ok(())
     }
 
     pub fn endpoint(&self, ifindex: u32) -> Result<Option<Endpoint>, DatapathError> {

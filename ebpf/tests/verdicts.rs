@@ -204,6 +204,13 @@ fn policy_change_keeps_allowed_flows_and_cuts_the_rest() {
     // is judged by the egress policy and cut.
     assert_eq!(h.ingress(&to_pod_v4().tcp(81, 1001, ACK)), drop_(D::PolicyDefault));
     assert_eq!(h.egress(&from_pod_v4().tcp(1001, 81, ACK)), drop_(D::PolicyDefault));
+    // So does a change of the pod's own identity.
+    let relabeled = meshguard_ebpf::PodEndpoint { identity: OTHER_ID, mac: POD_MAC, ipv4: Some(pod_v4()), ipv6: Some(pod_v6()) };
+    h.dp().set_endpoint(TEST_IFINDEX, &relabeled).unwrap();
+    assert_eq!(h.egress(&from_pod_v4().tcp(1000, 80, ACK)), fwd(F::CtReevaluated), "re-judged as OTHER_ID, which no policy selects");
+    let back = meshguard_ebpf::PodEndpoint { identity: POD_ID, mac: POD_MAC, ipv4: Some(pod_v4()), ipv6: Some(pod_v6()) };
+    h.dp().set_endpoint(TEST_IFINDEX, &back).unwrap();
+    assert_eq!(h.egress(&from_pod_v4().tcp(1000, 80, ACK)), fwd(F::CtReevaluated));
     // An ipcache change re-evaluates too: the peer's address changes hands.
     h.dp().set_ipcache(&[(host(peer_v4()), IpcacheEntry { identity: OTHER_ID, node_id: PEER_NODE })]).unwrap();
     assert_eq!(h.egress(&from_pod_v4().tcp(1000, 80, ACK)), drop_(D::PolicyDefault));

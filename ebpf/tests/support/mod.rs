@@ -57,13 +57,16 @@ pub fn require_root() {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// A fresh pin root: whatever a crashed run with the same pid left is removed.
 pub fn test_pin(name: &str) -> PinLayout {
-    PinLayout::new(format!(
+    let pin = PinLayout::new(format!(
         "/sys/fs/bpf/meshguard-test/{}-{}-{}",
         name,
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
-    ))
+    ));
+    let _ = pin.remove();
+    pin
 }
 
 pub fn small_config(pin: PinLayout) -> DatapathConfig {
