@@ -15,4 +15,5 @@ pub mod bins;
 pub mod capture;
 pub mod cluster;
 pub mod cmd;
+pub mod identity;
 pub mod uapi;
