@@ -23,7 +23,10 @@ pub const MAP_AUTH_SIGNAL: &str = "mg_auth_sig";
 pub const MAP_CT: &str = "mg_ct";
 pub const MAP_FRAG: &str = "mg_frag";
 pub const MAP_COUNTERS: &str = "mg_counters";
+/// Drop events (the node agent reads them).
 pub const MAP_EVENTS: &str = "mg_events";
+/// Auth-required signals (auth-handshake reads them).
+pub const MAP_AUTH_EVENTS: &str = "mg_auth_events";
 pub const MAP_CLOCK: &str = "mg_clock";
 /// Benchmark objects only (not pinned).
 pub const MAP_BENCH: &str = "mg_bench";
@@ -41,6 +44,7 @@ pub const PINNED_MAPS: &[&str] = &[
     MAP_FRAG,
     MAP_COUNTERS,
     MAP_EVENTS,
+    MAP_AUTH_EVENTS,
     MAP_CLOCK,
 ];
 

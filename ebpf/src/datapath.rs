@@ -204,6 +204,7 @@ pub struct Datapath {
     frag: HashMap<MapData, FragKey, FragValue>,
     counters: PerCpuArray<MapData, Counter>,
     events: Option<Map>,
+    auth_events: Option<Map>,
     clock: Array<MapData, Clock>,
     /// Holds the clock program (loaded, never pinned or attached).
     obj: Ebpf,
@@ -340,6 +341,7 @@ impl Datapath {
             frag: HashMap::try_from(take(&mut ebpf, abi::MAP_FRAG)?).map_err(map_err(abi::MAP_FRAG))?,
             counters: PerCpuArray::try_from(take(&mut ebpf, abi::MAP_COUNTERS)?).map_err(map_err(abi::MAP_COUNTERS))?,
             events: Some(take(&mut ebpf, abi::MAP_EVENTS)?),
+            auth_events: Some(take(&mut ebpf, abi::MAP_AUTH_EVENTS)?),
             clock: Array::try_from(take(&mut ebpf, abi::MAP_CLOCK)?).map_err(map_err(abi::MAP_CLOCK))?,
             obj: ebpf,
             hz: 0,
@@ -600,12 +602,21 @@ impl Datapath {
         self.ct.iter().map(|r| r.map_err(map_err(abi::MAP_CT))).collect()
     }
 
-    /// Opens the event ring buffer; the first call takes this handle's copy,
+    /// Opens the drop-event ring; the first call takes this handle's copy,
     /// later ones open the pin again.
     pub fn events(&mut self) -> Result<EventReader, DatapathError> {
         match self.events.take() {
             Some(map) => Ok(EventReader::from_map(map)?),
             None => Ok(EventReader::open(&self.pin)?),
+        }
+    }
+
+    /// Opens the auth-required signal ring (normally auth-handshake's, via
+    /// [`EventReader::open_auth_signals`]).
+    pub fn auth_signals(&mut self) -> Result<EventReader, DatapathError> {
+        match self.auth_events.take() {
+            Some(map) => Ok(EventReader::from_map(map)?),
+            None => Ok(EventReader::open_auth_signals(&self.pin)?),
         }
     }
 

@@ -1,8 +1,10 @@
-//! Events from the datapath's ring buffer: policy and anti-spoofing drops,
-//! and auth-required signals for auth-handshake.
+//! Events from the datapath's ring buffers: policy and anti-spoofing drops
+//! (`mg_events`, for the node agent) and auth-required signals
+//! (`mg_auth_events`, for auth-handshake). Each ring has a single consumer
+//! position, hence one ring per reader.
 //!
-//! The ring buffer is pinned, so any process of the node (the agent,
-//! auth-handshake) opens it by the instance's pin layout. Read it blocking
+//! The rings are pinned, so any process of the node opens them by the
+//! instance's pin layout. Read it blocking
 //! ([`EventReader::next_timeout`]) or async ([`EventReader::into_async`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -144,9 +146,18 @@ fn read_raw(b: &[u8]) -> RawEvent {
 // === impl EventReader ===
 
 impl EventReader {
-    /// Opens the pinned ring buffer of an instance.
+    /// Opens an instance's pinned drop-event ring.
     pub fn open(pin: &PinLayout) -> Result<Self, EventError> {
-        let path = pin.map(abi::MAP_EVENTS);
+        Self::open_ring(pin, abi::MAP_EVENTS)
+    }
+
+    /// Opens an instance's pinned auth-required signal ring (auth-handshake).
+    pub fn open_auth_signals(pin: &PinLayout) -> Result<Self, EventError> {
+        Self::open_ring(pin, abi::MAP_AUTH_EVENTS)
+    }
+
+    fn open_ring(pin: &PinLayout, name: &str) -> Result<Self, EventError> {
+        let path = pin.map(name);
         let data = MapData::from_pin(&path).map_err(|source| EventError::Open { path: path.display().to_string(), source })?;
         Self::from_map(Map::RingBuf(data))
     }

@@ -159,8 +159,10 @@ fn auth_present_absent_expired_and_revoked() {
     let entries = vec![rule(Direction::Egress, PEER_ID, Some(TCP), port(443), Action::AuthRequired)];
     h.dp().replace_policy(&policy(entries, &[Direction::Egress])).unwrap();
     let pair = AuthPair { local_identity: POD_ID, remote_identity: PEER_ID, remote_node: PEER_NODE };
-    let mut events = h.dp().events().unwrap();
+    let mut events = meshguard_ebpf::events::EventReader::open_auth_signals(&h.pin).unwrap();
     events.drain();
+    let mut drops = h.dp().events().unwrap();
+    drops.drain();
 
     // Absent: dropped, and a flood sends one signal.
     for sport in 100..110 {
@@ -169,6 +171,7 @@ fn auth_present_absent_expired_and_revoked() {
     let signals: Vec<_> = events.drain().into_iter().filter(|e| e.kind == EventKind::AuthRequired).collect();
     assert_eq!(signals.len(), 1, "{signals:?}");
     assert_eq!((signals[0].subject, signals[0].peer, signals[0].peer_node), (POD_ID, PEER_ID, PEER_NODE));
+    assert!(drops.drain().is_empty(), "auth signals go to their own ring");
 
     // Expired.
     h.dp().set_auth(pair, SystemTime::now() - Duration::from_secs(1)).unwrap();

@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Events to user space through one ring buffer: policy and anti-spoofing
- * drops (both identities and the 5-tuple) and auth-required signals
- * (de-duplicated in lib/auth.h). Malformed packets are only counted: a
+ * Events to user space through two ring buffers of the same record: drops
+ * (policy and anti-spoofing, with both identities and the 5-tuple) in
+ * mg_events, read by the node agent; auth-required signals (de-duplicated
+ * in lib/auth.h) in mg_auth_events, read by auth-handshake. A ring buffer
+ * has one consumer position, so each reader gets its own. Malformed packets are only counted: a
  * flood of garbage must not push the events that matter out of the ring.
  * A full ring loses the event and counts NOTICE_EVENT_LOST.
  */
@@ -47,12 +49,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mg_events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, MG_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mg_auth_events SEC(".maps");
+
 /* Returns 0 when the event was queued. */
 static __always_inline int mg_event_send(__u16 type, __u16 reason, __u8 dir, __u32 ifindex,
 					 const struct mg_pkt *pkt, __u32 subject, __u32 peer,
 					 __u32 peer_node, __u32 cookie)
 {
-	struct mg_event *ev = bpf_ringbuf_reserve(&mg_events, sizeof(*ev), 0);
+	struct mg_event *ev = type == MG_EVENT_AUTH_REQUIRED
+				      ? bpf_ringbuf_reserve(&mg_auth_events, sizeof(*ev), 0)
+				      : bpf_ringbuf_reserve(&mg_events, sizeof(*ev), 0);
 
 	if (!ev)
 		return -1;
