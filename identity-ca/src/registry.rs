@@ -113,10 +113,7 @@ impl Registry {
     }
 
     pub fn put_workload(&self, w: Workload) -> Result<(), RegistryError> {
-        let id = w.spiffe_id(&self.trust_domain).map_err(|e| RegistryError::Invalid { what: "workload", reason: e.to_string() })?;
-        for (what, v) in [("workload name", &w.name), ("workload node", &w.node)] {
-            meshguard_common::spiffe::validate_segment(v).map_err(|e| RegistryError::Invalid { what, reason: e.to_string() })?;
-        }
+        let id = validate_workload(&w, &self.trust_domain)?;
         let key = w.key();
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         if st.view.workloads.get(&key) == Some(&w) {
@@ -170,10 +167,7 @@ impl Registry {
     /// Bulk insert for large registries (benchmarks, imports): one
     /// transaction, one event per workload.
     pub fn put_workloads(&self, ws: Vec<Workload>) -> Result<(), RegistryError> {
-        let mut ids = Vec::with_capacity(ws.len());
-        for w in &ws {
-            ids.push(w.spiffe_id(&self.trust_domain).map_err(|e| RegistryError::Invalid { what: "workload", reason: e.to_string() })?);
-        }
+        let ids = ws.iter().map(|w| validate_workload(w, &self.trust_domain)).collect::<Result<Vec<_>, _>>()?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         let tx = self.store.write()?;
         {
@@ -202,6 +196,18 @@ impl Registry {
     }
 }
 
+/// A workload's identity, after checking every field that names something:
+/// the name and node end up in file paths (the agents' pod namespace
+/// files) and log lines, so they obey the SPIFFE segment rules as the
+/// namespace and service account do.
+fn validate_workload(w: &Workload, td: &TrustDomain) -> Result<SpiffeId, RegistryError> {
+    let id = w.spiffe_id(td).map_err(|e| RegistryError::Invalid { what: "workload", reason: e.to_string() })?;
+    for (what, v) in [("workload name", &w.name), ("workload node", &w.node)] {
+        meshguard_common::spiffe::validate_segment(v).map_err(|e| RegistryError::Invalid { what, reason: e.to_string() })?;
+    }
+    Ok(id)
+}
+
 fn unhost(st: &mut State, w: &Workload, td: &TrustDomain) {
     if let Ok(id) = w.spiffe_id(td) {
         let k = (w.node.clone(), id.to_string());
@@ -211,5 +217,36 @@ fn unhost(st: &mut State, w: &Workload, td: &TrustDomain) {
                 st.hosted.remove(&k);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, node: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            node: node.into(),
+            ips: vec![],
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn single_and_bulk_puts_refuse_the_same_bad_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "r.redb", "cluster.local").unwrap();
+        let r = Registry::open(store, TrustDomain::new("cluster.local").unwrap()).unwrap();
+        for bad in [workload("../../proc/1/ns/net", "node-1"), workload("web", "node/1"), workload("", "node-1")] {
+            assert!(matches!(r.put_workload(bad.clone()), Err(RegistryError::Invalid { .. })), "{bad:?}");
+            assert!(matches!(r.put_workloads(vec![workload("ok", "node-1"), bad.clone()]), Err(RegistryError::Invalid { .. })), "{bad:?}");
+        }
+        // Nothing of a refused batch was stored.
+        assert_eq!(r.workload_count(), 0);
+        r.put_workloads(vec![workload("web", "node-1")]).unwrap();
+        assert!(r.hosts("node-1", &TrustDomain::new("cluster.local").unwrap().workload_id("shop", "web").unwrap()));
     }
 }
