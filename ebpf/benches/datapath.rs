@@ -28,7 +28,7 @@ const FIRST_ID: u32 = 256;
 const NEW_FLOW_PEERS: u32 = 64;
 const ROUNDS: usize = 7;
 const LOOKUP_REPEAT: u32 = 200_000;
-const INSERT_REPEAT: u32 = 20_000;
+const INSERT_REPEAT: u32 = 10_000;
 
 struct Scale {
     identities: u32,
@@ -69,22 +69,15 @@ fn frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16) -> Vec<u8> {
     b
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
+/// Median of the rounds; the spread goes to stderr (the machine is shared).
 fn measure(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> f64 {
     let fd = prog.fd().unwrap();
     let _ = test_run(fd.as_fd(), pkt, repeat.min(1000)).unwrap(); // warm up
-    median(
-        (0..ROUNDS)
-            .map(|_| {
-                let r = test_run(fd.as_fd(), pkt, repeat).unwrap();
-                r.duration_ns as f64
-            })
-            .collect(),
-    )
+    let mut v: Vec<f64> =
+        (0..ROUNDS).map(|_| test_run(fd.as_fd(), pkt, repeat).unwrap().duration_ns as f64).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    eprintln!("    rounds: {v:?}");
+    v[v.len() / 2]
 }
 
 fn load_prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
