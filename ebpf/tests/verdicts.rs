@@ -428,6 +428,16 @@ fn the_established_fast_path_checks_what_the_full_path_checks() {
     let flags = h.dp().conntrack().unwrap().into_iter().find(|(k, _)| u16::from_be(k.local_port) == 7001).unwrap().1.flags;
     let want = meshguard_ebpf::abi::MG_CT_F_EGRESS | meshguard_ebpf::abi::MG_CT_F_REPLY_SEEN | meshguard_ebpf::abi::MG_CT_F_CLOSING;
     assert_eq!(flags, want);
+    // IPv6 the same way.
+    assert_eq!(h.egress(&from_pod_v6().udp(7002, 53)), fwd(F::Unselected));
+    assert_eq!(h.egress(&from_pod_v6().udp(7002, 53)), fwd(F::CtEstablished));
+    assert_eq!(h.ingress(&to_pod_v6().udp(53, 7002)), fwd(F::CtReply));
+    assert_eq!(h.egress(&from_pod_v6().src_mac([0x02, 0xbb, 0, 0, 0, 9]).udp(7002, 53)), drop_(D::SpoofedMac));
+    assert_eq!(h.egress(&Packet::new(peer_v6(), pod_v6()).src_mac(POD_MAC).udp(7002, 53)), drop_(D::SpoofedIp));
+    assert_eq!(h.egress(&from_pod_v6().ext6(60).udp(7002, 53)), fwd(F::CtEstablished));
+    let mut bad = from_pod_v6().udp(7002, 53).build();
+    bad[ETH_LEN + 40 + 4..ETH_LEN + 40 + 6].copy_from_slice(&3u16.to_be_bytes());
+    assert_eq!(h.run(Direction::Egress, &bad), drop_(D::InvalidL4));
 }
 
 #[tokio::test]

@@ -303,7 +303,7 @@ static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg
 	info->subject = ep->identity;
 
 	mg_pull(skb);
-	ret = mg_fastpath_v4(skb, cfg, ep, dir, &info->ct_miss);
+	ret = mg_fastpath(skb, cfg, ep, dir, &info->ct_miss);
 	if (ret)
 		return ret;
 	data = (void *)(long)skb->data;
