@@ -63,9 +63,25 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[serde(rename_all = "camelCase")]
 pub enum Outcome {
     Svid(SvidReport),
+    Jwt(JwtReport),
+    /// `validate`: the Workload API accepted the token, issued to `spiffe_id`.
+    Valid { spiffe_id: String },
+    /// `validate`: the Workload API rejected the token (InvalidArgument).
+    Invalid { message: String },
     /// The Workload API refused (gRPC PermissionDenied): `reason` is
     /// `no_identity_issued` or `permission_denied`.
     Refused { reason: String, message: String },
+}
+
+/// A JWT-SVID as a standard client received it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtReport {
+    pub spiffe_id: String,
+    pub audience: Vec<String>,
+    /// Unix seconds.
+    pub expiry: i64,
+    pub token: String,
 }
 
 /// An X.509-SVID as a standard client received it.
@@ -314,6 +330,26 @@ impl Identity<'_> {
         one_outcome(&self.spiffe_client(None, node, &["fetch", "--timeout", "10"])?)
     }
 
+    /// `mg-spiffe jwt` in the pod: a JWT-SVID for `audience`, of `spiffe_id`
+    /// if given (else the pod's own).
+    pub fn fetch_jwt(&self, pod: &str, audience: &str, spiffe_id: Option<&str>) -> Result<Outcome> {
+        let p = self.cluster.pod(pod);
+        let mut args = vec!["jwt", "--audience", audience];
+        args.extend(spiffe_id.map(|id| ["--spiffe-id", id]).into_iter().flatten());
+        one_outcome(&self.spiffe_client(Some(&p.netns), &p.node, &args)?)
+    }
+
+    /// `mg-spiffe jwt` in any namespace of the run, against `node`'s socket.
+    pub fn fetch_jwt_in(&self, netns: &str, node: &str, audience: &str) -> Result<Outcome> {
+        one_outcome(&self.spiffe_client(Some(netns), node, &["jwt", "--audience", audience])?)
+    }
+
+    /// `mg-spiffe validate` in the pod: its node's verdict on `token`.
+    pub fn validate_jwt(&self, pod: &str, audience: &str, token: &str) -> Result<Outcome> {
+        let p = self.cluster.pod(pod);
+        one_outcome(&self.spiffe_client(Some(&p.netns), &p.node, &["validate", "--audience", audience, "--token", token])?)
+    }
+
     /// `mg-spiffe watch` in the pod: the first `count` updates of its
     /// X.509-SVID stream, each as the client received it.
     pub fn watch(&self, pod: &str, count: usize, timeout: Duration) -> Result<Vec<Outcome>> {
@@ -382,11 +418,29 @@ impl Drop for Identity<'_> {
 // === impl Outcome ===
 
 impl Outcome {
-    /// The SVID, or a panic that says what came instead.
+    /// The X.509-SVID, or what came instead.
     pub fn svid(self) -> std::result::Result<SvidReport, String> {
         match self {
             Outcome::Svid(s) => Ok(s),
-            Outcome::Refused { reason, message } => Err(format!("refused ({reason}): {message}")),
+            other => Err(other.describe()),
+        }
+    }
+
+    /// The JWT-SVID, or what came instead.
+    pub fn jwt(self) -> std::result::Result<JwtReport, String> {
+        match self {
+            Outcome::Jwt(j) => Ok(j),
+            other => Err(other.describe()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Outcome::Svid(s) => format!("an X.509-SVID for {}", s.spiffe_id),
+            Outcome::Jwt(j) => format!("a JWT-SVID for {}", j.spiffe_id),
+            Outcome::Valid { spiffe_id } => format!("a valid token of {spiffe_id}"),
+            Outcome::Invalid { message } => format!("an invalid token: {message}"),
+            Outcome::Refused { reason, message } => format!("refused ({reason}): {message}"),
         }
     }
 
@@ -472,7 +526,7 @@ fn one_outcome(out: &Output) -> Result<Outcome> {
     match (all.len(), out.status.code()) {
         (1, Some(0 | 2)) => Ok(all.remove(0)),
         _ => Err(ClusterError::Invalid(format!(
-            "mg-spiffe fetch failed ({}): {}",
+            "mg-spiffe failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ))),

@@ -136,3 +136,30 @@ fn root_pod_cannot_get_another_pods_identity() {
     .unwrap();
     assert_eq!(svid("shop/web", id.fetch("shop/web").unwrap()).spiffe_id, web);
 }
+
+#[test]
+fn root_jwt_svid_proves_a_pod_to_a_pod_on_another_node_and_no_pod_gets_anothers() {
+    let c = shop();
+    let id = c.identity().start().unwrap();
+    let (web, cart) = (id.spiffe_id_of("shop/web"), id.spiffe_id_of("shop/cart"));
+    let audience = id.spiffe_id_of("shop/db");
+
+    // web gets a token for db; db's node validates it and names web.
+    let jwt = id.fetch_jwt("shop/web", &audience, None).unwrap().jwt().unwrap_or_else(|e| panic!("shop/web's JWT-SVID: {e}"));
+    assert_eq!(jwt.spiffe_id, web);
+    assert_eq!(jwt.audience, vec![audience.clone()]);
+    let verdict = id.validate_jwt("shop/db", &audience, &jwt.token).unwrap();
+    assert_eq!(verdict, Outcome::Valid { spiffe_id: web.clone() });
+    // Not for another audience.
+    let verdict = id.validate_jwt("shop/db", "spiffe://cluster.local/ns/shop/sa/other", &jwt.token).unwrap();
+    assert!(matches!(verdict, Outcome::Invalid { .. }), "token accepted for another audience: {verdict:?}");
+
+    // Asking by name for another pod's identity, even one on the same node: refused.
+    let o = id.fetch_jwt("shop/cart", &audience, Some(&web)).unwrap();
+    assert!(o.is_refused(), "shop/cart asked for shop/web's JWT-SVID: {o:?}");
+    assert_eq!(id.fetch_jwt("shop/cart", &audience, Some(&cart)).unwrap().jwt().unwrap().spiffe_id, cart);
+    // No pod at all: refused.
+    let node1 = c.node("node-1");
+    let o = id.fetch_jwt_in(&node1.netns, "node-1", &audience).unwrap();
+    assert!(o.is_refused(), "a process in node-1's own namespace got a JWT-SVID: {o:?}");
+}

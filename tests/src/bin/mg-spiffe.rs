@@ -9,6 +9,8 @@
 //! - `fetch`: one X.509 context (SVID and bundles); exit 0.
 //! - `watch --count N`: the stream of X.509 contexts, one line per update,
 //!   until N have arrived; exit 0. Rotations are the lines after the first.
+//! - `jwt --audience A [--spiffe-id ID]`: a JWT-SVID (for ID, if asked).
+//! - `validate --audience A --token T`: the Workload API's verdict on a token.
 //!
 //! A refusal by the Workload API (`PermissionDenied`, "no identity issued")
 //! prints a `refused` line and exits 2; any other failure (no socket,
@@ -24,7 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Parser, Subcommand};
 use futures::StreamExt as _;
-use meshguard_tests::identity::{Outcome, SvidReport};
+use meshguard_tests::identity::{JwtReport, Outcome, SvidReport};
 use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
@@ -51,6 +53,25 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Fetch a JWT-SVID for an audience.
+    Jwt {
+        #[arg(long)]
+        audience: String,
+        /// Ask for this identity instead of the caller's default.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Have the Workload API validate a JWT-SVID for an audience.
+    Validate {
+        #[arg(long)]
+        audience: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
 }
 
 /// Exit status of a refusal by the Workload API.
@@ -58,9 +79,11 @@ const EXIT_REFUSED: u8 = 2;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let (timeout, run) = match Cli::parse().cmd {
-        Cmd::Fetch { timeout } => (timeout, futures::future::Either::Left(fetch())),
-        Cmd::Watch { count, timeout } => (timeout, futures::future::Either::Right(watch(count))),
+    let (timeout, run): (u64, std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>>>>) = match Cli::parse().cmd {
+        Cmd::Fetch { timeout } => (timeout, Box::pin(fetch())),
+        Cmd::Watch { count, timeout } => (timeout, Box::pin(watch(count))),
+        Cmd::Jwt { audience, spiffe_id, timeout } => (timeout, Box::pin(jwt(audience, spiffe_id))),
+        Cmd::Validate { audience, token, timeout } => (timeout, Box::pin(validate(audience, token))),
     };
     match tokio::time::timeout(Duration::from_secs(timeout), run).await {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -115,6 +138,30 @@ async fn watch(count: usize) -> Result<(), Failure> {
             Some(ctx) => print_line(&Outcome::Svid(report(&ctx?)?)),
             None => return Err(anyhow::anyhow!("the Workload API closed the stream").into()),
         }
+    }
+    Ok(())
+}
+
+async fn jwt(audience: String, spiffe_id: Option<String>) -> Result<(), Failure> {
+    let id = spiffe_id.map(|s| s.parse::<spiffe::SpiffeId>()).transpose().map_err(|e| anyhow::anyhow!("--spiffe-id: {e}"))?;
+    let client = WorkloadApiClient::connect_env().await?;
+    let svid = client.fetch_jwt_svid(&[audience.as_str()], id.as_ref()).await?;
+    print_line(&Outcome::Jwt(JwtReport {
+        spiffe_id: svid.spiffe_id().to_string(),
+        audience: svid.audience().to_vec(),
+        expiry: svid.expiry().unix_timestamp(),
+        token: svid.token().to_owned(),
+    }));
+    Ok(())
+}
+
+async fn validate(audience: String, token: String) -> Result<(), Failure> {
+    let client = WorkloadApiClient::connect_env().await?;
+    match client.validate_jwt_token(&audience, &token).await {
+        Ok(svid) => print_line(&Outcome::Valid { spiffe_id: svid.spiffe_id().to_string() }),
+        // The Workload API answers InvalidArgument for a token it rejects.
+        Err(e) if e.is_invalid_argument() => print_line(&Outcome::Invalid { message: e.to_string() }),
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }
