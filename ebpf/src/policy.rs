@@ -29,6 +29,10 @@ pub enum PolicyError {
     EmptyRange { cookie: u32, first: u16, last: u16 },
     #[error("policy entry {cookie}: an ICMP type needs protocol 1 (ICMP) or 58 (ICMPv6), not {protocol}")]
     IcmpTypeOnNonIcmp { cookie: u32, protocol: u8 },
+    #[error("protocol {protocol} has no ports: give TCP (6), UDP (17), SCTP (132) or an ICMP type")]
+    NoPorts { protocol: u8 },
+    #[error("ICMP type {port} is above 255, or given as a range")]
+    BadIcmpType { port: u16 },
 }
 
 /// The pod's point of view: ingress is traffic to the pod.
@@ -89,6 +93,23 @@ pub struct CompiledPolicy {
     pub subjects: BTreeMap<SubjectKey, u32>,
     /// `mg_config.any_subject_flags`, by direction.
     pub any_subject: [u32; abi::MG_DIR_MAX],
+}
+
+// === impl Ports ===
+
+impl Ports {
+    /// From a `MeshPolicy` port rule (`protocol`, `port`, `endPort`): ports
+    /// for TCP, UDP and SCTP, the ICMP type for ICMP and ICMPv6, nothing for
+    /// other protocols.
+    pub fn from_rule(protocol: u8, port: Option<u16>, end_port: Option<u16>) -> Result<Self, PolicyError> {
+        match (protocol, port, end_port) {
+            (_, None, None) => Ok(Self::Any),
+            (1 | 58, Some(t), None) if t <= 255 => Ok(Self::IcmpType(t as u8)),
+            (1 | 58, Some(t), _) => Err(PolicyError::BadIcmpType { port: t }),
+            (6 | 17 | 132, Some(first), last) => Ok(Self::Range { first, last: last.unwrap_or(first) }),
+            _ => Err(PolicyError::NoPorts { protocol }),
+        }
+    }
 }
 
 // === impl Direction ===
@@ -285,6 +306,17 @@ mod tests {
         assert_eq!(c.subjects[&SubjectKey { identity: 300, direction: 0 }], abi::MG_SUBJ_F_ANY_PEER);
         assert_eq!(c.any_subject, [abi::MG_SUBJ_F_ANY_PEER, abi::MG_SUBJ_F_DEFAULT_DENY]);
         assert!(c.trie.contains_key(&PolicyKey { prefixlen: 88, subject: 300, peer: ANY, direction: 0, protocol: 1, port: (8u16 << 8).to_be() }));
+    }
+
+    #[test]
+    fn ports_from_policy_rules() {
+        assert_eq!(Ports::from_rule(6, Some(8080), None), Ok(Ports::Range { first: 8080, last: 8080 }));
+        assert_eq!(Ports::from_rule(132, Some(9000), Some(9010)), Ok(Ports::Range { first: 9000, last: 9010 }));
+        assert_eq!(Ports::from_rule(1, Some(8), None), Ok(Ports::IcmpType(8)));
+        assert_eq!(Ports::from_rule(1, None, None), Ok(Ports::Any));
+        assert_eq!(Ports::from_rule(47, None, None), Ok(Ports::Any));
+        assert_eq!(Ports::from_rule(47, Some(1), None), Err(PolicyError::NoPorts { protocol: 47 }));
+        assert_eq!(Ports::from_rule(58, Some(300), None), Err(PolicyError::BadIcmpType { port: 300 }));
     }
 
     #[test]
