@@ -232,6 +232,9 @@ fn run_scale(s: &Scale) -> Figures {
     drop(trie);
     drop(newflow);
     dp.remove().unwrap();
+    if let Some(parent) = pin.root().parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
     Figures { empty, hash, lpm, lpm_ipcache, insert, established: established_ns, new_flow: new_flow_ns }
 }
 

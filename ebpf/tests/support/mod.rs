@@ -169,6 +169,10 @@ impl Drop for Harness {
             drop(dp);
         }
         let _ = self.pin.remove();
+        // The shared parent goes when the last test leaves it (fails while not empty).
+        if let Some(parent) = self.pin.root().parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
