@@ -179,15 +179,6 @@ fn run_scale(s: &Scale) -> Figures {
     let hits = counted(&dp, ForwardReason::CtEstablished) - before;
     assert!(hits >= u64::from(LOOKUP_REPEAT) * ROUNDS as u64, "every established repetition must hit conntrack ({hits})");
 
-    if let Ok(list) = std::env::var("MG_VARIANTS") {
-        for path in list.split(',') {
-            let bytes = std::fs::read(path).unwrap();
-            let mut v = EbpfLoader::new().map_pin_path(pin.maps()).load(&bytes).unwrap();
-            let p = load_prog(&mut v, abi::PROG_FROM_POD);
-            eprintln!("  variant {path}: {:.1} ns", measure(p, &established, LOOKUP_REPEAT));
-        }
-    }
-
     // New flows: the MG_BENCH_NEWFLOW build of the same program, on the same
     // pinned maps; each repetition gets a fresh (source port, peer).
     let mut newflow = EbpfLoader::new().map_pin_path(pin.maps()).load(meshguard_ebpf::objects::DATAPATH_BENCH).unwrap();
