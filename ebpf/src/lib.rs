@@ -17,6 +17,7 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod auth;
 pub mod btf;
 pub mod datapath;
 pub mod events;
@@ -27,8 +28,9 @@ pub mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use auth::{AuthPair, AuthTable};
 pub use datapath::{
-    AuthPair, AuthTable, Counters, CtTimeouts, Datapath, DatapathApi, DatapathConfig, DatapathError, GcStats,
+    Counters, CtTimeouts, Datapath, DatapathApi, DatapathConfig, DatapathError, GcStats,
     IpcacheEntry, Interface, MapSizes, PodEndpoint,
 };
 pub use pin::PinLayout;

@@ -7,8 +7,9 @@ use std::time::SystemTime;
 
 use ipnet::IpNet;
 
+use crate::auth::AuthPair;
 use crate::datapath::{
-    AuthPair, Counters, DatapathApi, DatapathError, GcStats, Interface, IpcacheEntry, PodEndpoint,
+    Counters, DatapathApi, DatapathError, GcStats, Interface, IpcacheEntry, PodEndpoint,
 };
 use crate::policy::{CompiledPolicy, PolicySet};
 
