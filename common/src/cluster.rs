@@ -68,6 +68,42 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A pod on this node as its network was set up (by the CNI plugin, or the
+/// simulated cluster): what the node agent needs to enforce policy on the
+/// pod's host-side interface. Node-local; written to the agent's endpoints
+/// directory as `<namespace>_<name>.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalEndpoint {
+    pub namespace: String,
+    pub name: String,
+    /// The host-side interface of the pod's veth.
+    pub interface: String,
+    /// The pod's MAC address (`aa:bb:cc:dd:ee:ff`), for anti-spoofing.
+    pub mac: String,
+    pub ips: Vec<IpAddr>,
+}
+
+impl LocalEndpoint {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn file_name(&self) -> String {
+        format!("{}_{}.yaml", self.namespace, self.name)
+    }
+
+    /// The MAC as bytes, or `None` if it is not six hex pairs.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        let mut out = [0u8; 6];
+        let mut parts = self.mac.split(':');
+        for b in &mut out {
+            *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+        }
+        parts.next().is_none().then_some(out)
+    }
+}
+
 /// A snapshot of everything the agents need to know about the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

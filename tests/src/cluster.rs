@@ -283,7 +283,21 @@ impl Cluster {
         ip_in(&netns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
         ip_in(&netns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
         ip_in(&node_ns, &["route", "add", &format!("{pod_ip}/32"), "dev", &host_if])?;
-        self.pods.last_mut().expect("just pushed").mac = pod_mac;
+        let pod = self.pods.last_mut().expect("just pushed");
+        pod.mac = pod_mac;
+        // Tell the node agent about its pod, as a CNI plugin would.
+        let ep = meshguard_common::cluster::LocalEndpoint {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            interface: host_if,
+            mac: pod.mac.clone(),
+            ips: vec![pod_ip.into()],
+        };
+        let node = pod.node.clone();
+        let dir = self.endpoints_dir(&node);
+        std::fs::create_dir_all(&dir)?;
+        let text = serde_yaml::to_string(&ep).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        std::fs::write(dir.join(ep.file_name()), text)?;
         Ok(())
     }
 
@@ -341,18 +355,31 @@ impl Cluster {
         self.node(node).dir.join("run")
     }
 
+    /// Where the node's pods are described for its agent (the CNI's job).
+    pub fn endpoints_dir(&self, node: &str) -> PathBuf {
+        self.node(node).dir.join("endpoints")
+    }
+
+    /// The node's pinned datapath in bpffs (per run, so runs stay apart).
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        Path::new(BPF_PIN_ROOT).join(format!("{}-{node}", self.run_id))
+    }
+
     pub fn write_agent_config(&self, node: &str, strict: bool) -> Result<PathBuf> {
         let n = self.node(node);
         let cfg = format!(
             "nodeName: {name}\nstateDir: {state}\ninterface: {TUNNEL_IF}\nlistenPort: {WG_PORT}\n\
              endpoint: {ip}:{WG_PORT}\npodCidrs: [{cidr}]\nclusterCidrs: [10.244.0.0/16]\nstrict: {strict}\n\
-             uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {{dir: {cluster}}}\n",
+             uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {{dir: {cluster}}}\n\
+             datapath: {{pinDir: {pin}, endpointsDir: {endpoints}}}\n",
             name = n.name,
             state = n.dir.join("state").display(),
             ip = n.underlay_ip,
             cidr = n.pod_cidr,
             uapi = self.uapi_dir(node).display(),
             cluster = self.cluster_dir().display(),
+            pin = self.pin_dir(node).display(),
+            endpoints = self.endpoints_dir(node).display(),
         );
         let path = self.agent_config_path(node);
         std::fs::write(&path, cfg)?;
@@ -393,6 +420,11 @@ impl Cluster {
         let sock = uapi::socket_path(&self.uapi_dir(node), TUNNEL_IF);
         wait_until(&format!("{node}'s agent to serve {}", sock.display()), Duration::from_secs(20), || {
             self.agent_alive(node) && uapi::get(&sock).is_ok()
+        })
+        .map_err(|e| self.with_log(node, e))?;
+        // Ready: peers applied, the policy datapath loaded (or adopted) and pods attached.
+        wait_until(&format!("{node}'s agent to be ready"), Duration::from_secs(60), || {
+            self.agent_alive(node) && self.http_get(node, "/readyz").is_ok()
         })
         .map_err(|e| self.with_log(node, e))
     }
@@ -493,10 +525,15 @@ impl Cluster {
 
     /// Fetches the node agent's Prometheus metrics.
     pub fn metrics(&self, node: &str) -> Result<String> {
+        self.http_get(node, "/metrics")
+    }
+
+    /// GET on the node agent's metrics port; an error unless 200.
+    pub fn http_get(&self, node: &str, path: &str) -> Result<String> {
         let out = self.exec_node(node, bin_path("mg-probe").to_str().expect("utf-8 path"), &[
             "http-get",
             &format!("127.0.0.1:{METRICS_PORT}"),
-            "/metrics",
+            path,
         ])?;
         if !out.status.success() {
             return Err(ClusterError::Invalid(String::from_utf8_lossy(&out.stderr).into_owned()));

@@ -22,8 +22,10 @@ use crate::io::udp::HostNetwork;
 use crate::uapi::server::{Access, UapiServer};
 
 pub mod config;
+pub mod enforce;
 pub mod metrics;
 pub mod node_key;
+pub mod policy;
 pub mod reconcile;
 pub mod routes;
 pub mod signals;
@@ -35,6 +37,10 @@ use routes::Routes;
 
 /// How often the key file is checked for a rotation.
 const KEY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often local pod endpoints are re-read (a new pod is enforced within this).
+const ENDPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// Conntrack garbage collection and counter refresh.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// Back-off between attempts to publish the node record.
 const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 
@@ -48,6 +54,7 @@ struct Agent {
     /// Peers applied last time, by public key.
     applied: BTreeMap<PublicKey, NodeRecord>,
     key_mtime: Option<SystemTime>,
+    enforcer: Option<enforce::Enforcer>,
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -90,6 +97,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         metrics,
         public_key,
         applied: BTreeMap::new(),
+        enforcer: None,
     };
     tracing::info!(
         node = %agent.cfg.node_name,
@@ -106,9 +114,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Sessions before the first packet needs one: no first-packet stall.
     agent.device.initiate_handshakes();
 
-    let mut key_tick = tokio::time::interval(KEY_CHECK_INTERVAL);
     let stop = signals::terminated();
     tokio::pin!(stop);
+    // The policy datapath needs this node's id, which the source allocates
+    // once it has seen the record just published; it loads in the background
+    // so peers and routes keep following the view meanwhile.
+    let mut loading = agent.start_datapath(&first);
+    if agent.cfg.datapath.is_none() {
+        agent.metrics.set_ready();
+    }
+    let mut key_tick = tokio::time::interval(KEY_CHECK_INTERVAL);
+    let mut endpoint_tick = tokio::time::interval(ENDPOINT_INTERVAL);
+    let mut housekeeping_tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     loop {
         tokio::select! {
             changed = views.changed() => {
@@ -117,6 +134,44 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 let view = views.borrow_and_update().clone();
                 agent.reconcile(&view).await;
+                agent.enforce(&view, true);
+                if agent.enforcer.is_none() && loading.is_none() {
+                    loading = agent.start_datapath(&view);
+                }
+            }
+            loaded = async { loading.as_mut().expect("guarded").await }, if loading.is_some() => {
+                loading = None;
+                let mut enforcer = loaded.context("datapath loader panicked")??;
+                let view = views.borrow().clone();
+                enforcer.sync_view(&view)?;
+                enforcer.sync_endpoints(&view)?;
+                let events = enforcer.datapath_mut().events()?.into_async()?;
+                let state = enforcer.state.clone();
+                agent.metrics.set_datapath(state.clone());
+                tokio::spawn(async move {
+                    let mut events = events;
+                    let mut recent = BTreeMap::new();
+                    loop {
+                        match events.next().await {
+                            Ok(e) => enforce::report_event(&state, &mut recent, &e),
+                            Err(error) => {
+                                tracing::error!(%error, "datapath event stream failed");
+                                return;
+                            }
+                        }
+                    }
+                });
+                agent.enforcer = Some(enforcer);
+                agent.metrics.set_ready();
+            }
+            _ = endpoint_tick.tick() => {
+                let view = views.borrow().clone();
+                agent.enforce(&view, false);
+            }
+            _ = housekeeping_tick.tick() => {
+                if let Some(e) = agent.enforcer.as_mut() {
+                    e.housekeeping();
+                }
             }
             _ = key_tick.tick() => agent.check_key_rotation().await,
             _ = &mut stop => break,
@@ -173,6 +228,40 @@ impl Agent {
         *self.metrics.peer_names.lock() = p.peers.values().map(|n| (n.public_key, n.name.clone())).collect();
         if let Err(error) = self.routes.sync(&p.routes).await {
             tracing::error!(%error, "cannot sync routes");
+        }
+    }
+
+    /// Starts loading (or adopting) the policy datapath once the view holds
+    /// this node's id; `None` while it does not, or when there is no datapath.
+    fn start_datapath(
+        &self,
+        view: &ClusterView,
+    ) -> Option<tokio::task::JoinHandle<Result<enforce::Enforcer, enforce::EnforceError>>> {
+        let settings = self.cfg.datapath.clone()?;
+        let node_id = view.node_ids.get(&self.cfg.node_name).copied()?;
+        let node = self.cfg.node_name.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let e = enforce::Enforcer::start(
+                meshguard_ebpf::PinLayout::new(&settings.pin_dir),
+                node_id,
+                &node,
+                &settings.endpoints_dir,
+            );
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, ok = e.is_ok(), "datapath load finished");
+            e
+        }))
+    }
+
+    /// Brings the policy datapath in line: the view (ipcache, policy) when it
+    /// changed, and the local pod endpoints always.
+    fn enforce(&mut self, view: &Arc<ClusterView>, view_changed: bool) {
+        let Some(e) = self.enforcer.as_mut() else { return };
+        if view_changed && let Err(error) = e.sync_view(view) {
+            tracing::error!(%error, "cannot apply the view to the datapath");
+        }
+        if let Err(error) = e.sync_endpoints(view) {
+            tracing::error!(%error, "cannot sync local endpoints");
         }
     }
 

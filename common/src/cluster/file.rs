@@ -236,15 +236,7 @@ impl PollState {
 /// Every identity the view names: its workloads' and those policies name by SPIFFE ID.
 fn wanted_identities(view: &ClusterView) -> Vec<crate::spiffe::SpiffeId> {
     let mut ids: Vec<_> = view.workload_ids().filter_map(|(_, id)| id).collect();
-    for p in view.policies.values() {
-        for rule in p.spec.ingress.iter().flatten().chain(p.spec.egress.iter().flatten()) {
-            for peer in rule.from.iter().flatten().chain(rule.to.iter().flatten()) {
-                if let Some(id) = &peer.spiffe_id {
-                    ids.push(id.clone());
-                }
-            }
-        }
-    }
+    ids.extend(view.policies.values().flat_map(super::alloc::policy_identities).cloned());
     ids
 }
 

@@ -1,16 +1,25 @@
 //! Conversions between the cluster view's types and their protobufs.
 //! Everything that comes off the wire is validated here.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
 use super::RegistryError;
 use super::proto::{self, cluster_event::Event};
+use crate::cluster::alloc::{FIRST_IDENTITY, FIRST_NODE_ID};
 use crate::cluster::{ClusterView, NodeRecord, Workload};
 use crate::key::PublicKey;
 use crate::policy::MeshPolicy;
-use crate::spiffe::{TrustDomain, validate_segment};
+use crate::spiffe::{SpiffeId, TrustDomain, validate_segment};
+
+/// Numeric identities and node ids, as the view keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Numbers {
+    pub identities: BTreeMap<SpiffeId, u32>,
+    pub node_ids: BTreeMap<String, u32>,
+}
 
 fn invalid(what: &'static str, reason: impl ToString) -> RegistryError {
     RegistryError::Invalid { what, reason: reason.to_string() }
@@ -82,6 +91,61 @@ pub fn policy_from_proto(p: proto::Policy) -> Result<MeshPolicy, RegistryError> 
     Ok(policy)
 }
 
+pub fn numbers_to_proto<'a>(
+    identities: impl IntoIterator<Item = (&'a SpiffeId, &'a u32)>,
+    node_ids: impl IntoIterator<Item = (&'a String, &'a u32)>,
+) -> proto::Numbers {
+    proto::Numbers {
+        identities: identities.into_iter().map(|(id, n)| (id.to_string(), *n)).collect(),
+        node_ids: node_ids.into_iter().map(|(node, n)| (node.clone(), *n)).collect(),
+    }
+}
+
+/// Checks every entry: valid SPIFFE IDs and node names, numbers in their
+/// ranges, no number given twice.
+pub fn numbers_from_proto(n: proto::Numbers) -> Result<Numbers, RegistryError> {
+    let mut out = Numbers::default();
+    let mut seen = BTreeSet::new();
+    for (id, num) in n.identities {
+        let id = SpiffeId::parse(&id).map_err(|e| invalid("numeric identity", format!("{id:?}: {e}")))?;
+        if num < FIRST_IDENTITY || !seen.insert(num) {
+            return Err(invalid("numeric identity", format!("{id} has number {num}, reserved or given twice")));
+        }
+        out.identities.insert(id, num);
+    }
+    let mut seen = BTreeSet::new();
+    for (node, num) in n.node_ids {
+        validate_segment(&node).map_err(|e| invalid("node id", format!("{node:?}: {e}")))?;
+        if num < FIRST_NODE_ID || !seen.insert(num) {
+            return Err(invalid("node id", format!("node {node} has id {num}, reserved or given twice")));
+        }
+        out.node_ids.insert(node, num);
+    }
+    Ok(out)
+}
+
+/// Checks that `new` numbers agree with those `view` already has: a number
+/// once given never changes and is never given to anything else.
+fn check_numbers(view: &ClusterView, new: &Numbers) -> Result<(), RegistryError> {
+    fn check<K: Ord + std::fmt::Display>(have: &BTreeMap<K, u32>, new: &BTreeMap<K, u32>, what: &'static str) -> Result<(), RegistryError> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let fresh: BTreeMap<u32, &K> = new.iter().filter(|(k, _)| !have.contains_key(*k)).map(|(k, n)| (*n, k)).collect();
+        for (k, n) in new {
+            if let Some(old) = have.get(k).filter(|old| *old != n) {
+                return Err(invalid(what, format!("{k} changed from {old} to {n}")));
+            }
+        }
+        if let Some((k, n)) = have.iter().find(|(_, n)| fresh.contains_key(n)) {
+            return Err(invalid(what, format!("{n} is already {k}'s, cannot also be {}", fresh[n])));
+        }
+        Ok(())
+    }
+    check(&view.identities, &new.identities, "numeric identity")?;
+    check(&view.node_ids, &new.node_ids, "node id")
+}
+
 pub fn snapshot_from_proto(s: proto::Snapshot) -> Result<ClusterView, RegistryError> {
     let mut view = ClusterView {
         trust_domain: if s.trust_domain.is_empty() {
@@ -103,6 +167,11 @@ pub fn snapshot_from_proto(s: proto::Snapshot) -> Result<ClusterView, RegistryEr
         let p = policy_from_proto(p)?;
         view.policies.insert(p.key(), p);
     }
+    if let Some(n) = s.numbers {
+        let n = numbers_from_proto(n)?;
+        view.identities = n.identities;
+        view.node_ids = n.node_ids;
+    }
     Ok(view)
 }
 
@@ -112,33 +181,67 @@ pub fn snapshot_to_proto(view: &ClusterView) -> proto::Snapshot {
         nodes: view.nodes.values().map(node_to_proto).collect(),
         workloads: view.workloads.values().map(workload_to_proto).collect(),
         policies: view.policies.values().map(policy_to_proto).collect(),
+        numbers: Some(numbers_to_proto(&view.identities, &view.node_ids)),
     }
+}
+
+/// One event, decoded and checked, ready to apply.
+enum Change {
+    None,
+    Snapshot(ClusterView),
+    Node(NodeRecord),
+    NodeDeleted(String),
+    Workload(Workload),
+    WorkloadDeleted(String),
+    Policy(MeshPolicy),
+    PolicyDeleted(String),
 }
 
 /// Applies one watch event to `view`. An invalid event leaves `view` as it was.
 pub fn apply_event(view: &mut ClusterView, event: proto::ClusterEvent) -> Result<(), RegistryError> {
-    match event.event {
-        None => {}
-        Some(Event::Snapshot(s)) => *view = snapshot_from_proto(s)?,
-        Some(Event::NodeUpserted(n)) => {
-            let n = node_from_proto(n)?;
+    let change = match event.event {
+        None => Change::None,
+        Some(Event::Snapshot(s)) => Change::Snapshot(snapshot_from_proto(s)?),
+        Some(Event::NodeUpserted(n)) => Change::Node(node_from_proto(n)?),
+        Some(Event::NodeDeleted(name)) => Change::NodeDeleted(name),
+        Some(Event::WorkloadUpserted(w)) => Change::Workload(workload_from_proto(w)?),
+        Some(Event::WorkloadDeleted(key)) => Change::WorkloadDeleted(key),
+        Some(Event::PolicyUpserted(p)) => Change::Policy(policy_from_proto(p)?),
+        Some(Event::PolicyDeleted(key)) => Change::PolicyDeleted(key),
+    };
+    let allocated = event.allocated.map(numbers_from_proto).transpose()?.unwrap_or_default();
+    match &change {
+        Change::Snapshot(new) => check_numbers(new, &allocated)?,
+        _ => check_numbers(view, &allocated)?,
+    }
+    // Valid: from here on nothing fails.
+    if let Change::Snapshot(new) = change {
+        // A snapshot replaces everything, numbers included.
+        *view = new;
+        view.identities.extend(allocated.identities);
+        view.node_ids.extend(allocated.node_ids);
+        return Ok(());
+    }
+    view.identities.extend(allocated.identities);
+    view.node_ids.extend(allocated.node_ids);
+    match change {
+        Change::None | Change::Snapshot(_) => {}
+        Change::Node(n) => {
             view.nodes.insert(n.name.clone(), n);
         }
-        Some(Event::NodeDeleted(name)) => {
+        Change::NodeDeleted(name) => {
             view.nodes.remove(&name);
         }
-        Some(Event::WorkloadUpserted(w)) => {
-            let w = workload_from_proto(w)?;
+        Change::Workload(w) => {
             view.workloads.insert(w.key(), w);
         }
-        Some(Event::WorkloadDeleted(key)) => {
+        Change::WorkloadDeleted(key) => {
             view.workloads.remove(&key);
         }
-        Some(Event::PolicyUpserted(p)) => {
-            let p = policy_from_proto(p)?;
+        Change::Policy(p) => {
             view.policies.insert(p.key(), p);
         }
-        Some(Event::PolicyDeleted(key)) => {
+        Change::PolicyDeleted(key) => {
             view.policies.remove(&key);
         }
     }
@@ -173,5 +276,76 @@ mod tests {
         let mut bad = workload_to_proto(&w);
         bad.namespace = "a/b".into();
         assert!(workload_from_proto(bad).is_err());
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn numbers(ids: &[(&str, u32)], nodes: &[(&str, u32)]) -> proto::Numbers {
+        proto::Numbers {
+            identities: ids.iter().map(|(i, n)| (i.to_string(), *n)).collect(),
+            node_ids: nodes.iter().map(|(i, n)| (i.to_string(), *n)).collect(),
+        }
+    }
+
+    fn event(allocated: Option<proto::Numbers>, event: Option<Event>) -> proto::ClusterEvent {
+        proto::ClusterEvent { revision: 1, allocated, event }
+    }
+
+    #[test]
+    fn numbers_travel_in_snapshots_and_events() {
+        let mut view = ClusterView { trust_domain: Some(TrustDomain::new("td").unwrap()), ..Default::default() };
+        view.identities.insert(id("spiffe://td/ns/shop/sa/web"), 256);
+        view.node_ids.insert("node-1".into(), 1);
+        let back = snapshot_from_proto(snapshot_to_proto(&view)).unwrap();
+        assert_eq!(back, view);
+
+        // A workload and its new number arrive together.
+        let w = Workload {
+            name: "api".into(),
+            namespace: "shop".into(),
+            service_account: "api".into(),
+            node: "node-1".into(),
+            ips: vec![],
+            labels: Default::default(),
+        };
+        let ev = event(Some(numbers(&[("spiffe://td/ns/shop/sa/api", 257)], &[])), Some(Event::WorkloadUpserted(workload_to_proto(&w))));
+        let mut v = view.clone();
+        apply_event(&mut v, ev).unwrap();
+        assert_eq!(v.identities[&id("spiffe://td/ns/shop/sa/api")], 257);
+        assert_eq!(v.workloads["shop/api"], w);
+        // Numbers may come alone (an attested node's id).
+        apply_event(&mut v, event(Some(numbers(&[], &[("node-2", 2)])), None)).unwrap();
+        assert_eq!(v.node_ids["node-2"], 2);
+        // An event from a registry that allocates nothing still applies.
+        apply_event(&mut v, event(None, Some(Event::WorkloadDeleted("shop/api".into())))).unwrap();
+        assert!(v.workloads.is_empty());
+        assert_eq!(v.identities.len(), 2, "numbers outlive their workloads");
+    }
+
+    #[test]
+    fn conflicting_or_reserved_numbers_are_refused_and_change_nothing() {
+        let mut view = ClusterView::default();
+        view.identities.insert(id("spiffe://td/ns/shop/sa/web"), 256);
+        view.node_ids.insert("node-1".into(), 1);
+        let before = view.clone();
+        let bad = [
+            numbers(&[("spiffe://td/ns/shop/sa/web", 300)], &[]),     // a number changed
+            numbers(&[("spiffe://td/ns/shop/sa/api", 256)], &[]),     // another's number
+            numbers(&[("spiffe://td/ns/shop/sa/api", 2)], &[]),       // reserved
+            numbers(&[("not a spiffe id", 400)], &[]),                 // garbage
+            numbers(&[], &[("node-2", 1)]),                            // another node's id
+            numbers(&[], &[("node-2", 0)]),                            // reserved
+            numbers(&[("spiffe://td/ns/a/sa/a", 500), ("spiffe://td/ns/b/sa/b", 500)], &[]), // twice
+        ];
+        for n in bad {
+            let ev = event(Some(n.clone()), Some(Event::NodeDeleted("node-1".into())));
+            assert!(apply_event(&mut view, ev).is_err(), "{n:?}");
+            assert_eq!(view, before, "{n:?}");
+        }
+        let snap = proto::Snapshot { numbers: Some(numbers(&[("spiffe://td/ns/a/sa/a", 5)], &[])), ..Default::default() };
+        assert!(apply_event(&mut view, event(None, Some(Event::Snapshot(snap)))).is_err());
+        assert_eq!(view, before);
     }
 }

@@ -71,6 +71,19 @@ pub struct RawConfig {
     #[serde(default)]
     pub metrics_address: Option<SocketAddr>,
     pub cluster: RawSource,
+    /// The eBPF policy datapath; absent: encryption only, no policy.
+    #[serde(default)]
+    pub datapath: Option<RawDatapath>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawDatapath {
+    /// Where maps, programs and links are pinned in bpffs.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
+    /// Node-local pod endpoints (`<namespace>_<name>.yaml`), written by the CNI plugin.
+    pub endpoints_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,7 +111,17 @@ pub struct AgentConfig {
     pub uapi_socket_dir: PathBuf,
     pub metrics_address: Option<SocketAddr>,
     pub source: SourceConfig,
+    pub datapath: Option<DatapathSettings>,
 }
+
+#[derive(Debug, Clone)]
+pub struct DatapathSettings {
+    pub pin_dir: PathBuf,
+    pub endpoints_dir: PathBuf,
+}
+
+/// bpffs root of this node's pinned datapath when `pinDir` is not given.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/meshguard";
 
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
@@ -177,7 +200,12 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         },
         None => return invalid("cluster: give a source, e.g. `cluster: {dir: /var/lib/meshguard/cluster}`".into()),
     };
+    let datapath = raw.datapath.map(|d| DatapathSettings {
+        pin_dir: d.pin_dir.unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&raw.node_name)),
+        endpoints_dir: d.endpoints_dir,
+    });
     Ok(AgentConfig {
+        datapath,
         node_name: raw.node_name,
         state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         interface,

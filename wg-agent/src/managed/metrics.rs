@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use super::enforce::EnforceState;
 use super::reconcile::Refusal;
 use crate::device::{Device, DropReason};
 
@@ -28,6 +29,9 @@ pub struct AgentMetrics {
     /// Peer public key → node name, for labels.
     pub peer_names: Mutex<BTreeMap<PublicKey, String>>,
     pub refusals: Mutex<BTreeMap<Refusal, u64>>,
+    datapath: Mutex<Option<Arc<Mutex<EnforceState>>>>,
+    /// Peers applied and, with a datapath, the datapath loaded and pods attached.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 type Labels = Vec<(String, String)>;
@@ -40,7 +44,27 @@ fn label(k: &str, v: &str) -> Labels {
 
 impl AgentMetrics {
     pub fn new(device: Arc<Device>) -> Arc<Self> {
-        Arc::new(Self { device, peer_names: Mutex::default(), refusals: Mutex::default() })
+        Arc::new(Self {
+            device,
+            peer_names: Mutex::default(),
+            refusals: Mutex::default(),
+            datapath: Mutex::default(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// `/readyz` answers 200 from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Exposes the policy datapath's counters and events too.
+    pub fn set_datapath(&self, state: Arc<Mutex<EnforceState>>) {
+        *self.datapath.lock() = Some(state);
     }
 
     pub fn count_refusal(&self, r: Refusal) {
@@ -102,6 +126,31 @@ impl Collector for AgentMetrics {
                 ConstCounter::new(v).encode(m.encode_family(&l)?)?;
             }
         }
+        if let Some(dp) = self.datapath.lock().clone() {
+            let st = dp.lock();
+            let mut m = enc.encode_descriptor(
+                "meshguard_datapath_packets",
+                "Packets through the policy datapath, by direction (pod's view) and verdict reason.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for ((dir, code), c) in &st.counters {
+                let l = vec![
+                    ("direction".to_owned(), format!("{dir:?}").to_lowercase()),
+                    ("reason".to_owned(), code.to_string()),
+                ];
+                ConstCounter::new(c.packets).encode(m.encode_family(&l)?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "meshguard_datapath_events",
+                "Events read from the datapath's ring buffer, by kind.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (kind, n) in &st.events {
+                ConstCounter::new(*n).encode(m.encode_family(&label("kind", kind))?)?;
+            }
+        }
         let mut m = enc.encode_descriptor(
             "meshguard_wg_peer_last_handshake_seconds",
             "Unix time of the latest handshake with a peer (0: never).",
@@ -125,10 +174,12 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Res
     loop {
         let (stream, _) = listener.accept().await?;
         let registry = registry.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let registry = registry.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &registry)) }
+                let ready = metrics.is_ready();
+                async move { Ok::<_, Infallible>(respond(&req, &registry, ready)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
@@ -136,7 +187,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Res
     }
 }
 
-fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry, ready: bool) -> Response<Full<Bytes>> {
     let (status, body) = match req.uri().path() {
         "/metrics" => {
             let mut text = String::new();
@@ -146,6 +197,8 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Respons
             }
         }
         "/healthz" => (StatusCode::OK, "ok\n".into()),
+        "/readyz" if ready => (StatusCode::OK, "ready\n".into()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
         _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     };
     Response::builder()
