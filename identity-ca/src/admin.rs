@@ -70,6 +70,7 @@ fn reg_status(e: RegistryError) -> Status {
         RegistryError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         RegistryError::NotFound { .. } => Status::not_found(e.to_string()),
         RegistryError::Store(_) => Status::internal(e.to_string()),
+        RegistryError::Alloc(_) => Status::resource_exhausted(e.to_string()),
     }
 }
 
@@ -121,6 +122,7 @@ impl AdminApi for AdminService {
                     attested_at: a.map(|a| a.attested_at).unwrap_or(0),
                     svid_expires_at: a.map(|a| a.svid_expires_at).unwrap_or(0),
                     record: view.nodes.get(n).map(convert::node_to_proto),
+                    node_id: view.node_ids.get(n).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -130,9 +132,11 @@ impl AdminApi for AdminService {
     async fn list_identities(&self, _req: Request<proto::ListIdentitiesRequest>) -> Result<Response<proto::ListIdentitiesResponse>, Status> {
         let td = self.state.ca.trust_domain().clone();
         let mut by_id: std::collections::BTreeMap<String, proto::IdentityInfo> = Default::default();
-        for w in self.state.registry.view().workloads.values() {
+        let view = self.state.registry.view();
+        for w in view.workloads.values() {
             let Ok(id) = w.spiffe_id(&td) else { continue };
-            let e = by_id.entry(id.to_string()).or_insert_with(|| proto::IdentityInfo { spiffe_id: id.to_string(), ..Default::default() });
+            let number = view.identities.get(&id).copied().unwrap_or(0);
+            let e = by_id.entry(id.to_string()).or_insert_with(|| proto::IdentityInfo { spiffe_id: id.to_string(), number, ..Default::default() });
             if !e.nodes.contains(&w.node) {
                 e.nodes.push(w.node.clone());
             }

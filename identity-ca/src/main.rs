@@ -238,7 +238,7 @@ async fn main() -> Result<()> {
                         .iter()
                         .map(|n| {
                             serde_json::json!({
-                                "name": n.name, "spiffeId": n.spiffe_id, "attestedAt": time(n.attested_at),
+                                "name": n.name, "nodeId": n.node_id, "spiffeId": n.spiffe_id, "attestedAt": time(n.attested_at),
                                 "svidExpiresAt": time(n.svid_expires_at),
                                 "endpoint": n.record.as_ref().map(|r| r.endpoint.clone()),
                                 "podCidrs": n.record.as_ref().map(|r| r.pod_cidrs.clone()),
@@ -247,10 +247,10 @@ async fn main() -> Result<()> {
                         .collect(),
                 ));
             } else {
-                println!("{:<20} {:<22} {:<22} {:<22} POD CIDRS", "NODE", "ATTESTED", "SVID EXPIRES", "ENDPOINT");
+                println!("{:<20} {:>7} {:<22} {:<22} {:<22} POD CIDRS", "NODE", "NODE ID", "ATTESTED", "SVID EXPIRES", "ENDPOINT");
                 for n in r.nodes {
                     let (ep, cidrs) = n.record.map(|r| (r.endpoint, r.pod_cidrs.join(","))).unwrap_or_default();
-                    println!("{:<20} {:<22} {:<22} {:<22} {}", n.name, time(n.attested_at), time(n.svid_expires_at), ep, cidrs);
+                    println!("{:<20} {:>7} {:<22} {:<22} {:<22} {}", n.name, n.node_id, time(n.attested_at), time(n.svid_expires_at), ep, cidrs);
                 }
             }
         }
@@ -262,12 +262,15 @@ async fn main() -> Result<()> {
             let r = c.list_identities(proto::ListIdentitiesRequest {}).await?.into_inner();
             if json {
                 print(serde_json::Value::Array(
-                    r.identities.iter().map(|i| serde_json::json!({"spiffeId": i.spiffe_id, "nodes": i.nodes, "workloads": i.workloads})).collect(),
+                    r.identities
+                        .iter()
+                        .map(|i| serde_json::json!({"spiffeId": i.spiffe_id, "number": i.number, "nodes": i.nodes, "workloads": i.workloads}))
+                        .collect(),
                 ));
             } else {
-                println!("{:<60} NODES", "SPIFFE ID");
+                println!("{:<60} {:>8} NODES", "SPIFFE ID", "NUMBER");
                 for i in r.identities {
-                    println!("{:<60} {}", i.spiffe_id, i.nodes.join(","));
+                    println!("{:<60} {:>8} {}", i.spiffe_id, i.number, i.nodes.join(","));
                 }
             }
         }

@@ -4,10 +4,18 @@
 //!
 //! It also answers the CA's authorization question — does node N host a
 //! workload with identity X? — from an index kept beside the view.
+//!
+//! And it allocates the datapath's numbers: a numeric identity for every
+//! workload identity and every SPIFFE ID a policy names, a node id for every
+//! node (published or attested). Numbers are stored in the same transaction
+//! as the change that needs them, travel with its watch event, are never
+//! reused and never change, so every watcher sees the same ones, across
+//! restarts too.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use meshguard_common::cluster::alloc::{self, AllocError, Allocations, Delta};
 use meshguard_common::cluster::{ClusterView, NodeRecord, Workload};
 use meshguard_common::policy::MeshPolicy;
 use meshguard_common::registry::convert;
@@ -15,10 +23,16 @@ use meshguard_common::registry::proto::{self, cluster_event::Event};
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::broadcast;
 
-use crate::store::{NODES, POLICIES, Store, StoreError, WORKLOADS};
+use redb::ReadableTable;
+
+use crate::store::{self, IDENTITY_NUMBERS, META, NODE_IDS, NODES, POLICIES, Store, StoreError, WORKLOADS};
 
 /// Events buffered per watcher before it is resynchronised with a snapshot.
 pub const EVENT_BUFFER: usize = 4096;
+
+/// The allocation counters in the store's meta table.
+const NEXT_IDENTITY_KEY: &str = "next_identity";
+const NEXT_NODE_ID_KEY: &str = "next_node_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -28,6 +42,8 @@ pub enum RegistryError {
     Invalid { what: &'static str, reason: String },
     #[error("{what} {key} does not exist")]
     NotFound { what: &'static str, key: String },
+    #[error("cannot allocate a number: {0}")]
+    Alloc(#[from] AllocError),
 }
 
 pub struct Registry {
@@ -38,7 +54,9 @@ pub struct Registry {
 }
 
 struct State {
+    /// Without numbers: those live in `alloc` (added by `view()` and `watch()`).
     view: ClusterView,
+    alloc: Allocations,
     revision: u64,
     /// (node, SPIFFE ID) → number of workloads on the node with that identity.
     hosted: BTreeMap<(String, String), usize>,
@@ -62,8 +80,18 @@ impl Registry {
         for (k, p) in store.load_all::<MeshPolicy>(POLICIES, "policies")? {
             view.policies.insert(k, p);
         }
+        let alloc = load_allocations(&store)?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        Ok(Self { store, trust_domain, state: RwLock::new(State { view, revision: 0, hosted }), events })
+        let st = State { view, alloc, revision: 0, hosted };
+        let registry = Self { store, trust_domain, state: RwLock::new(st), events };
+        // Records stored before numbers existed (or by a crash between an
+        // attestation and its node id) get theirs now.
+        {
+            let mut st = registry.state.write().unwrap_or_else(|e| e.into_inner());
+            let (ids, nodes) = wanted(&st.view, &registry.trust_domain);
+            registry.commit(&mut st, &ids, &nodes, |_| Ok(()))?;
+        }
+        Ok(registry)
     }
 
     /// Whether `node` hosts a workload whose identity is `id`.
@@ -72,8 +100,23 @@ impl Registry {
         st.hosted.get(&(node.to_owned(), id.to_string())).is_some_and(|n| *n > 0)
     }
 
+    /// The whole view, numbers included.
     pub fn view(&self) -> ClusterView {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).view.clone()
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let mut view = st.view.clone();
+        view.identities = st.alloc.identities.clone();
+        view.node_ids = st.alloc.nodes.clone();
+        view
+    }
+
+    /// The numeric identity of `id`, if it has one.
+    pub fn identity_number(&self, id: &SpiffeId) -> Option<u32> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).alloc.identities.get(id).copied()
+    }
+
+    /// The node id of `node`, if it has one.
+    pub fn node_id(&self, node: &str) -> Option<u32> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).alloc.nodes.get(node).copied()
     }
 
     pub fn workload_count(&self) -> usize {
@@ -85,7 +128,9 @@ impl Registry {
     pub fn watch(&self) -> (proto::ClusterEvent, broadcast::Receiver<Arc<proto::ClusterEvent>>) {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         let rx = self.events.subscribe();
-        let snap = proto::ClusterEvent { revision: st.revision, event: Some(Event::Snapshot(convert::snapshot_to_proto(&st.view))) };
+        let mut snapshot = convert::snapshot_to_proto(&st.view);
+        snapshot.numbers = Some(convert::numbers_to_proto(&st.alloc.identities, &st.alloc.nodes));
+        let snap = proto::ClusterEvent { revision: st.revision, allocated: None, event: Some(Event::Snapshot(snapshot)) };
         (snap, rx)
     }
 
@@ -94,10 +139,10 @@ impl Registry {
         if st.view.nodes.get(&node.name) == Some(&node) {
             return Ok(());
         }
-        self.store.put(NODES, &node.name, Some(&node))?;
+        let delta = self.commit(&mut st, &[], std::slice::from_ref(&node.name), |tx| put(tx, NODES, &node.name, &node))?;
         let ev = Event::NodeUpserted(convert::node_to_proto(&node));
         st.view.nodes.insert(node.name.clone(), node);
-        self.emit(&mut st, ev);
+        self.emit(&mut st, &delta, Some(ev));
         Ok(())
     }
 
@@ -108,7 +153,7 @@ impl Registry {
         }
         self.store.put::<NodeRecord>(NODES, name, None)?;
         st.view.nodes.remove(name);
-        self.emit(&mut st, Event::NodeDeleted(name.to_owned()));
+        self.emit(&mut st, &Delta::default(), Some(Event::NodeDeleted(name.to_owned())));
         Ok(true)
     }
 
@@ -119,14 +164,14 @@ impl Registry {
         if st.view.workloads.get(&key) == Some(&w) {
             return Ok(());
         }
-        self.store.put(WORKLOADS, &key, Some(&w))?;
+        let delta = self.commit(&mut st, std::slice::from_ref(&id), &[], |tx| put(tx, WORKLOADS, &key, &w))?;
         if let Some(old) = st.view.workloads.get(&key).cloned() {
             unhost(&mut st, &old, &self.trust_domain);
         }
         *st.hosted.entry((w.node.clone(), id.to_string())).or_insert(0) += 1;
         let ev = Event::WorkloadUpserted(convert::workload_to_proto(&w));
         st.view.workloads.insert(key, w);
-        self.emit(&mut st, ev);
+        self.emit(&mut st, &delta, Some(ev));
         Ok(())
     }
 
@@ -138,7 +183,7 @@ impl Registry {
         self.store.put::<Workload>(WORKLOADS, key, None)?;
         unhost(&mut st, &old, &self.trust_domain);
         st.view.workloads.remove(key);
-        self.emit(&mut st, Event::WorkloadDeleted(key.to_owned()));
+        self.emit(&mut st, &Delta::default(), Some(Event::WorkloadDeleted(key.to_owned())));
         Ok(())
     }
 
@@ -146,10 +191,11 @@ impl Registry {
         p.validate().map_err(|e| RegistryError::Invalid { what: "policy", reason: e.to_string() })?;
         let key = p.key();
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-        self.store.put(POLICIES, &key, Some(&p))?;
+        let ids: Vec<SpiffeId> = alloc::policy_identities(&p).cloned().collect();
+        let delta = self.commit(&mut st, &ids, &[], |tx| put(tx, POLICIES, &key, &p))?;
         let ev = Event::PolicyUpserted(convert::policy_to_proto(&p));
         st.view.policies.insert(key, p);
-        self.emit(&mut st, ev);
+        self.emit(&mut st, &delta, Some(ev));
         Ok(())
     }
 
@@ -160,23 +206,25 @@ impl Registry {
         }
         self.store.put::<MeshPolicy>(POLICIES, key, None)?;
         st.view.policies.remove(key);
-        self.emit(&mut st, Event::PolicyDeleted(key.to_owned()));
+        self.emit(&mut st, &Delta::default(), Some(Event::PolicyDeleted(key.to_owned())));
         Ok(())
     }
 
     /// Bulk insert for large registries (benchmarks, imports): one
-    /// transaction, one event per workload.
+    /// transaction; one event with the new numbers, then one per workload.
     pub fn put_workloads(&self, ws: Vec<Workload>) -> Result<(), RegistryError> {
         let ids = ws.iter().map(|w| validate_workload(w, &self.trust_domain)).collect::<Result<Vec<_>, _>>()?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let tx = self.store.write()?;
-        {
-            let mut t = tx.open_table(WORKLOADS).map_err(crate::store::err("open table"))?;
+        let delta = self.commit(&mut st, &ids, &[], |tx| {
+            let mut t = tx.open_table(WORKLOADS).map_err(store::err("open table"))?;
             for w in &ws {
-                t.insert(w.key().as_str(), crate::store::encode(w).as_slice()).map_err(crate::store::err("write"))?;
+                t.insert(w.key().as_str(), store::encode(w).as_slice()).map_err(store::err("write"))?;
             }
+            Ok(())
+        })?;
+        if !delta.is_empty() {
+            self.emit(&mut st, &delta, None);
         }
-        Store::commit(tx)?;
         for (w, id) in ws.into_iter().zip(ids) {
             if let Some(old) = st.view.workloads.get(&w.key()).cloned() {
                 unhost(&mut st, &old, &self.trust_domain);
@@ -184,16 +232,126 @@ impl Registry {
             *st.hosted.entry((w.node.clone(), id.to_string())).or_insert(0) += 1;
             let ev = Event::WorkloadUpserted(convert::workload_to_proto(&w));
             st.view.workloads.insert(w.key(), w);
-            self.emit(&mut st, ev);
+            self.emit(&mut st, &Delta::default(), Some(ev));
         }
         Ok(())
     }
 
-    fn emit(&self, st: &mut State, event: Event) {
-        st.revision += 1;
-        // No receivers is fine: nobody is watching.
-        let _ = self.events.send(Arc::new(proto::ClusterEvent { revision: st.revision, event: Some(event) }));
+    /// Gives node ids to nodes that have none (attested nodes, which may not
+    /// have published a record yet). Cheap when they all have one.
+    pub fn allocate_node_ids<'a>(&self, nodes: impl IntoIterator<Item = &'a str>) -> Result<(), RegistryError> {
+        let nodes: Vec<String> = {
+            let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+            nodes.into_iter().filter(|n| !st.alloc.nodes.contains_key(*n)).map(str::to_owned).collect()
+        };
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        for n in &nodes {
+            meshguard_common::spiffe::validate_segment(n).map_err(|e| RegistryError::Invalid { what: "node name", reason: e.to_string() })?;
+        }
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let delta = self.commit(&mut st, &[], &nodes, |_| Ok(()))?;
+        if !delta.is_empty() {
+            self.emit(&mut st, &delta, None);
+        }
+        Ok(())
     }
+
+    /// Allocates numbers for `ids` and `nodes`, and stores them and whatever
+    /// `write` writes in one durable transaction. On failure nothing is
+    /// stored and nothing allocated.
+    fn commit(
+        &self,
+        st: &mut State,
+        ids: &[SpiffeId],
+        nodes: &[String],
+        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<Delta, RegistryError> {
+        let delta = st.alloc.allocate_delta(ids, nodes)?;
+        let r = (|| {
+            let tx = self.store.write()?;
+            write(&tx)?;
+            if !delta.is_empty() {
+                store_delta(&tx, &st.alloc, &delta)?;
+            }
+            Store::commit(tx)
+        })();
+        match r {
+            Ok(()) => Ok(delta),
+            Err(e) => {
+                st.alloc.undo(&delta);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn emit(&self, st: &mut State, allocated: &Delta, event: Option<Event>) {
+        st.revision += 1;
+        let allocated = (!allocated.is_empty()).then(|| {
+            convert::numbers_to_proto(allocated.identities.iter().map(|(k, v)| (k, v)), allocated.nodes.iter().map(|(k, v)| (k, v)))
+        });
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(Arc::new(proto::ClusterEvent { revision: st.revision, allocated, event }));
+    }
+}
+
+/// What needs a number in `view`: every workload's identity, every SPIFFE ID
+/// a policy names, every node with a record.
+fn wanted(view: &ClusterView, td: &TrustDomain) -> (Vec<SpiffeId>, Vec<String>) {
+    let mut ids: Vec<SpiffeId> = view.workloads.values().filter_map(|w| w.spiffe_id(td).ok()).collect();
+    ids.extend(view.policies.values().flat_map(alloc::policy_identities).cloned());
+    (ids, view.nodes.keys().cloned().collect())
+}
+
+fn put<T: serde::Serialize>(tx: &redb::WriteTransaction, table: store::StrTable, key: &str, value: &T) -> Result<(), StoreError> {
+    let mut t = tx.open_table(table).map_err(store::err("open table"))?;
+    t.insert(key, store::encode(value).as_slice()).map_err(store::err("write"))?;
+    Ok(())
+}
+
+fn store_delta(tx: &redb::WriteTransaction, a: &Allocations, d: &Delta) -> Result<(), StoreError> {
+    {
+        let mut t = tx.open_table(IDENTITY_NUMBERS).map_err(store::err("open table"))?;
+        for (id, n) in &d.identities {
+            t.insert(id.as_str(), *n).map_err(store::err("write"))?;
+        }
+    }
+    {
+        let mut t = tx.open_table(NODE_IDS).map_err(store::err("open table"))?;
+        for (node, n) in &d.nodes {
+            t.insert(node.as_str(), *n).map_err(store::err("write"))?;
+        }
+    }
+    let mut meta = tx.open_table(META).map_err(store::err("open table"))?;
+    meta.insert(NEXT_IDENTITY_KEY, u64::from(a.next_identity).to_be_bytes().as_slice()).map_err(store::err("write"))?;
+    meta.insert(NEXT_NODE_ID_KEY, u64::from(a.next_node_id).to_be_bytes().as_slice()).map_err(store::err("write"))?;
+    Ok(())
+}
+
+fn load_allocations(store: &Store) -> Result<Allocations, StoreError> {
+    let corrupt = |table: &'static str, key: String, reason: String| StoreError::Corrupt { table, key, reason };
+    let mut a = Allocations::new();
+    let tx = store.read()?;
+    for entry in tx.open_table(IDENTITY_NUMBERS).map_err(store::err("open table"))?.iter().map_err(store::err("read"))? {
+        let (k, v) = entry.map_err(store::err("read"))?;
+        let id = SpiffeId::parse(k.value()).map_err(|e| corrupt("identity_numbers", k.value().to_owned(), e.to_string()))?;
+        a.identities.insert(id, v.value());
+    }
+    for entry in tx.open_table(NODE_IDS).map_err(store::err("open table"))?.iter().map_err(store::err("read"))? {
+        let (k, v) = entry.map_err(store::err("read"))?;
+        a.nodes.insert(k.value().to_owned(), v.value());
+    }
+    let counter = |key: &str, first: u32| -> Result<u32, StoreError> {
+        match store.meta_u64(key)? {
+            0 => Ok(first),
+            n => u32::try_from(n).map_err(|_| corrupt("meta", key.to_owned(), format!("{n} is out of range"))),
+        }
+    };
+    a.next_identity = counter(NEXT_IDENTITY_KEY, alloc::FIRST_IDENTITY)?;
+    a.next_node_id = counter(NEXT_NODE_ID_KEY, alloc::FIRST_NODE_ID)?;
+    a.validate().map_err(|e| corrupt("identity_numbers", "*".into(), e.to_string()))?;
+    Ok(a)
 }
 
 /// A workload's identity, after checking every field that names something:
@@ -248,5 +406,72 @@ mod tests {
         assert_eq!(r.workload_count(), 0);
         r.put_workloads(vec![workload("web", "node-1")]).unwrap();
         assert!(r.hosts("node-1", &TrustDomain::new("cluster.local").unwrap().workload_id("shop", "web").unwrap()));
+    }
+
+    #[test]
+    fn numbers_are_persisted_and_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let open = || Registry::open(Store::open(dir.path(), "r.redb", "cluster.local").unwrap(), td.clone()).unwrap();
+        let r = open();
+        let web = td.workload_id("shop", "web").unwrap();
+        r.put_workload(workload("web", "node-1")).unwrap();
+        r.put_workload(workload("web2", "node-2")).unwrap();
+        r.allocate_node_ids(["node-1", "node-2"]).unwrap();
+        let view = r.view();
+        assert_eq!(view.identities.len(), 1, "one service account, one identity");
+        assert_eq!(view.node_ids.len(), 2);
+        r.delete_workload("shop/web").unwrap();
+        r.delete_workload("shop/web2").unwrap();
+        drop(r);
+
+        let r = open();
+        assert_eq!(r.view().identities, view.identities, "numbers survive a restart, and outlive their workloads");
+        assert_eq!(r.view().node_ids, view.node_ids);
+        let mut api = workload("api", "node-3");
+        api.service_account = "api".into();
+        r.put_workload(api).unwrap();
+        let api_id = td.workload_id("shop", "api").unwrap();
+        assert!(r.identity_number(&api_id).unwrap() > r.identity_number(&web).unwrap());
+        assert_eq!(r.node_id("node-3"), None, "a workload's node is not a node until it registers or attests");
+        r.allocate_node_ids(["node-3"]).unwrap();
+        assert_eq!(r.node_id("node-3"), Some(3));
+    }
+
+    #[test]
+    fn records_stored_before_numbers_existed_get_them_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "r.redb", "cluster.local").unwrap();
+        store.put(WORKLOADS, "shop/web", Some(&workload("web", "node-1"))).unwrap();
+        let node = NodeRecord {
+            name: "node-1".into(),
+            public_key: meshguard_common::key::PublicKey([1; 32]),
+            endpoint: "192.168.1.1:51820".parse().unwrap(),
+            pod_cidrs: vec![],
+        };
+        store.put(NODES, "node-1", Some(&node)).unwrap();
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let r = Registry::open(store, td.clone()).unwrap();
+        assert_eq!(r.identity_number(&td.workload_id("shop", "web").unwrap()), Some(alloc::FIRST_IDENTITY));
+        assert_eq!(r.node_id("node-1"), Some(alloc::FIRST_NODE_ID));
+    }
+
+    #[test]
+    fn events_carry_the_numbers_they_allocate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "r.redb", "cluster.local").unwrap();
+        let r = Registry::open(store, TrustDomain::new("cluster.local").unwrap()).unwrap();
+        let (_, mut rx) = r.watch();
+        r.put_workload(workload("web", "node-1")).unwrap();
+        r.put_workload(workload("web2", "node-1")).unwrap();
+        let first = rx.try_recv().unwrap();
+        let allocated = first.allocated.clone().expect("numbers with the first workload");
+        assert_eq!(allocated.identities.get("spiffe://cluster.local/ns/shop/sa/web"), Some(&alloc::FIRST_IDENTITY));
+        assert!(rx.try_recv().unwrap().allocated.is_none(), "the second workload has a known identity");
+        // A watcher that applies the stream has what the registry has.
+        let (snap, _) = r.watch();
+        let mut view = ClusterView::default();
+        convert::apply_event(&mut view, snap).unwrap();
+        assert_eq!(view, r.view());
     }
 }

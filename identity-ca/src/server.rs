@@ -109,7 +109,9 @@ impl CaState {
         let ca = Ca::open(td.clone(), store.clone(), lifetimes)?;
         let registry = Registry::open(store.clone(), td)?;
         let tokens = JoinTokens::new(store.clone());
-        let nodes = store.load_all::<NodeAttestation>(ATTESTED_NODES, "attested_nodes")?.into_iter().collect();
+        let nodes: BTreeMap<String, NodeAttestation> = store.load_all(ATTESTED_NODES, "attested_nodes")?.into_iter().collect();
+        // Attested nodes have node ids even before they publish a record.
+        registry.allocate_node_ids(nodes.keys().map(String::as_str))?;
         Ok(Self {
             ca,
             registry,
@@ -134,7 +136,7 @@ impl CaState {
         self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn record_attestation(&self, node: &str, id: &SpiffeId, expires: i64, method: &str) -> Result<(), StoreError> {
+    pub fn record_attestation(&self, node: &str, id: &SpiffeId, expires: i64, method: &str) -> Result<(), ServerError> {
         let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
         let attested_at = match (method, nodes.get(node)) {
             ("renewal", Some(prev)) => prev.attested_at,
@@ -143,6 +145,9 @@ impl CaState {
         let rec = NodeAttestation { spiffe_id: id.to_string(), attested_at, svid_expires_at: expires, method: method.to_owned() };
         self.ca.store().put(ATTESTED_NODES, node, Some(&rec))?;
         nodes.insert(node.to_owned(), rec);
+        drop(nodes);
+        // Every attested node has a node id (a no-op after the first time).
+        self.registry.allocate_node_ids([node])?;
         Ok(())
     }
 

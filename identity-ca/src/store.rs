@@ -20,6 +20,10 @@ pub const ATTESTED_NODES: TableDefinition<'_, &str, &[u8]> = TableDefinition::ne
 pub const NODES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("nodes");
 pub const WORKLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("workloads");
 pub const POLICIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("policies");
+/// SPIFFE ID → numeric identity; never shrinks (numbers are never reused).
+pub const IDENTITY_NUMBERS: TableDefinition<'_, &str, u32> = TableDefinition::new("identity_numbers");
+/// Node name → node id; never shrinks.
+pub const NODE_IDS: TableDefinition<'_, &str, u32> = TableDefinition::new("node_ids");
 
 /// Tables keyed by text, which [`Store::load_all`] and friends work on.
 pub type StrTable = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -86,6 +90,8 @@ impl Store {
             }
             tx.open_table(SERIALS).map_err(db_err("create table"))?;
             tx.open_table(JOIN_TOKENS).map_err(db_err("create table"))?;
+            tx.open_table(IDENTITY_NUMBERS).map_err(db_err("create table"))?;
+            tx.open_table(NODE_IDS).map_err(db_err("create table"))?;
             let mut meta = tx.open_table(META).map_err(db_err("create table"))?;
             let stored = meta.get("trust_domain").map_err(db_err("read"))?.map(|v| String::from_utf8_lossy(v.value()).into_owned());
             match stored {

@@ -365,3 +365,95 @@ async fn registry_watch_sees_changes_within_100ms() {
     tokio::time::timeout(Duration::from_millis(100), rx.wait_for(|v| v.workloads.is_empty())).await.expect("seen within 100 ms").unwrap();
     ca.shutdown().await;
 }
+
+/// A registry watcher holding `node`'s SVID, as an agent on that node would.
+fn watcher(ca: &CaServer, node: &Node) -> registry::RegistrySource {
+    let bundle = BundleCell::new(bundle_of(ca));
+    let verifier = SpiffeVerifier::exactly(bundle, SpiffeId::new(&td(), CA_SERVER_PATH).unwrap());
+    let tls = svid::client_config(node.creds.clone(), Arc::new(verifier)).unwrap();
+    registry::RegistrySource::start(registry::channel(&ca.addr.to_string(), Arc::new(tls)).unwrap())
+}
+
+#[tokio::test]
+async fn registry_numbers_are_shared_stable_and_never_reused() {
+    use meshguard_common::cluster::{ClusterSource as _, ClusterView};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start(dir.path()).await;
+    let addr = ca.addr;
+    let mut n1 = Node::new(&ca);
+    n1.attest(&token(&ca, "node-1", Duration::from_secs(60))).await.unwrap();
+    let mut n2 = Node::new(&ca);
+    n2.attest(&token(&ca, "node-2", Duration::from_secs(60))).await.unwrap();
+    let (w1, w2) = (watcher(&ca, &n1), watcher(&ca, &n2));
+    let (mut rx1, mut rx2) = (w1.subscribe(), w2.subscribe());
+    let id = |s: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{s}")).unwrap();
+    let ready = |v: &Arc<ClusterView>| v.trust_domain.is_some();
+    tokio::time::timeout(Duration::from_secs(5), rx1.wait_for(ready)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx2.wait_for(ready)).await.unwrap().unwrap();
+    // Attested nodes have node ids before they publish anything.
+    let v = rx1.borrow().clone();
+    assert_eq!(v.node_ids.keys().collect::<Vec<_>>(), ["node-1", "node-2"]);
+    assert_ne!(v.node_ids["node-1"], v.node_ids["node-2"]);
+
+    // A new workload's number arrives with it, within 100 ms, the same for both watchers.
+    let start = std::time::Instant::now();
+    ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
+    let has_web = |v: &Arc<ClusterView>| v.workloads.contains_key("shop/web") && v.identities.contains_key(&id("web"));
+    tokio::time::timeout(Duration::from_millis(100), rx1.wait_for(has_web)).await.expect("seen within 100 ms").unwrap();
+    tokio::time::timeout(Duration::from_millis(100), rx2.wait_for(has_web)).await.expect("seen within 100 ms").unwrap();
+    eprintln!("workload and its number seen by both watchers after {:?}", start.elapsed());
+    // A policy naming a SPIFFE ID gives it a number too.
+    let policy = meshguard_common::policy::MeshPolicy::from_yaml(
+        "apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  ingress:\n    - from: [{spiffeId: \"spiffe://cluster.local/ns/batch/sa/report\"}]\n",
+    )
+    .unwrap();
+    ca.state.registry.put_policy(policy).unwrap();
+    let report = SpiffeId::parse("spiffe://cluster.local/ns/batch/sa/report").unwrap();
+    tokio::time::timeout(Duration::from_millis(100), rx1.wait_for(|v| v.identities.contains_key(&report))).await.expect("seen within 100 ms").unwrap();
+    tokio::time::timeout(Duration::from_millis(100), rx2.wait_for(|v| v.identities.contains_key(&report))).await.expect("seen within 100 ms").unwrap();
+
+    // Removal frees nothing: the next identity gets a fresh number.
+    ca.state.registry.delete_workload("shop/web").unwrap();
+    ca.state.registry.put_workload(workload("api", "api", "node-2")).unwrap();
+    let has_api = |v: &Arc<ClusterView>| v.identities.contains_key(&id("api")) && !v.workloads.contains_key("shop/web");
+    tokio::time::timeout(Duration::from_millis(100), rx1.wait_for(has_api)).await.expect("seen within 100 ms").unwrap();
+    tokio::time::timeout(Duration::from_millis(100), rx2.wait_for(has_api)).await.expect("seen within 100 ms").unwrap();
+    let before = rx1.borrow().clone();
+    assert_eq!(before.identities, rx2.borrow().identities, "both watchers see the same numbers");
+    assert_eq!(before.node_ids, rx2.borrow().node_ids);
+    assert!(before.identities[&id("api")] > before.identities[&id("web")]);
+    assert!(before.identities[&id("api")] > before.identities[&report]);
+    assert!(before.identities.values().all(|n| *n >= 256));
+    let numbers: std::collections::BTreeSet<u32> = before.identities.values().copied().collect();
+    assert_eq!(numbers.len(), 3, "three identities, three numbers: {:?}", before.identities);
+    // Publishing a record keeps the attested node's id.
+    let rec = meshguard_common::cluster::NodeRecord {
+        name: "node-2".into(),
+        public_key: meshguard_common::key::PublicKey([2; 32]),
+        endpoint: "192.168.1.2:51820".parse().unwrap(),
+        pod_cidrs: vec!["10.244.2.0/24".parse().unwrap()],
+    };
+    w2.publish_node(&rec).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), rx1.wait_for(|v| v.nodes.contains_key("node-2"))).await.unwrap().unwrap();
+    assert_eq!(rx1.borrow().node_ids, before.node_ids);
+
+    // A restart changes nothing; the watchers reconnect and see the same numbers.
+    ca.shutdown().await;
+    let mut cfg = Config::for_test(TD, dir.path());
+    cfg.listen_addr = addr;
+    let ca = CaServer::start(cfg).await.unwrap();
+    assert_eq!(ca.state.registry.view().identities, before.identities);
+    ca.state.registry.put_workload(workload("db", "db", "node-2")).unwrap();
+    let has_db = |v: &Arc<ClusterView>| v.identities.contains_key(&id("db"));
+    tokio::time::timeout(Duration::from_secs(5), rx1.wait_for(has_db)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx2.wait_for(has_db)).await.unwrap().unwrap();
+    let after = rx1.borrow().clone();
+    assert_eq!(after.identities, rx2.borrow().identities);
+    for (k, n) in &before.identities {
+        assert_eq!(after.identities.get(k), Some(n), "{k} kept its number across the restart");
+    }
+    assert_eq!(after.node_ids, before.node_ids);
+    assert!(after.identities[&id("db")] > before.identities.values().copied().max().unwrap(), "no number is reused after a restart");
+    drop((w1, w2));
+    ca.shutdown().await;
+}
