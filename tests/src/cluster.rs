@@ -399,8 +399,12 @@ impl Cluster {
         let config = self.write_agent_config(node, true)?;
         let n = self.node(node);
         let log = OpenOptions::new().create(true).append(true).open(n.dir.join("agent.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &n.netns])
+        // nsenter, not `ip netns exec`: the latter gives the process a private
+        // /sys, which would hide the host's bpffs and with it the pinned
+        // datapath a restarted agent must adopt.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", n.netns))
+            .arg("--")
             .arg(bin_path("wg-agent"))
             .arg("run")
             .arg("--config")
@@ -505,6 +509,35 @@ impl Cluster {
         let pid = child.id();
         self.children.lock().expect("children lock").push(child);
         Ok(pid)
+    }
+
+    /// Runs `program` in a pod in the background with its own log file;
+    /// [`Cluster::wait_child`] collects the exit status, the log the output.
+    pub fn background_in_pod(&self, pod: &str, program: &Path, args: &[&str], log: &str) -> Result<(u32, PathBuf)> {
+        let ns = self.pod(pod).netns.clone();
+        let pid = self.spawn_in(&ns, program, args, &[], log)?;
+        Ok((pid, self.dir.join(log)))
+    }
+
+    /// Waits for a process started with [`Cluster::spawn_in`] to exit.
+    pub fn wait_child(&self, pid: u32, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut children = self.children.lock().expect("children lock");
+                let child = children
+                    .iter_mut()
+                    .find(|c| c.id() == pid)
+                    .ok_or_else(|| ClusterError::Invalid(format!("no child {pid}")))?;
+                if let Some(status) = child.try_wait()? {
+                    return Ok(status);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::Timeout { what: format!("process {pid} to exit"), secs: timeout.as_secs() });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Whether a process started with [`Cluster::spawn_in`] still runs.

@@ -77,6 +77,16 @@ fn if_ioctl(request: libc::c_ulong, req: &mut libc::ifreq) -> io::Result<()> {
     if rc < 0 { Err(err) } else { Ok(()) }
 }
 
+/// The index of interface `name` in the caller's network namespace.
+pub fn if_index(name: &str) -> io::Result<u32> {
+    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
 // === impl LinuxTun ===
 
 impl LinuxTun {
@@ -126,12 +136,7 @@ impl LinuxTun {
     }
 
     pub fn ifindex(&self) -> io::Result<u32> {
-        let c = CString::new(self.name.clone()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: `c` is a valid NUL-terminated string.
-        match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-            0 => Err(io::Error::last_os_error()),
-            i => Ok(i),
-        }
+        if_index(&self.name)
     }
 
     /// Removes a persistent interface (used by `down`/cleanup paths).

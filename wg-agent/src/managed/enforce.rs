@@ -206,9 +206,10 @@ impl Enforcer {
     }
 }
 
+/// The interface's index in this network namespace (not via /sys, whose
+/// view depends on who mounted it).
 fn interface_index(name: &str) -> Option<u32> {
-    let path = format!("/sys/class/net/{name}/ifindex");
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    crate::io::tun::if_index(name).ok()
 }
 
 /// Reads `<dir>/*.yaml`; a malformed file is reported and skipped.
