@@ -2,7 +2,7 @@
 //! the signing calls, behind [`CaClient`] so the agent's logic can be
 //! driven by a double.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,13 +12,15 @@ use base64::engine::general_purpose::STANDARD as B64;
 use meshguard_common::cluster::BoxFuture;
 use meshguard_common::registry::{self, CA_SERVER_PATH, proto};
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
+use meshguard_common::svid::node_file::{self, NodeCredential, NodeFileError};
 use meshguard_common::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
 use rustls::pki_types::CertificateDer;
-use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-pub const NODE_STATE_FILE: &str = "node-svid.json";
+/// The node credential file in `stateDir` (format: [`node_file`]); other
+/// processes on the node (wg-agent) read it to speak for the node.
+pub const NODE_STATE_FILE: &str = node_file::NODE_SVID_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaClientError {
@@ -34,6 +36,8 @@ pub enum CaClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    NodeFile(#[from] NodeFileError),
     #[error("trust bundle file {path} is unusable: {reason}")]
     Bundle { path: String, reason: String },
     #[error("cannot make a key or CSR: {reason}")]
@@ -90,15 +94,6 @@ pub struct GrpcCa {
     channel: std::sync::RwLock<Channel>,
     state_file: PathBuf,
     node_svid: std::sync::RwLock<Option<Svid>>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct NodeState {
-    spiffe_id: String,
-    chain: Vec<String>,
-    key_pkcs8: String,
-    issued_at: i64,
-    expires_at: i64,
 }
 
 pub fn now_unix() -> i64 {
@@ -246,36 +241,37 @@ impl GrpcCa {
         Ok(())
     }
 
+    /// The node credential file this agent keeps.
+    pub fn state_file(&self) -> &Path {
+        &self.state_file
+    }
+
     fn load_state(&self) -> Option<Svid> {
-        let bytes = std::fs::read(&self.state_file).ok()?;
-        let s: NodeState = serde_json::from_slice(&bytes).ok()?;
-        Some(Svid {
-            spiffe_id: SpiffeId::parse(&s.spiffe_id).ok()?,
-            chain: s.chain.iter().map(|c| B64.decode(c)).collect::<Result<_, _>>().ok()?,
-            key_pkcs8: Arc::new(Zeroizing::new(B64.decode(&s.key_pkcs8).ok()?)),
-            issued_at: s.issued_at,
-            expires_at: s.expires_at,
-        })
+        match node_file::load(&self.state_file) {
+            Ok(c) => Some(Svid {
+                spiffe_id: c.spiffe_id,
+                chain: c.chain,
+                key_pkcs8: Arc::new(c.key_pkcs8),
+                issued_at: c.issued_at,
+                expires_at: c.expires_at,
+            }),
+            Err(NodeFileError::NotFound { .. }) => None,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the saved node SVID; attesting again");
+                None
+            }
+        }
     }
 
     fn save_state(&self, svid: &Svid) -> Result<(), CaClientError> {
-        let s = NodeState {
-            spiffe_id: svid.spiffe_id.to_string(),
-            chain: svid.chain.iter().map(|c| B64.encode(c)).collect(),
-            key_pkcs8: B64.encode(svid.key_pkcs8.as_slice()),
+        let cred = NodeCredential {
+            spiffe_id: svid.spiffe_id.clone(),
+            chain: svid.chain.clone(),
+            key_pkcs8: Zeroizing::new(svid.key_pkcs8.to_vec()),
             issued_at: svid.issued_at,
             expires_at: svid.expires_at,
         };
-        let bytes = Zeroizing::new(serde_json::to_vec(&s).unwrap_or_default());
-        let tmp = self.state_file.with_extension("tmp");
-        let io = |source| CaClientError::Io { path: self.state_file.display().to_string(), source };
-        {
-            use std::io::Write as _;
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &self.state_file).map_err(io)
+        Ok(node_file::save(&self.state_file, &cred)?)
     }
 }
 

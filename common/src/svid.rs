@@ -20,6 +20,11 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 
+pub mod node_file;
+pub mod node_tls;
+#[cfg(test)]
+pub(crate) mod testing;
+
 /// ALPN for gRPC over TLS.
 pub const ALPN_H2: &[u8] = b"h2";
 
