@@ -13,7 +13,7 @@ use meshguard_common::key::PublicKey;
 use super::peer::Peer;
 use super::stats::DropReason;
 use super::{Shared, State};
-use crate::io::is_timeout;
+use crate::io::{RecvBatch, is_timeout};
 use crate::packet;
 
 /// Largest IP packet a TUN can hand us, plus WireGuard's data overhead.
@@ -57,10 +57,63 @@ impl Shared {
     }
 }
 
-/// TUN → wire: route by destination, encrypt, send.
+/// Packets the TUN loop takes per batch: read without waiting after the
+/// first, encrypted back to back, handed to the kernel in as few sends as
+/// the peers and sizes allow.
+const TUN_BATCH: usize = 32;
+/// Bytes of datagrams per GSO send: below the 64 KiB a UDP send may carry.
+const GSO_BYTES: usize = 60_000;
+
+/// Datagrams encrypted for one peer, waiting in `out[..bytes]` to be sent
+/// in one call: every one `seg` bytes except possibly the last.
+struct Pending {
+    peer: Option<Arc<Peer>>,
+    to: Option<SocketAddr>,
+    seg: usize,
+    count: usize,
+    bytes: usize,
+    /// The last datagram was shorter than `seg`: nothing may follow it.
+    closed: bool,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Self { peer: None, to: None, seg: 0, count: 0, bytes: 0, closed: false }
+    }
+
+    fn accepts(&self, peer: &Arc<Peer>, to: SocketAddr) -> bool {
+        self.count == 0
+            || (!self.closed
+                && self.to == Some(to)
+                && self.peer.as_ref().is_some_and(|p| Arc::ptr_eq(p, peer))
+                && self.count < crate::io::udp::MAX_GSO_SEGMENTS
+                && self.bytes + self.seg <= GSO_BYTES)
+    }
+
+    fn flush(&mut self, shared: &Shared, out: &[u8]) {
+        if self.count > 0
+            && let (Some(peer), Some(to)) = (self.peer.take(), self.to.take())
+        {
+            let r = if self.count == 1 {
+                shared.socket.read().send_to(&out[..self.bytes], to)
+            } else {
+                shared.socket.read().send_segments(&out[..self.bytes], self.seg, to)
+            };
+            match r {
+                Ok(()) => peer.note_sent(self.bytes, shared.now_ms()),
+                Err(e) => shared.stats.drop(DropReason::IoError, || format!("send to {to}: {e}")),
+            }
+        }
+        *self = Self::new();
+    }
+}
+
+/// TUN → wire: route by destination, encrypt, send — a batch at a time.
 pub(super) fn tun_loop(shared: &Shared) {
     let mut src = vec![0u8; BUF_LEN];
-    let mut dst = vec![0u8; BUF_LEN];
+    // Room for a full GSO batch plus one more datagram of any size.
+    let mut out = vec![0u8; GSO_BYTES + BUF_LEN];
+    let mut pending = Pending::new();
     while !shared.shutdown.load(Ordering::Relaxed) {
         let n = match shared.tun.recv(&mut src) {
             Ok(n) => n,
@@ -77,34 +130,81 @@ pub(super) fn tun_loop(shared: &Shared) {
                 continue;
             }
         };
-        let pkt = &src[..n];
-        let Some(to) = packet::dst_addr(pkt) else {
-            shared.stats.drop(DropReason::MalformedIp, || format!("{n}-byte packet from the tun"));
-            continue;
-        };
-        let peer = match shared.state.read().routes.lookup(to) {
-            Some(p) => p.clone(),
-            None => {
-                shared.stats.drop(DropReason::NoPeer, || format!("no peer for destination {to}"));
-                continue;
+        encrypt_one(shared, &src[..n], &mut out, &mut pending);
+        for _ in 1..TUN_BATCH {
+            match shared.tun.try_recv(&mut src) {
+                Ok(Some(n)) => encrypt_one(shared, &src[..n], &mut out, &mut pending),
+                Ok(None) => break,
+                Err(e) => {
+                    shared.stats.drop(DropReason::IoError, || format!("tun read: {e}"));
+                    break;
+                }
             }
-        };
-        let res = {
-            let mut guard = peer.tunn.lock();
-            let Some(tunn) = guard.as_mut() else {
-                shared.stats.drop(DropReason::NoPrivateKey, || "device has no private key".into());
-                continue;
-            };
-            tunn.encapsulate(pkt, &mut dst)
-        };
-        shared.send_result(&peer, res);
+        }
+        pending.flush(shared, &out);
     }
+}
+
+/// Encrypts one packet from the TUN into the pending batch (flushing it
+/// first when the packet goes elsewhere or would not fit).
+fn encrypt_one(shared: &Shared, pkt: &[u8], out: &mut [u8], pending: &mut Pending) {
+    let Some(to_ip) = packet::dst_addr(pkt) else {
+        shared.stats.drop(DropReason::MalformedIp, || format!("{}-byte packet from the tun", pkt.len()));
+        return;
+    };
+    let peer = match shared.state.read().routes.lookup(to_ip) {
+        Some(p) => p.clone(),
+        None => {
+            shared.stats.drop(DropReason::NoPeer, || format!("no peer for destination {to_ip}"));
+            return;
+        }
+    };
+    let endpoint = peer.endpoint();
+    let fits = endpoint.is_some_and(|ep| pending.accepts(&peer, ep));
+    if !fits {
+        pending.flush(shared, out);
+    }
+    let off = pending.bytes;
+    let res = {
+        let mut guard = peer.tunn.lock();
+        let Some(tunn) = guard.as_mut() else {
+            shared.stats.drop(DropReason::NoPrivateKey, || "device has no private key".into());
+            return;
+        };
+        tunn.encapsulate(pkt, &mut out[off..])
+    };
+    let len = match res {
+        TunnResult::WriteToNetwork(d) => d.len(),
+        other => {
+            shared.send_result(&peer, other);
+            return;
+        }
+    };
+    let Some(to) = endpoint else {
+        shared.stats.drop(DropReason::NoEndpoint, || format!("peer {}", peer.public_key));
+        return;
+    };
+    if pending.count > 0 && len > pending.seg {
+        // Longer than the batch's segments (a handshake, say): send what is
+        // pending, then start a new batch with this datagram.
+        pending.flush(shared, &out[..off]);
+        out.copy_within(off..off + len, 0);
+    }
+    if pending.count == 0 {
+        pending.peer = Some(peer);
+        pending.to = Some(to);
+        pending.seg = len;
+    } else if len < pending.seg {
+        pending.closed = true;
+    }
+    pending.count += 1;
+    pending.bytes += len;
 }
 
 /// Wire → TUN: authenticate, find the peer, decrypt, check the inner source
 /// against the peer's allowed IPs, deliver.
 pub(super) fn net_loop(shared: &Shared) {
-    let mut buf = vec![0u8; BUF_LEN];
+    let mut batch = RecvBatch::new(NET_BATCH, BUF_LEN);
     let mut out = vec![0u8; BUF_LEN];
     let mut generation = shared.socket_generation.load(Ordering::SeqCst);
     let mut socket = shared.socket.read().clone();
@@ -114,8 +214,8 @@ pub(super) fn net_loop(shared: &Shared) {
             generation = current;
             socket = shared.socket.read().clone();
         }
-        let (n, from) = match socket.recv_from(&mut buf) {
-            Ok(r) => r,
+        let n = match socket.recv_batch(&mut batch) {
+            Ok(n) => n,
             Err(e) if is_timeout(&e) => continue,
             Err(e) => {
                 shared.stats.drop(DropReason::IoError, || format!("socket read: {e}"));
@@ -123,9 +223,14 @@ pub(super) fn net_loop(shared: &Shared) {
                 continue;
             }
         };
-        handle_datagram(shared, &buf[..n], from, &mut out);
+        for i in 0..n {
+            handle_datagram(shared, &batch.bufs[i][..batch.lens[i]], batch.from[i], &mut out);
+        }
     }
 }
+
+/// Datagrams the wire loop takes per receive call.
+const NET_BATCH: usize = 32;
 
 /// One datagram from the wire. Public to the crate for in-process tests.
 pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {

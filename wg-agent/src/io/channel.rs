@@ -164,6 +164,18 @@ impl TunIo for ChannelTun {
     fn send(&self, pkt: &[u8]) -> io::Result<()> {
         self.from_device.send(pkt.to_vec()).map_err(|_| io::ErrorKind::BrokenPipe.into())
     }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match self.to_device.lock().try_recv() {
+            Ok(p) => {
+                let n = p.len().min(buf.len());
+                buf[..n].copy_from_slice(&p[..n]);
+                Ok(Some(n))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(None),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
 }
 
 impl TunHandle {

@@ -99,7 +99,8 @@ impl LinuxTun {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            // Non-blocking: `recv` waits in poll, `try_recv` never waits.
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open("/dev/net/tun")
             .map_err(TunError::Open)?;
         let mut req = ifreq_for(name);
@@ -165,7 +166,18 @@ impl TunIo for LinuxTun {
         if !self.wait_readable()? {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        (&self.file).read(buf)
+        match (&self.file).read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::ErrorKind::TimedOut.into()),
+            r => r,
+        }
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match (&self.file).read(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn send(&self, pkt: &[u8]) -> io::Result<()> {
