@@ -18,7 +18,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType, SerialNumber,
 };
-use redb::ReadableTable;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -354,6 +353,7 @@ impl Ca {
         for (id, key) in requests {
             out.push(active.sign_leaf(id, key, now, ttl)?);
         }
+        let signed_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         let tx = self.store.write()?;
         {
             let mut t = tx.open_table(SERIALS).map_err(store::err("open table"))?;
@@ -365,7 +365,7 @@ impl Ca {
                     expires_at: s.expires_at,
                     authority_id: active.id.clone(),
                 };
-                t.insert(s.serial.as_slice(), store::encode(&rec).as_slice()).map_err(store::err("write"))?;
+                t.insert(store::serial_key(s.expires_at, signed_at, &s.serial).as_slice(), store::encode(&rec).as_slice()).map_err(store::err("write"))?;
             }
         }
         Store::commit(tx)?;
@@ -392,13 +392,14 @@ impl Ca {
         let now = now_unix();
         let tx = self.store.read()?;
         let t = tx.open_table(SERIALS).map_err(store::err("open table"))?;
+        // Keys start with the expiry: the live ones are a suffix.
+        let from = if include_expired { Vec::new() } else { store::serial_key_from(now + 1) };
         let mut out = Vec::new();
-        for entry in t.iter().map_err(store::err("read"))? {
+        for entry in t.range(from.as_slice()..).map_err(store::err("read"))? {
             let (k, v) = entry.map_err(store::err("read"))?;
-            let rec: SvidRecord = store::decode("serials", &hex::encode(k.value()), v.value())?;
-            if include_expired || rec.expires_at > now {
-                out.push((k.value().to_vec(), rec));
-            }
+            let serial = store::serial_of_key(k.value());
+            let rec: SvidRecord = store::decode("serials", &hex::encode(serial), v.value())?;
+            out.push((serial.to_vec(), rec));
         }
         Ok(out)
     }
@@ -406,16 +407,15 @@ impl Ca {
     /// Forgets SVIDs that expired more than `grace` ago.
     pub fn prune_serials(&self, grace: Duration) -> Result<usize, CaError> {
         let cutoff = now_unix() - grace.as_secs() as i64;
+        let end = store::serial_key_from(cutoff + 1);
         let tx = self.store.write()?;
         let mut removed = 0;
         {
             let mut t = tx.open_table(SERIALS).map_err(store::err("open table"))?;
-            t.retain(|_, v| {
-                let keep = serde_json::from_slice::<SvidRecord>(v).map(|r| r.expires_at > cutoff).unwrap_or(true);
-                if !keep {
-                    removed += 1;
-                }
-                keep
+            // Keys start with the expiry: the expired ones are a prefix.
+            t.retain_in(..end.as_slice(), |_, _| {
+                removed += 1;
+                false
             })
             .map_err(store::err("write"))?;
         }
@@ -513,5 +513,31 @@ impl Authority {
             serial,
             expires_at,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_records_list_and_prune_by_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("td").unwrap();
+        let store = Store::open(dir.path(), "db", "td").unwrap();
+        let lifetimes = Lifetimes { svid: Duration::from_secs(3600), node_svid: Duration::from_secs(3600), ca: Duration::from_secs(86400), jwt_svid: Duration::from_secs(60) };
+        let ca = Ca::open(td.clone(), store, lifetimes).unwrap();
+        let id = td.workload_id("shop", "web").unwrap();
+        let key = || CsrKey::parse(&crate::csr::generate().unwrap().1).unwrap();
+        let live = ca.sign_x509(&[(id.clone(), key()), (id.clone(), key())], Duration::from_secs(3600), "node-1").unwrap();
+        let dead = ca.sign_x509(&[(id.clone(), key())], Duration::ZERO, "node-1").unwrap();
+        let serials = |all| ca.svids(all).unwrap().into_iter().map(|(s, _)| s).collect::<std::collections::BTreeSet<_>>();
+        let live_serials: std::collections::BTreeSet<_> = live.iter().map(|s| s.serial.clone()).collect();
+        assert_eq!(serials(false), live_serials);
+        assert_eq!(serials(true).len(), 3);
+        assert!(serials(true).contains(&dead[0].serial));
+        assert_eq!(ca.prune_serials(Duration::ZERO).unwrap(), 1);
+        assert_eq!(serials(true), live_serials);
+        assert_eq!(ca.prune_serials(Duration::ZERO).unwrap(), 0);
     }
 }

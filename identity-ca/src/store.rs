@@ -9,12 +9,17 @@ use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Serialize, de::DeserializeOwned};
 
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 pub const AUTHORITIES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("authorities");
-pub const SERIALS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("serials");
+/// Issued SVIDs, keyed by [`serial_key`] (expiry, then serial): a batch of
+/// signings lands together at the table's end, dirtying a page or two rather
+/// than one page per random serial, and expired records are a prefix.
+pub const SERIALS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("serials_by_expiry");
+/// The earlier layout, keyed by the serial alone; moved into [`SERIALS`] on open.
+pub const LEGACY_SERIALS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("serials");
 pub const JOIN_TOKENS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("join_tokens");
 pub const ATTESTED_NODES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("attested_nodes");
 pub const NODES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("nodes");
@@ -89,6 +94,7 @@ impl Store {
                 tx.open_table(t).map_err(db_err("create table"))?;
             }
             tx.open_table(SERIALS).map_err(db_err("create table"))?;
+            migrate_serials(&tx)?;
             tx.open_table(JOIN_TOKENS).map_err(db_err("create table"))?;
             tx.open_table(IDENTITY_NUMBERS).map_err(db_err("create table"))?;
             tx.open_table(NODE_IDS).map_err(db_err("create table"))?;
@@ -162,6 +168,54 @@ impl Store {
     }
 }
 
+/// The [`SERIALS`] key of an SVID: its expiry (unix seconds), when it was
+/// signed (unix nanoseconds: SVIDs signed together sort together, even when
+/// thousands share an expiry second), and its serial; all big-endian.
+pub fn serial_key(expires_at: i64, signed_at_nanos: u64, serial: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(SERIAL_KEY_PREFIX + serial.len());
+    k.extend_from_slice(&u64::try_from(expires_at).unwrap_or(0).to_be_bytes());
+    k.extend_from_slice(&signed_at_nanos.to_be_bytes());
+    k.extend_from_slice(serial);
+    k
+}
+
+/// The smallest [`SERIALS`] key with expiry `expires_at`.
+pub fn serial_key_from(expires_at: i64) -> Vec<u8> {
+    serial_key(expires_at, 0, &[])
+}
+
+/// Bytes before the serial in a [`SERIALS`] key.
+const SERIAL_KEY_PREFIX: usize = 16;
+
+/// The serial in a [`SERIALS`] key.
+pub fn serial_of_key(key: &[u8]) -> &[u8] {
+    key.get(SERIAL_KEY_PREFIX..).unwrap_or_default()
+}
+
+/// Moves records of the serial-keyed layout into [`SERIALS`], in the
+/// caller's transaction (so all or nothing), and drops the old table.
+fn migrate_serials(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Expiry {
+        expires_at: i64,
+    }
+    let exists = tx.list_tables().map_err(db_err("list tables"))?.any(|t| t.name() == LEGACY_SERIALS.name());
+    if !exists {
+        return Ok(());
+    }
+    {
+        let old = tx.open_table(LEGACY_SERIALS).map_err(db_err("open table"))?;
+        let mut new = tx.open_table(SERIALS).map_err(db_err("open table"))?;
+        for entry in old.iter().map_err(db_err("read"))? {
+            let (k, v) = entry.map_err(db_err("read"))?;
+            let e: Expiry = decode("serials", &format!("{:02x?}", k.value()), v.value())?;
+            new.insert(serial_key(e.expires_at, 0, k.value()).as_slice(), v.value()).map_err(db_err("write"))?;
+        }
+    }
+    tx.delete_table(LEGACY_SERIALS).map_err(db_err("delete table"))?;
+    Ok(())
+}
+
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing our own plain structs to JSON cannot fail.
     serde_json::to_vec(v).unwrap_or_default()
@@ -195,5 +249,25 @@ mod tests {
         assert!(matches!(Store::open(&state, "db.redb", "other"), Err(StoreError::TrustDomainMismatch { .. })));
         let store = Store::open(&state, "db.redb", "td").unwrap();
         assert_eq!(store.load_all::<u32>(WORKLOADS, "workloads").unwrap(), vec![("a/b".to_owned(), 42)]);
+    }
+
+    #[test]
+    fn serials_of_the_old_layout_are_moved_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "db.redb", "td").unwrap();
+        let tx = store.write().unwrap();
+        {
+            let mut t = tx.open_table(LEGACY_SERIALS).unwrap();
+            t.insert([7u8; 16].as_slice(), br#"{"expires_at":200,"other":"kept"}"#.as_slice()).unwrap();
+            t.insert([3u8; 16].as_slice(), br#"{"expires_at":100}"#.as_slice()).unwrap();
+        }
+        Store::commit(tx).unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), "db.redb", "td").unwrap();
+        let tx = store.read().unwrap();
+        assert!(!tx.list_tables().unwrap().any(|t| t.name() == "serials"), "the old table is gone");
+        let t = tx.open_table(SERIALS).unwrap();
+        let got: Vec<(Vec<u8>, Vec<u8>)> = t.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (serial_of_key(k.value()).to_vec(), v.value().to_vec())).collect();
+        assert_eq!(got, vec![(vec![3u8; 16], br#"{"expires_at":100}"#.to_vec()), (vec![7u8; 16], br#"{"expires_at":200,"other":"kept"}"#.to_vec())]);
     }
 }
