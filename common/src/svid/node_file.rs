@@ -163,7 +163,7 @@ pub fn save(path: &Path, cred: &NodeCredential) -> Result<(), NodeFileError> {
 
 /// Replaces `path` with `bytes`: a 0600 temporary file beside it, fsynced,
 /// renamed over it, and the directory fsynced so the rename is durable.
-pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), NodeFileError> {
+fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), NodeFileError> {
     let io = |source| NodeFileError::Write { path: path.display().to_string(), source };
     let tmp = tmp_path(path);
     let r = (|| {
