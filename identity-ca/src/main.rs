@@ -241,6 +241,11 @@ async fn main() -> Result<()> {
                                 "name": n.name, "nodeId": n.node_id, "spiffeId": n.spiffe_id, "attestedAt": time(n.attested_at),
                                 "svidExpiresAt": time(n.svid_expires_at),
                                 "endpoint": n.record.as_ref().map(|r| r.endpoint.clone()),
+                                "publicKey": n.record.as_ref().and_then(|r| {
+                                    <[u8; 32]>::try_from(r.public_key.as_slice())
+                                        .ok()
+                                        .map(|k| meshguard_common::key::PublicKey(k).to_base64())
+                                }),
                                 "podCidrs": n.record.as_ref().map(|r| r.pod_cidrs.clone()),
                             })
                         })

@@ -118,6 +118,9 @@ pub struct Cluster {
     policies: Vec<MeshPolicy>,
     children: Mutex<Vec<Child>>,
     keep: bool,
+    /// Renders the agents' `cluster:` source for a node; the shared
+    /// directory when unset.
+    agent_source: Mutex<Option<Box<dyn Fn(&str) -> String + Send>>>,
 }
 
 pub fn cluster() -> ClusterBuilder {
@@ -178,6 +181,7 @@ impl ClusterBuilder {
             policies: self.policies,
             children: Mutex::new(Vec::new()),
             keep: std::env::var_os(KEEP_ENV).is_some(),
+            agent_source: Mutex::new(None),
         };
         // From here on, Drop cleans up whatever was created.
         c.create_underlay()?;
@@ -365,19 +369,28 @@ impl Cluster {
         Path::new(BPF_PIN_ROOT).join(format!("{}-{node}", self.run_id))
     }
 
+    /// Makes agents started from now on use the source `f(node)` renders
+    /// (a YAML flow mapping for the `cluster:` key), e.g. the registry.
+    pub fn set_agent_source(&self, f: impl Fn(&str) -> String + Send + 'static) {
+        *self.agent_source.lock().expect("source lock") = Some(Box::new(f));
+    }
+
     pub fn write_agent_config(&self, node: &str, strict: bool) -> Result<PathBuf> {
         let n = self.node(node);
+        let source = match self.agent_source.lock().expect("source lock").as_ref() {
+            Some(f) => f(node),
+            None => format!("{{dir: {}}}", self.cluster_dir().display()),
+        };
         let cfg = format!(
             "nodeName: {name}\nstateDir: {state}\ninterface: {TUNNEL_IF}\nlistenPort: {WG_PORT}\n\
              endpoint: {ip}:{WG_PORT}\npodCidrs: [{cidr}]\nclusterCidrs: [10.244.0.0/16]\nstrict: {strict}\n\
-             uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {{dir: {cluster}}}\n\
+             uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {source}\n\
              datapath: {{pinDir: {pin}, endpointsDir: {endpoints}}}\n",
             name = n.name,
             state = n.dir.join("state").display(),
             ip = n.underlay_ip,
             cidr = n.pod_cidr,
             uapi = self.uapi_dir(node).display(),
-            cluster = self.cluster_dir().display(),
             pin = self.pin_dir(node).display(),
             endpoints = self.endpoints_dir(node).display(),
         );

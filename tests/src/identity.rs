@@ -294,6 +294,29 @@ impl Identity<'_> {
         c.spawn_in(&n.netns, &bin_path("auth-handshake"), &["run", "--config", path_str(&config)], &log_env(), &log)
     }
 
+    /// The node credential file auth-handshake keeps on `node`.
+    pub fn node_credentials(&self, node: &str) -> PathBuf {
+        self.dir.join(node).join("state").join("node-svid.json")
+    }
+
+    /// Points the cluster's node agents (`wg-agent`) at this CA's registry,
+    /// authenticated with the node credential auth-handshake keeps fresh.
+    pub fn use_registry_for_agents(&self) {
+        let c = self.cluster;
+        let addr = self.ca_addr;
+        let bundle = self.bundle_file.clone();
+        let td = c.trust_domain.to_string();
+        let creds: std::collections::BTreeMap<String, PathBuf> =
+            c.nodes.iter().map(|n| (n.name.clone(), self.node_credentials(&n.name))).collect();
+        c.set_agent_source(move |node| {
+            format!(
+                "{{registry: {{address: \"{addr}\", nodeCredentials: {}, trustBundle: {}, trustDomain: {td}}}}}",
+                creds[node].display(),
+                bundle.display()
+            )
+        });
+    }
+
     /// Every agent serves its socket, and the CA has issued each pod's
     /// identity to the pod's node.
     fn wait_ready(&self) -> Result<()> {

@@ -15,6 +15,8 @@ use anyhow::Context as _;
 use meshguard_common::cluster::file::FileSource;
 use meshguard_common::cluster::{ClusterSource, ClusterView, NodeRecord};
 use meshguard_common::key::PublicKey;
+use meshguard_common::registry::{self, RegistrySource};
+use meshguard_common::svid::node_tls::NodeTls;
 
 use crate::device::{Device, DeviceUpdate};
 use crate::io::tun::LinuxTun;
@@ -76,8 +78,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.strict {
         routes::enable_strict_rp_filter().context("strict mode: cannot enable reverse-path filtering")?;
     }
+    let mut node_tls = None;
     let source: Box<dyn ClusterSource> = match &cfg.source {
         SourceConfig::Dir { path, poll } => Box::new(FileSource::start(path, *poll)?),
+        SourceConfig::Registry { address, node_credentials, trust_bundle, trust_domain, bundle_refresh } => {
+            let (source, tls) =
+                registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
+            node_tls = Some(tls);
+            source
+        }
     };
     let metrics = AgentMetrics::new(device.clone());
     let _metrics_task = cfg.metrics_address.map(|addr| {
@@ -88,6 +97,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         })
     });
+    let _node_tls = node_tls;
     let mut agent = Agent {
         routes: Routes::new(ifindex)?,
         key_mtime: std::fs::metadata(&key_path).and_then(|m| m.modified()).ok(),
@@ -179,6 +189,41 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tracing::info!("node agent stopping; the tunnel interface and routes stay, so traffic stays dropped, not leaked");
     Ok(())
+}
+
+/// The registry as cluster source: a mutual-TLS channel to identity-ca
+/// authenticated by the node's SVID (the credential auth-handshake keeps
+/// fresh), so the node's WireGuard key is published under its identity.
+fn registry_source(
+    node: &str,
+    address: &str,
+    credentials: &std::path::Path,
+    bundle: &std::path::Path,
+    td: &meshguard_common::spiffe::TrustDomain,
+    bundle_refresh: Duration,
+) -> anyhow::Result<(Box<dyn ClusterSource>, Arc<NodeTls>)> {
+    let tls = Arc::new(NodeTls::follow(credentials, bundle, td, meshguard_common::svid::node_tls::DEFAULT_POLL_INTERVAL)?);
+    anyhow::ensure!(
+        tls.node_name() == node,
+        "the node credential in {} is for node {:?}, but this agent is nodeName {node:?}",
+        credentials.display(),
+        tls.node_name()
+    );
+    let channel = registry::channel(address, tls.client_config())?;
+    // Follow CA rotations: the bundle file is only the starting point.
+    let refresher = tls.clone();
+    let refresh_channel = channel.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(bundle_refresh);
+        loop {
+            tick.tick().await;
+            if let Err(error) = refresher.refresh_bundle(refresh_channel.clone()).await {
+                tracing::warn!(%error, "cannot refresh the trust bundle from identity-ca");
+            }
+        }
+    });
+    tracing::info!(%address, "cluster source: identity-ca registry");
+    Ok((Box::new(RegistrySource::start(channel)), tls))
 }
 
 // === impl Agent ===

@@ -94,6 +94,24 @@ pub struct RawSource {
     pub dir: Option<PathBuf>,
     #[serde(default)]
     pub poll_interval_ms: Option<u64>,
+    /// identity-ca's registry (standalone mode).
+    #[serde(default)]
+    pub registry: Option<RawRegistry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawRegistry {
+    /// `host:port` of identity-ca's node API.
+    pub address: String,
+    /// The node's SVID and key, kept fresh by auth-handshake (`node-svid.json`).
+    pub node_credentials: PathBuf,
+    /// PEM trust bundle to verify identity-ca with (until the first refresh).
+    pub trust_bundle: PathBuf,
+    #[serde(default)]
+    pub trust_domain: Option<meshguard_common::spiffe::TrustDomain>,
+    #[serde(default)]
+    pub bundle_refresh_ms: Option<u64>,
 }
 
 /// The validated configuration.
@@ -125,8 +143,21 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/meshguard";
 
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
-    Dir { path: PathBuf, poll: Duration },
+    Dir {
+        path: PathBuf,
+        poll: Duration,
+    },
+    Registry {
+        address: String,
+        node_credentials: PathBuf,
+        trust_bundle: PathBuf,
+        trust_domain: meshguard_common::spiffe::TrustDomain,
+        bundle_refresh: Duration,
+    },
 }
+
+/// How often the registry's trust bundle is re-fetched (CA rotations).
+pub const DEFAULT_BUNDLE_REFRESH: Duration = Duration::from_secs(60);
 
 // === impl AgentConfig ===
 
@@ -189,8 +220,8 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
             return invalid(format!("podCidr {pod} is outside every clusterCidr"));
         }
     }
-    let source = match raw.cluster.dir {
-        Some(path) => SourceConfig::Dir {
+    let source = match (raw.cluster.dir, raw.cluster.registry) {
+        (Some(path), None) => SourceConfig::Dir {
             path,
             poll: raw
                 .cluster
@@ -198,7 +229,22 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
                 .map(Duration::from_millis)
                 .unwrap_or(meshguard_common::cluster::file::DEFAULT_POLL_INTERVAL),
         },
-        None => return invalid("cluster: give a source, e.g. `cluster: {dir: /var/lib/meshguard/cluster}`".into()),
+        (None, Some(r)) => SourceConfig::Registry {
+            address: r.address,
+            node_credentials: r.node_credentials,
+            trust_bundle: r.trust_bundle,
+            trust_domain: r.trust_domain.unwrap_or_else(|| {
+                meshguard_common::spiffe::TrustDomain::new(meshguard_common::cluster::DEFAULT_TRUST_DOMAIN)
+                    .expect("valid constant")
+            }),
+            bundle_refresh: r.bundle_refresh_ms.map(Duration::from_millis).unwrap_or(DEFAULT_BUNDLE_REFRESH),
+        },
+        (Some(_), Some(_)) => return invalid("cluster: give one source, `dir` or `registry`, not both".into()),
+        (None, None) => {
+            return invalid(
+                "cluster: give a source, e.g. `cluster: {dir: /var/lib/meshguard/cluster}` or `cluster: {registry: {...}}`".into(),
+            );
+        }
     };
     let datapath = raw.datapath.map(|d| DatapathSettings {
         pin_dir: d.pin_dir.unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&raw.node_name)),
@@ -249,6 +295,10 @@ mod tests {
             (BASE.replace("clusterCidrs: [10.244.0.0/16]\n", ""), "strict mode needs clusterCidrs"),
             (BASE.replace("10.244.0.0/16", "10.245.0.0/16"), "outside every clusterCidr"),
             (BASE.replace("cluster: {dir: /tmp/c}", "cluster: {}"), "give a source"),
+            (
+                BASE.replace("cluster: {dir: /tmp/c}", "cluster: {dir: /tmp/c, registry: {address: a, nodeCredentials: c, trustBundle: b}}"),
+                "not both",
+            ),
             (format!("{BASE}mtu: 100\n"), "mtu"),
             (format!("{BASE}listenPort: 0\n"), "listenPort"),
             (format!("{BASE}interface: much-too-long-name\n"), "interface name"),

@@ -1,0 +1,60 @@
+//! The node agents on identity-ca's registry instead of the shared
+//! directory (root only): each node publishes its WireGuard key over a
+//! channel authenticated by its node SVID, learns the others from the watch
+//! stream, and the numeric identities come from the registry.
+
+use meshguard_tests::bins::bin_path;
+use meshguard_tests::capture::{Capture, judge};
+use meshguard_tests::cluster::{UNDERLAY_BRIDGE, WG_PORT, cluster};
+
+const POLICY: &str = r#"
+apiVersion: meshguard.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api-ingress, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress:
+    - from: [{serviceAccount: web}]
+      ports: [{protocol: TCP, port: 7000}]
+"#;
+
+#[test]
+fn root_node_agents_mesh_and_enforce_through_the_registry() {
+    let c = cluster()
+        .nodes(2)
+        .pod("shop/web").label("app", "web").on("node-1")
+        .pod("shop/api").label("app", "api").on("node-2")
+        .pod("ops/probe").on("node-1")
+        .build()
+        .unwrap();
+    let id = c.identity().start().unwrap();
+    let policy_file = c.dir.join("policy.yaml");
+    std::fs::write(&policy_file, POLICY).unwrap();
+    id.admin(&["policy", "apply", "-f", policy_file.to_str().unwrap()]).unwrap();
+    id.use_registry_for_agents();
+    c.start_agents().unwrap();
+    c.start_echo("shop/api", 7000).unwrap();
+
+    // The identity-ca traffic on the underlay is TLS to the CA; judge only
+    // what crosses between the nodes.
+    let cap = Capture::start(&c.underlay_ns, UNDERLAY_BRIDGE, &c.dir.join("registry.pcap")).unwrap();
+    let mark = format!("MGREG-{:016x}", rand::random::<u64>());
+    let probe = bin_path("mg-probe");
+    let api = format!("{}:7000", c.pod("shop/api").ip);
+    let ok = |from: &str| c.exec(from, probe.to_str().unwrap(), &["tcp", &api, &mark, "--timeout", "2"]).unwrap().status.success();
+    assert!(ok("shop/web"), "web -> api is allowed by the registry's policy");
+    assert!(!ok("ops/probe"), "probe -> api is denied by the registry's policy");
+    let frames = cap.stop().unwrap();
+    let report = judge(&frames, WG_PORT, &[mark.as_bytes()]);
+    let between_nodes: Vec<&String> = report.violations.iter().filter(|v| !v.contains("192.168.100.254")).collect();
+    assert!(between_nodes.is_empty(), "plaintext between nodes: {between_nodes:#?}");
+    assert!(report.wireguard > 0);
+
+    // The records the agents published are on the registry's books.
+    let nodes = id.admin(&["--json", "node", "list"]).unwrap();
+    for n in ["node-1", "node-2"] {
+        let key = c.wg(if n == "node-1" { "node-2" } else { "node-1" }).unwrap().peers[0].public_key_hex.clone();
+        let b64 = meshguard_common::key::PublicKey::from_hex(&key).unwrap().to_base64();
+        assert!(nodes.contains(&b64), "{n}'s key {b64} is not in `node list`: {nodes}");
+    }
+}
