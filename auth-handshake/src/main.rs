@@ -24,10 +24,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    meshguard_common::logging::init();
     let Cmd::Run { config } = Cli::parse().cmd;
     let cfg = config::load(&config).with_context(|| format!("loading {}", config.display()))?;
     let agent = Agent::start(cfg).await?;

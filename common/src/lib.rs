@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod key;
+pub mod logging;
 pub mod policy;
 pub mod spiffe;
 

@@ -192,10 +192,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    meshguard_common::logging::init();
     let cli = Cli::parse();
     if let Cmd::Run { config } = &cli.cmd {
         let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;

@@ -15,7 +15,6 @@
 pub mod allowed_ips;
 pub mod device;
 pub mod io;
-pub mod logging;
 pub mod managed;
 pub mod packet;
 pub mod uapi;

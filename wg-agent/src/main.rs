@@ -16,7 +16,8 @@ use meshguard_wg_agent::device::Device;
 use meshguard_wg_agent::io::tun::LinuxTun;
 use meshguard_wg_agent::io::udp::HostNetwork;
 use meshguard_wg_agent::uapi::server::{Access, DEFAULT_SOCKET_DIR, UapiServer};
-use meshguard_wg_agent::{logging, managed};
+use meshguard_common::logging;
+use meshguard_wg_agent::managed;
 
 #[derive(Parser)]
 #[command(name = "wg-agent", version, about = "meshguard node agent: userspace WireGuard and node-to-node encryption")]

@@ -1,4 +1,5 @@
-//! Logging set-up shared by the binaries: `RUST_LOG` filters, JSON on request.
+//! Logging set-up every binary shares: `RUST_LOG` filters (default `info`),
+//! `LOG_FORMAT=json` for one JSON object per line, always on stderr.
 
 use tracing_subscriber::EnvFilter;
 
