@@ -58,7 +58,7 @@ impl<R: TokenReviewer> K8sAttestor<R> {
         if !status.authenticated {
             return Err(AttestError::Refused { reason: "token review: not authenticated" });
         }
-        if !status.audiences.iter().any(|a| *a == self.audience) {
+        if !status.audiences.contains(&self.audience) {
             return Err(AttestError::Refused { reason: "token review: wrong audience" });
         }
         let want = format!("system:serviceaccount:{}:{}", self.agent.0, self.agent.1);

@@ -171,7 +171,7 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<()> {
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|c| c != "200") {
         return Err(std::io::Error::other(format!("bad response: {}", head.lines().next().unwrap_or(""))));
     }
     print!("{body}");
@@ -204,7 +204,7 @@ fn spray(addr: SocketAddr, count: u32, len: usize, hex: Option<&str>) -> std::io
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
