@@ -136,8 +136,9 @@ fn root_policy_allows_and_denies_every_protocol_on_the_same_node_and_across_node
         })
     })
     .unwrap();
-    let dropped = c.metric("node-2", "meshguard_datapath_packets_total{direction=\"ingress\",reason=\"DROP_POLICY_DEFAULT\"}");
-    assert!(dropped.as_ref().is_ok_and(|n| *n > 0.0), "default-deny drops are counted: {dropped:?}");
+    let series = "meshguard_datapath_packets_total{direction=\"ingress\",reason=\"DROP_POLICY_DEFAULT\"}";
+    wait_until("default-deny drops to be counted", Duration::from_secs(5), || c.metric("node-2", series).is_ok_and(|n| n > 0.0))
+        .unwrap();
 }
 
 #[test]
@@ -241,4 +242,33 @@ fn root_enforcement_and_flows_survive_an_agent_restart() {
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[test]
+fn root_a_pod_cannot_send_with_another_address_or_mac() {
+    let c = build();
+    let web = c.pod("shop/web").netns.clone();
+    let api_ip = c.pod("shop/api").ip.to_string();
+    let cache_ip = c.pod("shop/cache").ip.to_string();
+    assert!(icmp(&c, "shop/web", "shop/api"), "web -> api works with its own address");
+
+    // web claims cache's address (same node) and an unassigned one.
+    for spoofed in [cache_ip.as_str(), "10.244.1.99"] {
+        meshguard_tests::cmd::ip_in(&web, &["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
+        let out = c.exec("shop/web", "ping", &["-c", "1", "-W", "1", "-I", spoofed, &api_ip]).unwrap();
+        assert!(!out.status.success(), "web sent as {spoofed}");
+        meshguard_tests::cmd::ip_in(&web, &["addr", "del", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
+    }
+    let counted = |reason: &str, at_least: f64| {
+        let series = format!("meshguard_datapath_packets_total{{direction=\"egress\",reason=\"{reason}\"}}");
+        wait_until(&format!("{reason} >= {at_least}"), Duration::from_secs(5), || {
+            c.metric("node-1", &series).is_ok_and(|n| n >= at_least)
+        })
+    };
+    counted("DROP_SPOOFED_IP", 2.0).expect("spoofed source addresses are dropped and counted");
+
+    // web changes its MAC: nothing it sends passes any more.
+    meshguard_tests::cmd::ip_in(&web, &["link", "set", "eth0", "address", "02:00:00:00:be:ef"]).unwrap();
+    assert!(!icmp(&c, "shop/web", "shop/api"), "web sent with a foreign MAC");
+    counted("DROP_SPOOFED_MAC", 1.0).expect("a spoofed MAC is dropped and counted");
 }

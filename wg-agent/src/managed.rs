@@ -41,8 +41,10 @@ use routes::Routes;
 const KEY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often local pod endpoints are re-read (a new pod is enforced within this).
 const ENDPOINT_INTERVAL: Duration = Duration::from_millis(200);
-/// Conntrack garbage collection and counter refresh.
+/// Conntrack garbage collection.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
+/// How fresh the datapath counters in `/metrics` are.
+const COUNTER_INTERVAL: Duration = Duration::from_secs(1);
 /// Back-off between attempts to publish the node record.
 const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 
@@ -136,6 +138,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut key_tick = tokio::time::interval(KEY_CHECK_INTERVAL);
     let mut endpoint_tick = tokio::time::interval(ENDPOINT_INTERVAL);
     let mut housekeeping_tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    let mut counter_tick = tokio::time::interval(COUNTER_INTERVAL);
     loop {
         tokio::select! {
             changed = views.changed() => {
@@ -181,6 +184,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = housekeeping_tick.tick() => {
                 if let Some(e) = agent.enforcer.as_mut() {
                     e.housekeeping();
+                }
+            }
+            _ = counter_tick.tick() => {
+                if let Some(e) = agent.enforcer.as_mut() {
+                    e.refresh_counters();
                 }
             }
             _ = key_tick.tick() => agent.check_key_rotation().await,
