@@ -23,16 +23,36 @@ fn main() -> ExitCode {
     }
 }
 
+const STEPS: u32 = 6;
+
+/// Only shop/web may reach shop/api, and only on the echo port.
+const POLICY: &str = r#"
+apiVersion: meshguard.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api-ingress, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress:
+    - from: [{serviceAccount: web}]
+      ports: [{protocol: TCP, port: 7000}, {protocol: UDP, port: 7000}, {protocol: ICMP}]
+"#;
+
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/5] {text}");
+    println!("\n[{n}/{STEPS}] {text}");
 }
 
 fn demo() -> anyhow::Result<()> {
     let started = Instant::now();
-    println!("meshguard demo: two nodes, a pod on each, node-to-node WireGuard between them");
+    println!("meshguard demo: two nodes, pods on each, node-to-node WireGuard and an identity policy");
 
     step(1, "building the simulated cluster (network namespaces)");
-    let c = cluster().nodes(2).pod("shop/web").on("node-1").pod("shop/api").on("node-2").build()?;
+    let c = cluster()
+        .nodes(2)
+        .pod("shop/web").label("app", "web").on("node-1")
+        .pod("ops/probe").on("node-1")
+        .pod("shop/api").label("app", "api").on("node-2")
+        .policy(POLICY)
+        .build()?;
     for n in &c.nodes {
         println!("  {}  netns {}  underlay {}  pods {}", n.name, n.netns, n.underlay_ip, n.pod_cidr);
     }
@@ -87,8 +107,47 @@ fn demo() -> anyhow::Result<()> {
         anyhow::bail!("no WireGuard traffic was captured");
     }
     println!("  no pod address, no plaintext, and the marker never appeared on the wire");
+
+    step(6, "policy api-ingress: only spiffe://cluster.local/ns/shop/sa/web may reach shop/api");
+    let out = c.exec("ops/probe", bin_path("mg-probe").to_str().unwrap_or_default(), &["tcp", &api, "let me in", "--timeout", "2"])?;
+    if out.status.success() {
+        anyhow::bail!("ops/probe reached shop/api although the policy does not allow it");
+    }
+    println!("  TCP  ops/probe -> shop/api refused by the datapath on node-2");
+    let probe_ip = c.pod("ops/probe").ip.to_string();
+    let mut event = None;
+    for _ in 0..50 {
+        event = c
+            .agent_log("node-2")
+            .lines()
+            .map(strip_ansi)
+            .find(|l| l.contains("datapath event") && l.contains(&probe_ip));
+        if event.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let event = event.ok_or_else(|| anyhow::anyhow!("no drop event for ops/probe in node-2's log"))?;
+    let fields: Vec<&str> = event
+        .split_whitespace()
+        .filter(|f| ["event=", "src_identity=", "dst_identity=", "rule="].iter().any(|k| f.starts_with(k)))
+        .collect();
+    println!("  drop event: {}", fields.join("  "));
     println!("\ndemo passed in {:.1}s; the cluster is being removed", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 fn run_in_pod(c: &Cluster, label: &str, pod: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {

@@ -274,7 +274,7 @@ pub fn report_event(state: &Mutex<EnforceState>, recent: &mut BTreeMap<String, s
         dst_identity = %dst_id,
         direction = ?e.direction,
         %flow,
-        rule = rule.as_deref().unwrap_or("default"),
+        rule = %rule.as_deref().unwrap_or("default"),
         "datapath event"
     );
 }
