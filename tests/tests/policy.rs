@@ -65,20 +65,16 @@ fn build() -> Cluster {
     c
 }
 
-fn probe(c: &Cluster, from: &str, args: &[&str]) -> bool {
-    c.exec(from, bin_path("mg-probe").to_str().unwrap(), args).is_ok_and(|o| o.status.success())
-}
-
 fn tcp(c: &Cluster, from: &str, to: &str) -> bool {
-    probe(c, from, &["tcp", &format!("{}:{ECHO}", c.pod(to).ip), "hello", "--timeout", "2"])
+    c.probe(from, &["tcp", &format!("{}:{ECHO}", c.pod(to).ip), "hello", "--timeout", "2"])
 }
 
 fn udp(c: &Cluster, from: &str, to: &str) -> bool {
-    probe(c, from, &["udp", &format!("{}:{ECHO}", c.pod(to).ip), "hello", "--tries", "2"])
+    c.probe(from, &["udp", &format!("{}:{ECHO}", c.pod(to).ip), "hello", "--tries", "2"])
 }
 
 fn sctp(c: &Cluster, from: &str, to: &str) -> bool {
-    probe(c, from, &["sctp", &format!("{}:{SCTP}", c.pod(to).ip), "hello", "--tries", "2"])
+    c.probe(from, &["sctp", &format!("{}:{SCTP}", c.pod(to).ip), "hello", "--tries", "2"])
 }
 
 fn icmp(c: &Cluster, from: &str, to: &str) -> bool {
@@ -88,24 +84,6 @@ fn icmp(c: &Cluster, from: &str, to: &str) -> bool {
 /// (tcp, udp, sctp, icmp) from `from` to `to`.
 fn all(c: &Cluster, from: &str, to: &str) -> [bool; 4] {
     [tcp(c, from, to), udp(c, from, to), sctp(c, from, to), icmp(c, from, to)]
-}
-
-fn plain(log: &str) -> String {
-    // Strip ANSI colours so the log can be searched.
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
 }
 
 #[test]
@@ -128,7 +106,7 @@ fn root_policy_allows_and_denies_every_protocol_on_the_same_node_and_across_node
     // Denied flows are reported with both identities and the 5-tuple.
     let probe_ip = c.pod("ops/probe").ip.to_string();
     wait_until("a drop event naming both identities", Duration::from_secs(5), || {
-        plain(&c.agent_log("node-2")).lines().any(|l| {
+        c.agent_log("node-2").lines().any(|l| {
             l.contains("datapath event")
                 && l.contains("src_identity=spiffe://cluster.local/ns/ops/sa/probe")
                 && l.contains("dst_identity=spiffe://cluster.local/ns/shop/sa/api")
@@ -219,7 +197,7 @@ fn root_enforcement_and_flows_survive_an_agent_restart() {
         denied_checks += 1;
     }
     c.start_agent("node-1").unwrap();
-    assert!(plain(&c.agent_log("node-1")).contains("adopted=true"), "the restarted agent adopts the pinned datapath");
+    assert!(c.agent_log("node-1").contains("adopted=true"), "the restarted agent adopts the pinned datapath");
     assert!(!tcp(&c, "ops/probe", "shop/web"), "probe -> web passed after the restart");
     assert!(!udp(&c, "ops/probe", "shop/web"), "probe -> web (UDP) passed after the restart");
     assert!(denied_checks > 0);

@@ -120,8 +120,8 @@ fn demo() -> anyhow::Result<()> {
         event = c
             .agent_log("node-2")
             .lines()
-            .map(strip_ansi)
-            .find(|l| l.contains("datapath event") && l.contains(&probe_ip));
+            .find(|l| l.contains("datapath event") && l.contains(&probe_ip))
+            .map(str::to_owned);
         if event.is_some() {
             break;
         }
@@ -135,19 +135,6 @@ fn demo() -> anyhow::Result<()> {
     println!("  drop event: {}", fields.join("  "));
     println!("\ndemo passed in {:.1}s; the cluster is being removed", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            chars.by_ref().find(|c| *c == 'm');
-        } else {
-            out.push(ch);
-        }
-    }
-    out
 }
 
 fn run_in_pod(c: &Cluster, label: &str, pod: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
