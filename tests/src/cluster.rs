@@ -495,6 +495,13 @@ impl Cluster {
         Ok(cmd::in_ns_output(&self.pod(pod).netns, program, args)?)
     }
 
+    /// Runs `mg-probe <args>` in a pod; true if it did what it was asked
+    /// (e.g. `["tcp", "10.244.2.10:7000", "hello"]`: the echo came back).
+    pub fn probe(&self, pod: &str, args: &[&str]) -> bool {
+        let probe = bin_path("mg-probe");
+        self.exec(pod, probe.to_str().expect("utf-8 path"), args).is_ok_and(|o| o.status.success())
+    }
+
     /// Runs a command in a node's network namespace.
     pub fn exec_node(&self, node: &str, program: &str, args: &[&str]) -> Result<Output> {
         Ok(cmd::in_ns_output(&self.node(node).netns, program, args)?)
@@ -601,9 +608,8 @@ impl Cluster {
     }
 
     fn with_log(&self, node: &str, e: ClusterError) -> ClusterError {
-        let log = self.agent_log(node);
-        let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-        ClusterError::Invalid(format!("{e}\n--- {node} agent log (tail) ---\n{}", tail.join("\n")))
+        let tail = log_tail(&self.node(node).dir.join("agent.log"), 30);
+        ClusterError::Invalid(format!("{e}\n--- {node} agent log (tail) ---\n{tail}"))
     }
 
     fn teardown(&mut self) {
@@ -632,9 +638,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for n in &self.nodes {
-                let log = self.agent_log(&n.name);
-                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-                eprintln!("--- {} agent log (tail) ---\n{}", n.name, tail.join("\n"));
+                eprintln!("--- {} agent log (tail) ---\n{}", n.name, log_tail(&n.dir.join("agent.log"), 40));
             }
         }
         if self.keep {
@@ -666,6 +670,13 @@ fn link_mac(ns: &str, ifname: &str) -> Result<String> {
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| ClusterError::Invalid(format!("no MAC for {ifname} in {ns}")))
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Polls `f` every 50 ms until it is true or `timeout` passes.

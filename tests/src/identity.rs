@@ -40,7 +40,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use crate::bins::bin_path;
-use crate::cluster::{Cluster, ClusterError, Result, UNDERLAY_BRIDGE, wait_until};
+use crate::cluster::{Cluster, ClusterError, Result, UNDERLAY_BRIDGE, log_tail, wait_until};
 use crate::cmd::{self, ip_in};
 
 /// identity-ca's address on the underlay bridge (nodes are .1 to .200).
@@ -415,9 +415,7 @@ impl Identity<'_> {
         let mut logs = vec![("identity-ca".to_owned(), self.cluster.dir.join("identity/ca.log"))];
         logs.extend(self.cluster.nodes.iter().map(|n| (format!("{} auth-handshake", n.name), self.cluster.dir.join(format!("identity/{}.log", n.name)))));
         for (what, path) in logs {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(lines).collect::<Vec<_>>().into_iter().rev().collect();
-            out.push_str(&format!("--- {what} log (tail) ---\n{}\n", tail.join("\n")));
+            out.push_str(&format!("--- {what} log (tail) ---\n{}\n", log_tail(&path, lines)));
         }
         out
     }

@@ -10,7 +10,6 @@ use meshguard_common::cluster::alloc::Allocations;
 use meshguard_common::spiffe::SpiffeId;
 use meshguard_ebpf::events::{EventKind, EventReader};
 use meshguard_ebpf::{AuthPair, AuthTable, PinLayout};
-use meshguard_tests::bins::bin_path;
 use meshguard_tests::cluster::{Cluster, cluster, wait_until};
 
 const POLICY: &str = r#"
@@ -27,8 +26,7 @@ spec:
 
 fn tcp(c: &Cluster) -> bool {
     let addr = format!("{}:7000", c.pod("shop/api").ip);
-    c.exec("shop/web", bin_path("mg-probe").to_str().unwrap(), &["tcp", &addr, "hi", "--timeout", "2"])
-        .is_ok_and(|o| o.status.success())
+    c.probe("shop/web", &["tcp", &addr, "hi", "--timeout", "2"])
 }
 
 fn allocations(c: &Cluster) -> Allocations {

@@ -20,14 +20,12 @@ fn hex_of(b64: &str) -> String {
 
 fn tcp_ok(c: &Cluster, from: &str, to: &str, msg: &str) -> bool {
     let addr = format!("{}:{ECHO_PORT}", c.pod(to).ip);
-    c.exec(from, bin_path("mg-probe").to_str().unwrap(), &["tcp", &addr, msg, "--timeout", "3"])
-        .is_ok_and(|o| o.status.success())
+    c.probe(from, &["tcp", &addr, msg, "--timeout", "3"])
 }
 
 fn udp_ok(c: &Cluster, from: &str, to: &str, msg: &str) -> bool {
     let addr = format!("{}:{ECHO_PORT}", c.pod(to).ip);
-    c.exec(from, bin_path("mg-probe").to_str().unwrap(), &["udp", &addr, msg, "--tries", "3"])
-        .is_ok_and(|o| o.status.success())
+    c.probe(from, &["udp", &addr, msg, "--tries", "3"])
 }
 
 fn ping_ok(c: &Cluster, from: &str, to: &str) -> bool {
