@@ -94,14 +94,13 @@ impl Pending {
         if self.count > 0
             && let (Some(peer), Some(to)) = (self.peer.take(), self.to.take())
         {
-            let r = if self.count == 1 {
-                shared.socket.read().send_to(&out[..self.bytes], to)
+            if self.count == 1 {
+                shared.send(&peer, &out[..self.bytes], to);
             } else {
-                shared.socket.read().send_segments(&out[..self.bytes], self.seg, to)
-            };
-            match r {
-                Ok(()) => peer.note_sent(self.bytes, shared.now_ms()),
-                Err(e) => shared.stats.drop(DropReason::IoError, || format!("send to {to}: {e}")),
+                match shared.socket.read().send_segments(&out[..self.bytes], self.seg, to) {
+                    Ok(()) => peer.note_sent(self.bytes, shared.now_ms()),
+                    Err(e) => shared.stats.drop(DropReason::IoError, || format!("send to {to}: {e}")),
+                }
             }
         }
         *self = Self::new();

@@ -69,7 +69,6 @@ impl Enforcer {
     pub fn start(pin: PinLayout, node_id: u32, node: &str, endpoints_dir: &Path) -> Result<Self, EnforceError> {
         meshguard_ebpf::pin::ensure_bpffs().map_err(DatapathError::from)?;
         let dp = Datapath::load_or_adopt(&DatapathConfig::new(pin, node_id))?;
-        tracing::info!(pin = %dp.pin().root().display(), adopted = dp.adopted(), node_id, "policy datapath ready");
         std::fs::create_dir_all(endpoints_dir)
             .map_err(|source| EnforceError::Endpoints { dir: endpoints_dir.display().to_string(), source })?;
         Ok(Self {
@@ -168,7 +167,7 @@ impl Enforcer {
             }
             match self.dp.attach(&Interface::Name(ep.interface.clone()), &pod) {
                 Ok(()) => {
-                    let ifindex = interface_index(&ep.interface).unwrap_or(0);
+                    let ifindex = crate::io::tun::if_index(&ep.interface).unwrap_or(0);
                     tracing::info!(pod = %ep.key(), interface = %ep.interface, identity, "pod attached");
                     self.attached.insert(ep.interface.clone(), (ifindex, pod));
                 }
@@ -187,7 +186,7 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Conntrack and fragment garbage collection, and a counters refresh.
+    /// Conntrack and fragment garbage collection.
     pub fn housekeeping(&mut self) {
         match self.dp.gc() {
             Ok(s) if s.conntrack_removed > 0 => {
@@ -196,7 +195,6 @@ impl Enforcer {
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "conntrack gc failed"),
         }
-        self.refresh_counters();
     }
 
     pub fn refresh_counters(&mut self) {
@@ -204,12 +202,6 @@ impl Enforcer {
             self.state.lock().counters = c;
         }
     }
-}
-
-/// The interface's index in this network namespace (not via /sys, whose
-/// view depends on who mounted it).
-fn interface_index(name: &str) -> Option<u32> {
-    crate::io::tun::if_index(name).ok()
 }
 
 /// Reads `<dir>/*.yaml`; a malformed file is reported and skipped.
