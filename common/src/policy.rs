@@ -24,6 +24,13 @@ pub enum PolicyError {
     Kind { got: String },
     #[error("policy {policy}: {what}")]
     Invalid { policy: String, what: String },
+    #[error("document {index} (from line {line}): {source}")]
+    InDocument {
+        index: usize,
+        line: usize,
+        #[source]
+        source: Box<PolicyError>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,7 +137,7 @@ pub enum Authentication {
 /// `serviceAccount` and `podSelector` (default: the policy's namespace);
 /// `spiffeId` names one identity exactly, anywhere.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, try_from = "RawPeerSelector")]
 pub struct PeerSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
@@ -143,7 +150,7 @@ pub struct PeerSelector {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, try_from = "RawPortRule")]
 pub struct PortRule {
     pub protocol: Protocol,
     /// First port (TCP/UDP/SCTP) or ICMP type; absent = any.
@@ -152,6 +159,50 @@ pub struct PortRule {
     /// Last port of a range, inclusive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_port: Option<u16>,
+}
+
+// The two rules most often written wrong are checked while they are parsed,
+// so the YAML parser's error carries the field path, line and column.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPortRule {
+    protocol: Protocol,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    end_port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPeerSelector {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    service_account: Option<String>,
+    #[serde(default)]
+    spiffe_id: Option<SpiffeId>,
+    #[serde(default)]
+    pod_selector: Option<LabelSelector>,
+}
+
+impl TryFrom<RawPortRule> for PortRule {
+    type Error = String;
+    fn try_from(r: RawPortRule) -> Result<Self, String> {
+        let p = Self { protocol: r.protocol, port: r.port, end_port: r.end_port };
+        validate_port(&p)?;
+        Ok(p)
+    }
+}
+
+impl TryFrom<RawPeerSelector> for PeerSelector {
+    type Error = String;
+    fn try_from(r: RawPeerSelector) -> Result<Self, String> {
+        let p = Self { namespace: r.namespace, service_account: r.service_account, spiffe_id: r.spiffe_id, pod_selector: r.pod_selector };
+        validate_peer(&p)?;
+        Ok(p)
+    }
 }
 
 /// An IP protocol: by name for the common ones, by number for any other.
@@ -290,15 +341,18 @@ impl MeshPolicy {
     }
 
     /// Parses a multi-document YAML stream (`---` separated) of policies.
+    /// Shape errors carry the parser's field path, line and column; the
+    /// remaining checks name the document, the line it starts on, and the field.
     pub fn all_from_yaml(text: &str) -> Result<Vec<Self>, PolicyError> {
+        let starts = document_start_lines(text);
         let mut out = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(text) {
-            let value = serde_yaml::Value::deserialize(doc)?;
-            if value.is_null() {
-                continue;
-            }
-            let p: Self = serde_yaml::from_value(value)?;
-            p.validate()?;
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            // Deserialized straight from the stream (not via a Value), so the
+            // parser's locations survive into the error.
+            let Some(p) = Option::<Self>::deserialize(doc)? else { continue };
+            let in_doc =
+                |e: PolicyError| PolicyError::InDocument { index: i + 1, line: starts.get(i).copied().unwrap_or(1), source: Box::new(e) };
+            p.validate().map_err(in_doc)?;
             out.push(p);
         }
         Ok(out)
@@ -342,6 +396,23 @@ impl MeshPolicy {
         }
         Ok(())
     }
+}
+
+/// The 1-based line each YAML document of `text` starts on (after its `---`).
+fn document_start_lines(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut in_doc = false;
+    for (i, line) in text.lines().enumerate() {
+        let content = line.trim();
+        if line == "---" || line.starts_with("--- ") {
+            starts.push(i + 2);
+            in_doc = true;
+        } else if !in_doc && !content.is_empty() && !content.starts_with('#') {
+            starts.push(i + 1);
+            in_doc = true;
+        }
+    }
+    starts
 }
 
 fn validate_selector(s: &LabelSelector) -> Result<(), String> {
@@ -479,5 +550,30 @@ spec:
         let all = MeshPolicy::all_from_yaml(&two).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[1].metadata.name, "second");
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_line() {
+        // A port range written backwards, in the second document, block style.
+        let text = "apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: a, namespace: shop}\n---\n\
+                    apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: b, namespace: shop}\nspec:\n  ingress:\n\
+                    \x20   - ports:\n        - {protocol: SCTP, port: 9010, endPort: 9000}\n";
+        let e = MeshPolicy::all_from_yaml(text).unwrap_err().to_string();
+        assert!(e.contains("spec.ingress[0].ports:") && e.contains("endPort 9000 is below port 9010") && e.contains("line 11"), "{e}");
+        // An empty peer.
+        let e = MeshPolicy::all_from_yaml(&text.replace("ports:\n        - {protocol: SCTP, port: 9010, endPort: 9000}", "from: [{}]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("spec.ingress[0].from:") && e.contains("empty peer") && e.contains("line 10"), "{e}");
+        // A document-level mistake names the document and where it starts.
+        let valid = text.replace("endPort: 9000", "endPort: 9020");
+        MeshPolicy::all_from_yaml(&valid).unwrap();
+        let e = MeshPolicy::all_from_yaml(&valid.replace("kind: MeshPolicy\nmetadata: {name: b", "kind: NetworkPolicy\nmetadata: {name: b"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("document 2 (from line 5): kind must be"), "{e}");
+        // A typo'd field: the parser's path, line and column.
+        let e = MeshPolicy::all_from_yaml(&text.replace("endPort", "endport")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `endport`") && e.contains("line 11"), "{e}");
     }
 }

@@ -212,12 +212,15 @@ impl AdminApi for AdminService {
 
     async fn put_policy(&self, req: Request<proto::PutPolicyRequest>) -> Result<Response<proto::PutPolicyResponse>, Status> {
         let text = req.into_inner().yaml;
-        // YAML is a superset of JSON, so one parser takes both.
-        let p: MeshPolicy = serde_yaml::from_str(&text).map_err(|e| Status::invalid_argument(format!("policy is not a MeshPolicy: {e}")))?;
-        let (namespace, name) = (p.metadata.namespace.clone(), p.metadata.name.clone());
+        // YAML is a superset of JSON, so one parser takes both; a
+        // multi-document stream is applied in one transaction, all or none.
+        let ps = MeshPolicy::all_from_yaml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let Some(first) = ps.first() else { return Err(Status::invalid_argument("no MeshPolicy in the request")) };
+        let (namespace, name) = (first.metadata.namespace.clone(), first.metadata.name.clone());
+        let keys = ps.iter().map(MeshPolicy::key).collect();
         let st = self.state.clone();
-        blocking(move || st.registry.put_policy(p).map_err(reg_status)).await?;
-        Ok(Response::new(proto::PutPolicyResponse { namespace, name }))
+        blocking(move || st.registry.put_policies(ps).map_err(reg_status)).await?;
+        Ok(Response::new(proto::PutPolicyResponse { namespace, name, keys }))
     }
 
     async fn delete_policy(&self, req: Request<proto::DeletePolicyRequest>) -> Result<Response<proto::DeletePolicyResponse>, Status> {

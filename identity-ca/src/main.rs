@@ -352,7 +352,9 @@ async fn main() -> Result<()> {
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
             };
             let r = c.put_policy(proto::PutPolicyRequest { yaml }).await?.into_inner();
-            println!("meshpolicy {}/{} applied", r.namespace, r.name);
+            for key in r.keys {
+                println!("meshpolicy {key} applied");
+            }
         }
         Cmd::Policy { cmd: PolicyCmd::Delete { key } } => {
             let (namespace, name) = split_key(&key)?;

@@ -199,6 +199,29 @@ impl Registry {
         Ok(())
     }
 
+    /// Several policies in one transaction, all or none (a multi-document
+    /// `policy apply`): every one is validated before anything is written.
+    pub fn put_policies(&self, ps: Vec<MeshPolicy>) -> Result<(), RegistryError> {
+        let mut keys = std::collections::BTreeSet::new();
+        for p in &ps {
+            p.validate().map_err(|e| RegistryError::Invalid { what: "policy", reason: e.to_string() })?;
+            if !keys.insert(p.key()) {
+                return Err(RegistryError::Invalid { what: "policy", reason: format!("{} appears twice in one apply", p.key()) });
+            }
+        }
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<SpiffeId> = ps.iter().flat_map(|p| alloc::policy_identities(p).cloned()).collect();
+        let delta = self.commit(&mut st, &ids, &[], |tx| ps.iter().try_for_each(|p| put(tx, POLICIES, &p.key(), p)))?;
+        let mut delta = Some(delta);
+        for p in ps {
+            let ev = Event::PolicyUpserted(convert::policy_to_proto(&p));
+            st.view.policies.insert(p.key(), p);
+            // The new numbers travel with the first event, before any policy uses them.
+            self.emit(&mut st, &delta.take().unwrap_or_default(), Some(ev));
+        }
+        Ok(())
+    }
+
     pub fn delete_policy(&self, key: &str) -> Result<(), RegistryError> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         if !st.view.policies.contains_key(key) {
