@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod flow;
 pub mod key;
 pub mod logging;
 pub mod policy;

@@ -137,14 +137,9 @@ async fn follow(mut client: proto::node_api_client::NodeApiClient<Channel>, tx: 
                     }
                     // Apply whatever else has already arrived before publishing,
                     // so a burst of changes costs one snapshot.
-                    loop {
-                        match tokio::time::timeout(Duration::ZERO, stream.message()).await {
-                            Ok(Ok(Some(ev))) => {
-                                if let Err(error) = convert::apply_event(&mut cur, ev) {
-                                    tracing::warn!(%error, "ignoring an invalid registry event");
-                                }
-                            }
-                            _ => break,
+                    while let Ok(Ok(Some(ev))) = tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                        if let Err(error) = convert::apply_event(&mut cur, ev) {
+                            tracing::warn!(%error, "ignoring an invalid registry event");
                         }
                     }
                     let snapshot = Arc::new(cur);

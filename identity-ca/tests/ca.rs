@@ -150,7 +150,7 @@ async fn verifier_refuses_expired_foreign_and_misused_certificates() {
     // Wrong usage: a CA certificate presented as a leaf, and a leaf without digitalSignature.
     let (ca_cert, ca_key) = rcgen_ca();
     let misuse = X509Bundle::new(td(), vec![ca_cert.clone()]).unwrap();
-    assert!(matches!(misuse.verify(&[ca_cert.clone()], UnixTime::now()), Err(SvidError::LeafIsCa | SvidError::EmptyPath { .. })));
+    assert!(matches!(misuse.verify(std::slice::from_ref(&ca_cert), UnixTime::now()), Err(SvidError::LeafIsCa | SvidError::EmptyPath { .. })));
     let no_ds = rcgen_leaf(&ca_cert, &ca_key, vec![rcgen::KeyUsagePurpose::KeyEncipherment]);
     assert_eq!(misuse.verify(&[no_ds], UnixTime::now()).unwrap_err(), SvidError::LeafMissingDigitalSignature);
     let signer = rcgen_leaf(&ca_cert, &ca_key, vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyCertSign]);

@@ -10,7 +10,7 @@ use meshguard_common::cluster::alloc::Allocations;
 use meshguard_common::spiffe::SpiffeId;
 use meshguard_ebpf::events::{EventKind, EventReader};
 use meshguard_ebpf::{AuthPair, AuthTable, PinLayout};
-use meshguard_tests::cluster::{Cluster, cluster, wait_until};
+use meshguard_meshctl::sim::cluster::{Cluster, cluster, wait_until};
 
 const POLICY: &str = r#"
 apiVersion: meshguard.io/v1alpha1

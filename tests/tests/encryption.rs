@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use meshguard_common::key::PublicKey;
-use meshguard_tests::bins::bin_path;
-use meshguard_tests::capture::{Capture, judge};
-use meshguard_tests::cluster::{Cluster, UNDERLAY_BRIDGE, WG_PORT, cluster, wait_until};
+use meshguard_meshctl::sim::bins::bin_path;
+use meshguard_meshctl::sim::capture::{Capture, judge};
+use meshguard_meshctl::sim::cluster::{Cluster, UNDERLAY_BRIDGE, WG_PORT, cluster, wait_until};
 
 const ECHO_PORT: u16 = 7000;
 

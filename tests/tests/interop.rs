@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshguard_common::key::PublicKey;
-use meshguard_tests::bins::bin_path;
-use meshguard_tests::cluster::{Cluster, cluster, wait_until};
-use meshguard_tests::cmd::{in_ns, in_ns_output, ip_in, run};
-use meshguard_tests::uapi::{self, reply_errno};
+use meshguard_meshctl::sim::bins::bin_path;
+use meshguard_meshctl::sim::cluster::{Cluster, cluster, wait_until};
+use meshguard_meshctl::sim::cmd::{in_ns, in_ns_output, ip_in, run};
+use meshguard_meshctl::sim::uapi::{self, reply_errno};
 
 const UAPI_DIR: &str = "/var/run/wireguard";
 

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use meshguard_tests::bins::bin_path;
-use meshguard_tests::cluster::{Cluster, cluster, wait_until};
+use meshguard_meshctl::sim::bins::bin_path;
+use meshguard_meshctl::sim::cluster::{Cluster, cluster, wait_until};
 
 const ECHO: u16 = 7000;
 const STREAM: u16 = 7100;
@@ -139,7 +139,7 @@ fn root_policy_change_takes_effect_on_live_traffic_within_a_second() {
     let restored_at = unix_now();
     c.set_policies(POLICIES).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let _ = meshguard_tests::cmd::run("kill", &["-INT", &pid.to_string()]);
+    let _ = meshguard_meshctl::sim::cmd::run("kill", &["-INT", &pid.to_string()]);
     let _ = c.wait_child(pid, Duration::from_secs(5));
 
     let replies: Vec<f64> = std::fs::read_to_string(&log)
@@ -232,10 +232,10 @@ fn root_a_pod_cannot_send_with_another_address_or_mac() {
 
     // web claims cache's address (same node) and an unassigned one.
     for spoofed in [cache_ip.as_str(), "10.244.1.99"] {
-        meshguard_tests::cmd::ip_in(&web, &["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
+        meshguard_meshctl::sim::cmd::ip_in(&web, &["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
         let out = c.exec("shop/web", "ping", &["-c", "1", "-W", "1", "-I", spoofed, &api_ip]).unwrap();
         assert!(!out.status.success(), "web sent as {spoofed}");
-        meshguard_tests::cmd::ip_in(&web, &["addr", "del", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
+        meshguard_meshctl::sim::cmd::ip_in(&web, &["addr", "del", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
     }
     let counted = |reason: &str, at_least: f64| {
         let series = format!("meshguard_datapath_packets_total{{direction=\"egress\",reason=\"{reason}\"}}");
@@ -246,7 +246,7 @@ fn root_a_pod_cannot_send_with_another_address_or_mac() {
     counted("DROP_SPOOFED_IP", 2.0).expect("spoofed source addresses are dropped and counted");
 
     // web changes its MAC: nothing it sends passes any more.
-    meshguard_tests::cmd::ip_in(&web, &["link", "set", "eth0", "address", "02:00:00:00:be:ef"]).unwrap();
+    meshguard_meshctl::sim::cmd::ip_in(&web, &["link", "set", "eth0", "address", "02:00:00:00:be:ef"]).unwrap();
     assert!(!icmp(&c, "shop/web", "shop/api"), "web sent with a foreign MAC");
     counted("DROP_SPOOFED_MAC", 1.0).expect("a spoofed MAC is dropped and counted");
 }

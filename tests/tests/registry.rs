@@ -3,9 +3,9 @@
 //! channel authenticated by its node SVID, learns the others from the watch
 //! stream, and the numeric identities come from the registry.
 
-use meshguard_tests::bins::bin_path;
-use meshguard_tests::capture::{Capture, judge};
-use meshguard_tests::cluster::{UNDERLAY_BRIDGE, WG_PORT, cluster};
+use meshguard_meshctl::sim::bins::bin_path;
+use meshguard_meshctl::sim::capture::{Capture, judge};
+use meshguard_meshctl::sim::cluster::{UNDERLAY_BRIDGE, WG_PORT, cluster};
 
 const POLICY: &str = r#"
 apiVersion: meshguard.io/v1alpha1

@@ -10,8 +10,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshguard_tests::cluster::{Cluster, cluster, wait_until};
-use meshguard_tests::identity::{Outcome, SvidReport, parse_pem_certs};
+use meshguard_meshctl::sim::cluster::{Cluster, cluster, wait_until};
+use meshguard_meshctl::sim::identity::{Outcome, SvidReport, parse_pem_certs};
 
 /// Two nodes; two pods share node-1 (and its socket), one is on node-2.
 /// web's service account differs from its name: the SPIFFE ID must follow

@@ -27,6 +27,7 @@ pub mod config;
 pub mod enforce;
 pub mod metrics;
 pub mod node_key;
+pub mod observe;
 pub mod policy;
 pub mod reconcile;
 pub mod routes;
@@ -161,12 +162,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let events = enforcer.datapath_mut().events()?.into_async()?;
                 let state = enforcer.state.clone();
                 agent.metrics.set_datapath(state.clone());
+                let hub = observe::EventHub::new(&agent.cfg.node_name);
+                let settings = agent.cfg.datapath.as_ref().expect("a datapath was loaded");
+                // The server task lives as long as the agent (the handle detaches).
+                hub.serve(&settings.events_socket)
+                    .with_context(|| format!("cannot serve the event stream on {}", settings.events_socket.display()))?;
                 tokio::spawn(async move {
                     let mut events = events;
                     let mut recent = BTreeMap::new();
                     loop {
                         match events.next().await {
-                            Ok(e) => enforce::report_event(&state, &mut recent, &e),
+                            Ok(e) => {
+                                hub.publish(&state, &e);
+                                enforce::report_event(&state, &mut recent, &e);
+                            }
                             Err(error) => {
                                 tracing::error!(%error, "datapath event stream failed");
                                 return;

@@ -16,6 +16,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "mg-probe", about = "meshguard test traffic tool")]
 struct Cli {
+    /// On success, print `ttfb_ms=<ms>` on stderr: the time from the first
+    /// packet sent to the first byte of the answer.
+    #[arg(long, global = true)]
+    timing: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -85,7 +89,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let started = std::time::Instant::now();
+    let result = match cli.cmd {
         Cmd::Serve { port } => serve(port),
         Cmd::Tcp { addr, message, timeout } => tcp(addr, &message, Duration::from_secs(timeout)),
         Cmd::Udp { addr, message, tries } => udp(addr, &message, tries),
@@ -97,7 +103,12 @@ fn main() -> ExitCode {
         Cmd::Stream { addr, seconds, rate } => stream::send(addr, Duration::from_secs(seconds), rate),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            if cli.timing {
+                eprintln!("ttfb_ms={:.3}", started.elapsed().as_secs_f64() * 1000.0);
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("mg-probe: {e}");
             ExitCode::FAILURE

@@ -4,7 +4,7 @@
 //! It is the Rust `spiffe` crate used exactly as a workload would use it:
 //! the endpoint comes from `SPIFFE_ENDPOINT_SOCKET`, nothing meshguard-
 //! specific is sent. Every result is one JSON line on stdout
-//! ([`meshguard_tests::identity::Outcome`]):
+//! ([`meshguard_meshctl::sim::identity::Outcome`]):
 //!
 //! - `fetch`: one X.509 context (SVID and bundles); exit 0.
 //! - `watch --count N`: the stream of X.509 contexts, one line per update,
@@ -26,7 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Parser, Subcommand};
 use futures::StreamExt as _;
-use meshguard_tests::identity::{JwtReport, Outcome, SvidReport};
+use meshguard_meshctl::sim::identity::{JwtReport, Outcome, SvidReport};
 use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
@@ -77,9 +77,12 @@ enum Cmd {
 /// Exit status of a refusal by the Workload API.
 const EXIT_REFUSED: u8 = 2;
 
+/// One subcommand's work, run under its timeout.
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>>>>;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let (timeout, run): (u64, std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>>>>) = match Cli::parse().cmd {
+    let (timeout, run): (u64, Job) = match Cli::parse().cmd {
         Cmd::Fetch { timeout } => (timeout, Box::pin(fetch())),
         Cmd::Watch { count, timeout } => (timeout, Box::pin(watch(count))),
         Cmd::Jwt { audience, spiffe_id, timeout } => (timeout, Box::pin(jwt(audience, spiffe_id))),

@@ -39,7 +39,7 @@ pub fn require_root() {
     );
     for tool in ["ip", "tcpdump"] {
         assert!(
-            crate::cmd::output(tool, &["-V"]).is_ok(),
+            crate::sim::cmd::output(tool, &["-V"]).is_ok(),
             "this test needs `{tool}`; install the packages with ./scripts/setup.sh"
         );
     }

@@ -1,14 +1,14 @@
 //! Captures on the underlay with tcpdump, and the judgement tests make of
 //! them: what crossed between nodes, and whether anything was in plaintext.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
-use crate::cluster::{ClusterError, Result, wait_until};
+use crate::sim::cluster::{ClusterError, Result, wait_until};
 
 pub struct Capture {
     child: Option<Child>,
@@ -26,6 +26,8 @@ pub struct Report {
     /// IPv6 neighbour discovery and MLD from link-local addresses, and IGMP
     /// to link-local multicast: what interfaces say when they come up.
     pub link_control: usize,
+    /// TCP to or from a control-plane address (the CA's TLS port), see [`judge_with`].
+    pub control_plane: usize,
     /// Everything that should never be on the underlay, described.
     pub violations: Vec<String>,
 }
@@ -56,14 +58,19 @@ impl Capture {
     }
 
     /// Stops tcpdump (flushing its file) and returns the raw frames.
-    pub fn stop(mut self) -> Result<Vec<Vec<u8>>> {
+    pub fn stop(self) -> Result<Vec<Vec<u8>>> {
+        Ok(self.stop_timed()?.into_iter().map(|(_, f)| f).collect())
+    }
+
+    /// Stops tcpdump and returns each frame with the time it was captured.
+    pub fn stop_timed(mut self) -> Result<Vec<(SystemTime, Vec<u8>)>> {
         if let Some(mut c) = self.child.take() {
             // Let the last frames reach the file before tcpdump is told to stop.
             std::thread::sleep(Duration::from_millis(300));
-            let _ = crate::cmd::run("kill", &["-INT", &c.id().to_string()]);
+            let _ = crate::sim::cmd::run("kill", &["-INT", &c.id().to_string()]);
             let _ = c.wait();
         }
-        read_pcap(&self.file)
+        read_pcap_timed(&self.file)
     }
 }
 
@@ -77,14 +84,24 @@ impl Drop for Capture {
 }
 
 pub fn read_pcap(file: &Path) -> Result<Vec<Vec<u8>>> {
+    Ok(read_pcap_timed(file)?.into_iter().map(|(_, f)| f).collect())
+}
+
+/// Every frame of a pcap file with its capture time.
+pub fn read_pcap_timed(file: &Path) -> Result<Vec<(SystemTime, Vec<u8>)>> {
     let f = std::fs::File::open(file)?;
     let mut r = pcap_file::pcap::PcapReader::new(f).map_err(|e| ClusterError::Invalid(format!("pcap: {e}")))?;
     let mut out = Vec::new();
     while let Some(p) = r.next_packet() {
         let p = p.map_err(|e| ClusterError::Invalid(format!("pcap: {e}")))?;
-        out.push(p.data.into_owned());
+        out.push((SystemTime::UNIX_EPOCH + p.timestamp, p.data.into_owned()));
     }
     Ok(out)
+}
+
+/// Whether any frame carries `needle` (e.g. a probe's marker) in the clear.
+pub fn frames_contain(frames: &[Vec<u8>], needle: &[u8]) -> bool {
+    frames.iter().any(|f| contains(f, needle))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -102,6 +119,14 @@ fn is_pod_address(ip: IpAddr) -> bool {
 /// `wg_port`, ARP, and IPv6 link-local control traffic are acceptable;
 /// `markers` must appear nowhere.
 pub fn judge(frames: &[Vec<u8>], wg_port: u16, markers: &[&[u8]]) -> Report {
+    judge_with(frames, wg_port, markers, &[])
+}
+
+/// [`judge`], where TCP to or from one of `control` (e.g. identity-ca's
+/// TLS port: nodes reach their CA over the underlay) is counted as
+/// control-plane traffic instead of a violation. Markers are still searched
+/// in every frame.
+pub fn judge_with(frames: &[Vec<u8>], wg_port: u16, markers: &[&[u8]], control: &[SocketAddr]) -> Report {
     let mut r = Report { frames: frames.len(), ..Default::default() };
     for (i, f) in frames.iter().enumerate() {
         for m in markers {
@@ -134,6 +159,12 @@ pub fn judge(frames: &[Vec<u8>], wg_port: u16, markers: &[&[u8]]) -> Report {
             continue;
         }
         match (&p.transport, net) {
+            (Some(TransportSlice::Tcp(t)), _)
+                if control.contains(&SocketAddr::new(src, t.source_port()))
+                    || control.contains(&SocketAddr::new(dst, t.destination_port())) =>
+            {
+                r.control_plane += 1;
+            }
             (Some(TransportSlice::Udp(u)), _) if u.source_port() == wg_port || u.destination_port() == wg_port => {
                 let payload = u.payload();
                 let wg = payload.len() >= 4 && (1..=4).contains(&payload[0]) && payload[1..4] == [0, 0, 0];

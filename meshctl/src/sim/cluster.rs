@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -25,13 +26,18 @@ use meshguard_common::cluster::Workload;
 use meshguard_common::cluster::file::ClusterFile;
 use meshguard_common::policy::MeshPolicy;
 use meshguard_common::spiffe::TrustDomain;
+use serde::{Deserialize, Serialize};
 
-use crate::bins::{bin_path, require_root};
-use crate::cmd::{self, CmdError, ip, ip_in, sysctl};
-use crate::uapi::{self, WgDevice};
+use crate::sim::bins::{bin_path, require_root};
+use crate::sim::cmd::{self, CmdError, ip, ip_in, sysctl};
+use crate::sim::uapi::{self, WgDevice};
 
 /// Prefix of every namespace a run creates.
 pub const NETNS_PREFIX: &str = "mg-";
+/// Prefix of a persistent cluster's names (`meshctl up`): it outlives the
+/// process that built it, so the stale-run sweep (which keys on the pid in
+/// `mg-<pid>-…`) must never match it.
+pub const PERSISTENT_PREFIX: &str = "mgc-";
 /// Where runs keep configs, keys, logs and captures.
 pub const RUN_ROOT: &str = "/tmp/meshguard-runs";
 /// Keep namespaces and files after the run (for debugging): `MESHGUARD_KEEP=1`.
@@ -46,6 +52,10 @@ pub const POD_GATEWAY: &str = "169.254.1.1";
 /// Pods use the tunnel's MTU, as CNIs do, so no packet needs fragmenting.
 pub const POD_MTU: u16 = 1420;
 pub const METRICS_PORT: u16 = 9401;
+/// Node addresses are 192.168.100.1-200 (.254 is identity-ca's).
+pub const MAX_NODES: usize = 200;
+/// Pod addresses on a node are 10.244.N.10-254.
+pub const MAX_PODS_PER_NODE: usize = 245;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -61,7 +71,8 @@ pub enum ClusterError {
 
 pub type Result<T> = std::result::Result<T, ClusterError>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodSpec {
     pub namespace: String,
     pub name: String,
@@ -73,10 +84,12 @@ pub struct PodSpec {
 /// A prose-like fixture: `cluster().nodes(3).pod("shop/web").on("node-1").build()`.
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
-    nodes: usize,
+    nodes: Vec<String>,
     pods: Vec<PodSpec>,
     trust_domain: String,
     policies: Vec<MeshPolicy>,
+    run_root: PathBuf,
+    persistent: bool,
 }
 
 pub struct PodBuilder {
@@ -84,6 +97,8 @@ pub struct PodBuilder {
     spec: PodSpec,
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Node {
     pub name: String,
     pub index: u8,
@@ -91,10 +106,15 @@ pub struct Node {
     pub underlay_ip: Ipv4Addr,
     pub pod_cidr: String,
     pub dir: PathBuf,
+    /// The agent's pid, kept in the saved state of a persistent cluster.
+    #[serde(default)]
+    pub agent_pid: Option<u32>,
+    #[serde(skip)]
     agent: Mutex<Option<Child>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
@@ -108,6 +128,9 @@ pub struct Pod {
     pub mac: String,
 }
 
+/// Renders a node agent's `cluster:` source (a YAML flow mapping) for a node.
+type AgentSource = Box<dyn Fn(&str) -> String + Send>;
+
 pub struct Cluster {
     pub run_id: String,
     pub dir: PathBuf,
@@ -118,21 +141,59 @@ pub struct Cluster {
     policies: Vec<MeshPolicy>,
     children: Mutex<Vec<Child>>,
     keep: bool,
+    /// Opened from a saved state ([`Cluster::open`]): its processes are not
+    /// our children.
+    opened: bool,
+    /// Detached, opened or removed: dropping this value touches nothing.
+    handed_over: bool,
     /// Renders the agents' `cluster:` source for a node; the shared
     /// directory when unset.
-    agent_source: Mutex<Option<Box<dyn Fn(&str) -> String + Send>>>,
+    agent_source: Mutex<Option<AgentSource>>,
+}
+
+/// What a persistent cluster saves in its state directory, so that later
+/// `meshctl` invocations can find, inspect and remove it.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedCluster {
+    pub run_id: String,
+    pub dir: PathBuf,
+    pub underlay_ns: String,
+    pub trust_domain: TrustDomain,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub policies: Vec<MeshPolicy>,
+    /// Everything else the run started (identity-ca, auth-handshake, servers).
+    pub pids: Vec<u32>,
+    /// The identity stack, when one was started (see [`crate::sim::identity`]).
+    pub identity: Option<crate::sim::identity::SavedIdentity>,
 }
 
 pub fn cluster() -> ClusterBuilder {
-    ClusterBuilder { nodes: 2, pods: Vec::new(), trust_domain: "cluster.local".into(), policies: Vec::new() }
+    ClusterBuilder {
+        nodes: vec!["node-1".into(), "node-2".into()],
+        pods: Vec::new(),
+        trust_domain: "cluster.local".into(),
+        policies: Vec::new(),
+        run_root: PathBuf::from(RUN_ROOT),
+        persistent: false,
+    }
 }
 
 // === impl ClusterBuilder ===
 
 impl ClusterBuilder {
     pub fn nodes(mut self, n: usize) -> Self {
-        assert!((1..=200).contains(&n), "1 to 200 nodes");
-        self.nodes = n;
+        assert!((1..=MAX_NODES).contains(&n), "1 to {MAX_NODES} nodes");
+        self.nodes = (1..=n).map(|i| format!("node-{i}")).collect();
+        self
+    }
+
+    /// Nodes with these names, in this order (node `i` gets underlay address
+    /// 192.168.100.`i` and pod CIDR 10.244.`i`.0/24).
+    pub fn named_nodes(mut self, names: Vec<String>) -> Self {
+        assert!((1..=MAX_NODES).contains(&names.len()), "1 to {MAX_NODES} nodes");
+        self.nodes = names;
         self
     }
 
@@ -161,14 +222,38 @@ impl ClusterBuilder {
         self
     }
 
+    /// Adds an already parsed pod (e.g. from a `meshctl up --spec` file).
+    pub fn pod_spec(mut self, spec: PodSpec) -> Self {
+        self.pods.push(spec);
+        self
+    }
+
+    /// Keeps the run's files under `dir/<run id>` instead of [`RUN_ROOT`].
+    pub fn run_root(mut self, dir: &Path) -> Self {
+        self.run_root = dir.to_owned();
+        self
+    }
+
+    /// A cluster that outlives this process (`meshctl up`): names start with
+    /// [`PERSISTENT_PREFIX`] so no other run sweeps it, and
+    /// [`Cluster::detach`] hands it over to its saved state.
+    pub fn persistent(mut self) -> Self {
+        self.persistent = true;
+        self
+    }
+
     /// Creates every namespace, link, address and route. Agents are started
     /// separately ([`Cluster::start_agents`]) so tests can act before that.
     pub fn build(self) -> Result<Cluster> {
         require_root();
         sweep_stale_runs();
         mount_bpffs_if_needed();
-        let run_id = format!("{NETNS_PREFIX}{}-{:04x}", std::process::id(), rand::random::<u16>());
-        let dir = PathBuf::from(RUN_ROOT).join(&run_id);
+        let run_id = if self.persistent {
+            format!("{PERSISTENT_PREFIX}{:08x}", rand::random::<u32>())
+        } else {
+            format!("{NETNS_PREFIX}{}-{:04x}", std::process::id(), rand::random::<u16>())
+        };
+        let dir = self.run_root.join(&run_id);
         std::fs::create_dir_all(&dir)?;
         let trust_domain = TrustDomain::new(&self.trust_domain).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         let mut c = Cluster {
@@ -181,12 +266,14 @@ impl ClusterBuilder {
             policies: self.policies,
             children: Mutex::new(Vec::new()),
             keep: std::env::var_os(KEEP_ENV).is_some(),
+            opened: false,
+            handed_over: false,
             agent_source: Mutex::new(None),
         };
         // From here on, Drop cleans up whatever was created.
         c.create_underlay()?;
-        for i in 1..=self.nodes {
-            c.create_node(i as u8)?;
+        for (i, name) in self.nodes.iter().enumerate() {
+            c.create_node(i as u8 + 1, name)?;
         }
         for spec in self.pods {
             if !c.nodes.iter().any(|n| n.name == spec.node) {
@@ -228,8 +315,8 @@ impl Cluster {
         Ok(())
     }
 
-    fn create_node(&mut self, index: u8) -> Result<()> {
-        let name = format!("node-{index}");
+    fn create_node(&mut self, index: u8, name: &str) -> Result<()> {
+        let name = name.to_owned();
         let netns = format!("{}-{name}", self.run_id);
         let dir = self.dir.join(&name);
         std::fs::create_dir_all(&dir)?;
@@ -241,6 +328,7 @@ impl Cluster {
             pod_cidr: format!("10.244.{index}.0/24"),
             dir,
             netns,
+            agent_pid: None,
             agent: Mutex::new(None),
         };
         let ns = node.netns.clone();
@@ -257,7 +345,14 @@ impl Cluster {
 
     fn create_pod(&mut self, spec: PodSpec) -> Result<()> {
         let node = self.node(&spec.node);
-        let k = self.pods.iter().filter(|p| p.node == spec.node).count() as u8;
+        let k = self.pods.iter().filter(|p| p.node == spec.node).count();
+        if k >= MAX_PODS_PER_NODE {
+            return Err(ClusterError::Invalid(format!("node {} cannot hold more than {MAX_PODS_PER_NODE} pods", spec.node)));
+        }
+        if self.pods.iter().any(|p| p.namespace == spec.namespace && p.name == spec.name) {
+            return Err(ClusterError::Invalid(format!("pod {}/{} is defined twice", spec.namespace, spec.name)));
+        }
+        let k = k as u8;
         let pod_ip = Ipv4Addr::new(10, 244, node.index, 10 + k);
         let netns = format!("{}-{}-{}", self.run_id, spec.namespace, spec.name);
         let host_if = format!("lxc{}", 10 + k);
@@ -364,6 +459,11 @@ impl Cluster {
         self.node(node).dir.join("endpoints")
     }
 
+    /// Where the node agent streams its datapath events (`meshctl observe`).
+    pub fn events_socket(&self, node: &str) -> PathBuf {
+        self.uapi_dir(node).join("events.sock")
+    }
+
     /// The node's pinned datapath in bpffs (per run, so runs stay apart).
     pub fn pin_dir(&self, node: &str) -> PathBuf {
         Path::new(BPF_PIN_ROOT).join(format!("{}-{node}", self.run_id))
@@ -385,7 +485,7 @@ impl Cluster {
             "nodeName: {name}\nstateDir: {state}\ninterface: {TUNNEL_IF}\nlistenPort: {WG_PORT}\n\
              endpoint: {ip}:{WG_PORT}\npodCidrs: [{cidr}]\nclusterCidrs: [10.244.0.0/16]\nstrict: {strict}\n\
              uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {source}\n\
-             datapath: {{pinDir: {pin}, endpointsDir: {endpoints}}}\n",
+             datapath: {{pinDir: {pin}, endpointsDir: {endpoints}, eventsSocket: {events}}}\n",
             name = n.name,
             state = n.dir.join("state").display(),
             ip = n.underlay_ip,
@@ -393,6 +493,7 @@ impl Cluster {
             uapi = self.uapi_dir(node).display(),
             pin = self.pin_dir(node).display(),
             endpoints = self.endpoints_dir(node).display(),
+            events = self.events_socket(node).display(),
         );
         let path = self.agent_config_path(node);
         std::fs::write(&path, cfg)?;
@@ -401,14 +502,24 @@ impl Cluster {
 
     /// Starts `wg-agent run` on every node and waits for a full mesh.
     pub fn start_agents(&self) -> Result<()> {
+        // All at once: each agent's start (datapath load, first sync) is
+        // mostly waiting, so the nodes overlap instead of queueing.
         for n in &self.nodes {
-            self.start_agent(&n.name)?;
+            self.spawn_agent(&n.name)?;
+        }
+        for n in &self.nodes {
+            self.wait_agent(&n.name)?;
         }
         self.wait_mesh()
     }
 
-    /// Starts (or restarts) the node agent of `node`.
+    /// Starts (or restarts) the node agent of `node` and waits until it is ready.
     pub fn start_agent(&self, node: &str) -> Result<()> {
+        self.spawn_agent(node)?;
+        self.wait_agent(node)
+    }
+
+    fn spawn_agent(&self, node: &str) -> Result<()> {
         let config = self.write_agent_config(node, true)?;
         let n = self.node(node);
         let log = OpenOptions::new().create(true).append(true).open(n.dir.join("agent.log"))?;
@@ -423,6 +534,9 @@ impl Cluster {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            // Its own process group: a terminal's Ctrl-C to meshctl (or to a
+            // test run) does not reach the agents; the cluster stops them.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -433,7 +547,11 @@ impl Cluster {
             let _ = old.wait();
         }
         *slot = Some(child);
-        drop(slot);
+        Ok(())
+    }
+
+    /// Waits until `node`'s agent serves its UAPI socket and says it is ready.
+    fn wait_agent(&self, node: &str) -> Result<()> {
         let sock = uapi::socket_path(&self.uapi_dir(node), TUNNEL_IF);
         wait_until(&format!("{node}'s agent to serve {}", sock.display()), Duration::from_secs(20), || {
             self.agent_alive(node) && uapi::get(&sock).is_ok()
@@ -446,11 +564,13 @@ impl Cluster {
         .map_err(|e| self.with_log(node, e))
     }
 
-    fn agent_alive(&self, node: &str) -> bool {
-        let mut slot = self.node(node).agent.lock().expect("agent lock");
+    /// Whether `node`'s wg-agent runs.
+    pub fn agent_alive(&self, node: &str) -> bool {
+        let n = self.node(node);
+        let mut slot = n.agent.lock().expect("agent lock");
         match slot.as_mut() {
             Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
+            None => n.agent_pid.is_some_and(pid_alive),
         }
     }
 
@@ -522,6 +642,7 @@ impl Cluster {
             .arg(program)
             .args(args)
             .envs(env.iter().copied())
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -560,10 +681,14 @@ impl Cluster {
         }
     }
 
-    /// Whether a process started with [`Cluster::spawn_in`] still runs.
+    /// Whether a process started with [`Cluster::spawn_in`] still runs
+    /// (for a cluster opened from its saved state: whether the pid lives).
     pub fn is_running(&self, pid: u32) -> bool {
         let mut children = self.children.lock().expect("children lock");
-        children.iter_mut().find(|c| c.id() == pid).is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        match children.iter_mut().find(|c| c.id() == pid) {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => self.opened && pid_alive(pid),
+        }
     }
 
     /// Starts an echo server (TCP and UDP on `port`) in a pod and waits until it listens.
@@ -641,6 +766,9 @@ impl Drop for Cluster {
                 eprintln!("--- {} agent log (tail) ---\n{}", n.name, log_tail(&n.dir.join("agent.log"), 40));
             }
         }
+        if self.handed_over {
+            return;
+        }
         if self.keep {
             eprintln!("{KEEP_ENV} is set: leaving {} and its namespaces in place", self.dir.display());
             return;
@@ -658,6 +786,10 @@ impl Pod {
 }
 
 // === helpers ===
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
 
 fn signal(pid: u32, sig: i32) {
     let _ = cmd::run("kill", &[format!("-{sig}"), pid.to_string()]);
@@ -746,6 +878,101 @@ fn mount_bpffs_if_needed() {
 /// The address other nodes use for `node`'s WireGuard endpoint.
 pub fn endpoint_of(node: &Node) -> SocketAddr {
     SocketAddr::new(node.underlay_ip.into(), WG_PORT)
+}
+
+// === persistence (meshctl up/down) ===
+
+impl Cluster {
+    /// Writes the cluster's description to `state_file` and leaves it
+    /// running after this value (and this process) is gone.
+    pub fn detach(mut self, identity: Option<crate::sim::identity::SavedIdentity>, state_file: &Path) -> Result<SavedCluster> {
+        let mut pids: Vec<u32> = self.children.lock().expect("children lock").iter().map(Child::id).collect();
+        pids.sort_unstable();
+        let nodes = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(|mut n| {
+                n.agent_pid = n.agent.get_mut().expect("agent lock").as_ref().map(Child::id).or(n.agent_pid);
+                n
+            })
+            .collect();
+        let saved = SavedCluster {
+            run_id: self.run_id.clone(),
+            dir: self.dir.clone(),
+            underlay_ns: self.underlay_ns.clone(),
+            trust_domain: self.trust_domain.clone(),
+            nodes,
+            pods: std::mem::take(&mut self.pods),
+            policies: std::mem::take(&mut self.policies),
+            pids,
+            identity,
+        };
+        let text = serde_json::to_vec_pretty(&saved).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let tmp = state_file.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, state_file)?;
+        // std's Child neither kills nor waits on drop: the processes run on.
+        self.handed_over = true;
+        Ok(saved)
+    }
+
+    /// The cluster a saved state describes. Dropping it leaves the cluster
+    /// running; [`Cluster::remove`] tears it down.
+    pub fn open(saved: SavedCluster) -> Cluster {
+        Cluster {
+            run_id: saved.run_id,
+            dir: saved.dir,
+            underlay_ns: saved.underlay_ns,
+            trust_domain: saved.trust_domain,
+            nodes: saved.nodes,
+            pods: saved.pods,
+            policies: saved.policies,
+            children: Mutex::new(Vec::new()),
+            keep: true,
+            opened: true,
+            handed_over: true,
+            agent_source: Mutex::new(None),
+        }
+    }
+
+    /// Reads a state file written by [`Cluster::detach`].
+    pub fn read_saved(state_file: &Path) -> Result<SavedCluster> {
+        let text = std::fs::read(state_file)?;
+        serde_json::from_slice(&text)
+            .map_err(|e| ClusterError::Invalid(format!("{} is not a meshctl cluster state: {e}", state_file.display())))
+    }
+
+    /// Stops every process and removes every namespace, pin and file of the
+    /// run, whether this process built it or opened it from its state.
+    pub fn remove(mut self) {
+        self.teardown();
+        self.handed_over = true;
+    }
+
+    /// Whether any trace of the run is left on the machine: its namespaces,
+    /// its bpffs pins, its run directory. Empty when it is gone.
+    pub fn leftovers(run_id: &str, dir: &Path) -> Vec<String> {
+        let mut left = Vec::new();
+        if let Ok(list) = ip(&["netns", "list"]) {
+            left.extend(
+                list.lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|ns| ns.starts_with(run_id))
+                    .map(|ns| format!("netns {ns}")),
+            );
+        }
+        if let Ok(entries) = std::fs::read_dir(BPF_PIN_ROOT) {
+            left.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(run_id))
+                    .map(|e| format!("bpffs {}", e.path().display())),
+            );
+        }
+        if dir.exists() {
+            left.push(format!("directory {}", dir.display()));
+        }
+        left
+    }
 }
 
 // === node records ===

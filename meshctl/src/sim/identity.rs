@@ -23,7 +23,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use meshguard_tests::cluster::cluster;
+//! use meshguard_meshctl::sim::cluster::cluster;
 //! let c = cluster().nodes(2).pod("shop/web").on("node-1").build().unwrap();
 //! let id = c.identity().svid_ttl(Duration::from_secs(10)).start().unwrap();
 //! let svid = id.fetch("shop/web").unwrap().svid().unwrap();
@@ -39,9 +39,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 
-use crate::bins::bin_path;
-use crate::cluster::{Cluster, ClusterError, Result, UNDERLAY_BRIDGE, log_tail, wait_until};
-use crate::cmd::{self, ip_in};
+use crate::sim::bins::bin_path;
+use crate::sim::cluster::{Cluster, ClusterError, Result, UNDERLAY_BRIDGE, log_tail, wait_until};
+use crate::sim::cmd::{self, ip_in};
 
 /// identity-ca's address on the underlay bridge (nodes are .1 to .200).
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
@@ -125,6 +125,20 @@ pub struct Identity<'c> {
     agents: Vec<(String, u32)>,
 }
 
+/// What a persistent cluster saves of its identity stack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedIdentity {
+    pub dir: PathBuf,
+    pub ca_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub bundle_file: PathBuf,
+    pub svid_ttl: Duration,
+    pub ca_pid: u32,
+    /// (node, auth-handshake pid)
+    pub agents: Vec<(String, u32)>,
+}
+
 /// One SVID on the CA's record (`identity-ca svid list --json`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -144,6 +158,20 @@ impl Cluster {
             svid_ttl: DEFAULT_SVID_TTL,
             node_svid_ttl: DEFAULT_SVID_TTL,
             bundle_refresh: DEFAULT_BUNDLE_REFRESH,
+        }
+    }
+
+    /// The identity stack of a cluster opened from its saved state.
+    pub fn identity_from(&self, saved: SavedIdentity) -> Identity<'_> {
+        Identity {
+            cluster: self,
+            dir: saved.dir,
+            ca_addr: saved.ca_addr,
+            admin_socket: saved.admin_socket,
+            bundle_file: saved.bundle_file,
+            svid_ttl: saved.svid_ttl,
+            ca_pid: saved.ca_pid,
+            agents: saved.agents,
         }
     }
 
@@ -423,6 +451,25 @@ impl Identity<'_> {
     /// The pid of identity-ca (for tests that stop or signal it).
     pub fn ca_pid(&self) -> u32 {
         self.ca_pid
+    }
+
+    /// Whether identity-ca and `node`'s auth-handshake run.
+    pub fn running(&self) -> (bool, Vec<(String, bool)>) {
+        let c = self.cluster;
+        (c.is_running(self.ca_pid), self.agents.iter().map(|(n, pid)| (n.clone(), c.is_running(*pid))).collect())
+    }
+
+    /// What a persistent cluster keeps of this stack.
+    pub fn saved(&self) -> SavedIdentity {
+        SavedIdentity {
+            dir: self.dir.clone(),
+            ca_addr: self.ca_addr,
+            admin_socket: self.admin_socket.clone(),
+            bundle_file: self.bundle_file.clone(),
+            svid_ttl: self.svid_ttl,
+            ca_pid: self.ca_pid,
+            agents: self.agents.clone(),
+        }
     }
 }
 

@@ -84,6 +84,9 @@ pub struct RawDatapath {
     pub pin_dir: Option<PathBuf>,
     /// Node-local pod endpoints (`<namespace>_<name>.yaml`), written by the CNI plugin.
     pub endpoints_dir: PathBuf,
+    /// The live event stream `meshctl observe` follows (a unix socket, 0600).
+    #[serde(default)]
+    pub events_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,7 +139,11 @@ pub struct AgentConfig {
 pub struct DatapathSettings {
     pub pin_dir: PathBuf,
     pub endpoints_dir: PathBuf,
+    pub events_socket: PathBuf,
 }
+
+/// Where the event stream is served when `eventsSocket` is not given.
+pub const DEFAULT_EVENTS_SOCKET: &str = "/var/run/meshguard/events.sock";
 
 /// bpffs root of this node's pinned datapath when `pinDir` is not given.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/meshguard";
@@ -249,6 +256,7 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     let datapath = raw.datapath.map(|d| DatapathSettings {
         pin_dir: d.pin_dir.unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&raw.node_name)),
         endpoints_dir: d.endpoints_dir,
+        events_socket: d.events_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_EVENTS_SOCKET)),
     });
     Ok(AgentConfig {
         datapath,
