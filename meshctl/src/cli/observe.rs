@@ -92,9 +92,11 @@ pub fn render(e: &FlowEvent) -> String {
     if e.verdict == "lost" {
         return format!("{} {} LOST {} event(s): this reader fell behind", clock(e.time_ms), e.node, e.count.unwrap_or(0));
     }
+    // ICMP carries no ports (the datapath reports the echo id there).
+    let ports = matches!(e.protocol.as_str(), "TCP" | "UDP" | "SCTP");
     let addr = |ip: &Option<std::net::IpAddr>, port: u16| match (ip, port) {
-        (Some(ip), 0) => ip.to_string(),
-        (Some(ip), p) => format!("{ip}:{p}"),
+        (Some(ip), p) if ports && p != 0 => format!("{ip}:{p}"),
+        (Some(ip), _) => ip.to_string(),
         (None, _) => "?".into(),
     };
     let why = if e.reason.is_empty() { String::new() } else { format!(" ({})", e.reason) };
