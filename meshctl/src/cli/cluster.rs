@@ -67,9 +67,12 @@ pub fn start(run_root: &Path, spec: &ClusterSpec, policies: Option<&str>) -> Res
     Ok((c, saved))
 }
 
-/// A progress line on stderr, so stdout stays the command's result.
+/// A progress line on stderr (stdout stays the command's result), with the
+/// seconds since the command started.
 pub fn progress(what: &str) {
-    eprintln!("  ... {what}");
+    static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = STARTED.get_or_init(Instant::now).elapsed();
+    eprintln!("  [{:>5.1}s] {what}", t.as_secs_f64());
 }
 
 /// Removes the cluster of `dir` and checks that nothing of it is left.
