@@ -21,9 +21,18 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-# shellcheck disable=SC2086 # word splitting of the package list is intended
-apt-get install -y -q --no-install-recommends $PACKAGES
+# Refresh the package lists only when something is missing: a machine that
+# has everything needs no network for this step.
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "setup.sh: installing$missing" >&2
+    apt-get update -q
+    # shellcheck disable=SC2086 # word splitting of the package list is intended
+    apt-get install -y -q --no-install-recommends $missing
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -32,6 +41,20 @@ if ! command -v cargo >/dev/null 2>&1; then
         echo "setup.sh: installing the Rust toolchain with rustup" >&2
         curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
     fi
+fi
+# The lint gates (.ci/run) need rustfmt and clippy, which the minimal profile lacks.
+if command -v rustup >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/rustup" ]; then
+    PATH="$HOME/.cargo/bin:$PATH" rustup component add rustfmt clippy >/dev/null 2>&1 || true
+fi
+
+# The workspace's rust-version is the floor; Debian's own cargo is older.
+PATH="$HOME/.cargo/bin:$PATH"
+need=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml")
+have=$(rustc --version 2>/dev/null | awk '{print $2}')
+if [ -z "$have" ] || [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -n1)" != "$need" ]; then
+    echo "setup.sh: Rust ${have:-(none)} is older than the workspace's rust-version $need." >&2
+    echo "  Install a current toolchain with rustup (https://rustup.rs): rustup toolchain install stable" >&2
+    exit 1
 fi
 
 # bpffs is not mounted at boot everywhere; the datapath pins its maps there.
