@@ -13,9 +13,10 @@ pub struct FlowEvent {
     /// Unix time in milliseconds, when the agent read it.
     pub time_ms: u64,
     pub node: String,
-    /// `dropped`, `auth_required`, or `lost` (then `count` says how many).
+    /// `forwarded` (a new flow admitted), `dropped`, `auth_required`, or
+    /// `lost` (then `count` says how many).
     pub verdict: String,
-    /// Why, lowercase (`policy_default`, `spoofed_ip`, ...); empty for auth signals.
+    /// Why, lowercase (`policy_allow`, `unselected`, `policy_default`, `spoofed_ip`, ...); empty for auth signals.
     #[serde(default)]
     pub reason: String,
     /// The pod's view: `ingress` (to the pod) or `egress` (from it).

@@ -119,6 +119,7 @@ pub const MG_ACTION_DENY: u8 = 3;
 
 pub const MG_EVENT_DROP: u16 = 1;
 pub const MG_EVENT_AUTH_REQUIRED: u16 = 2;
+pub const MG_EVENT_FLOW: u16 = 3;
 
 /// Policy trie prefix lengths (bits of key data, `bpf/lib/policy.h`).
 pub const MG_POLICY_PREFIX_ANY_PROTO: u32 = 72;

@@ -15,7 +15,7 @@ use aya::maps::{Map, MapData, RingBuf};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::abi::{self, DropReason, RawEvent};
+use crate::abi::{self, DropReason, ForwardReason, RawEvent};
 use crate::pin::PinLayout;
 use crate::policy::Direction;
 use crate::sys;
@@ -39,6 +39,8 @@ pub enum EventKind {
     Drop(DropReason),
     /// No live auth entry for (subject, peer, peer node): handshake, please.
     AuthRequired,
+    /// A new flow was admitted (once per conntrack entry), and why.
+    Flow(ForwardReason),
     /// A type or reason this build does not know.
     Unknown { r#type: u16, reason: u16 },
 }
@@ -89,6 +91,10 @@ impl Event {
                 None => EventKind::Unknown { r#type: raw.r#type, reason: raw.reason },
             },
             abi::MG_EVENT_AUTH_REQUIRED => EventKind::AuthRequired,
+            abi::MG_EVENT_FLOW => match u8::try_from(raw.reason).ok().and_then(ForwardReason::from_code) {
+                Some(r) => EventKind::Flow(r),
+                None => EventKind::Unknown { r#type: raw.r#type, reason: raw.reason },
+            },
             t => EventKind::Unknown { r#type: t, reason: raw.reason },
         };
         let addr = |a: [u8; 16]| -> Option<IpAddr> {

@@ -106,7 +106,7 @@ fn constants_match_the_c_enums() {
             ("MG_ACTION_NONE", MG_ACTION_NONE.into()), ("MG_ACTION_ALLOW", MG_ACTION_ALLOW.into()),
             ("MG_ACTION_AUTH", MG_ACTION_AUTH.into()), ("MG_ACTION_DENY", MG_ACTION_DENY.into()),
         ]),
-        ("mg_event_type", vec![("MG_EVENT_DROP", MG_EVENT_DROP.into()), ("MG_EVENT_AUTH_REQUIRED", MG_EVENT_AUTH_REQUIRED.into())]),
+        ("mg_event_type", vec![("MG_EVENT_DROP", MG_EVENT_DROP.into()), ("MG_EVENT_AUTH_REQUIRED", MG_EVENT_AUTH_REQUIRED.into()), ("MG_EVENT_FLOW", MG_EVENT_FLOW.into())]),
     ];
     for (name, rust) in checks {
         let rust: BTreeMap<String, i64> = rust.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();

@@ -40,6 +40,29 @@ fn unselected_pod_is_open_and_tracks_replies() {
 }
 
 #[test]
+fn a_new_flow_is_reported_once_and_its_packets_never() {
+    let mut h = Harness::new("flow-events").with_pod();
+    h.dp().replace_policy(&policy(vec![rule(Direction::Ingress, PEER_ID, Some(TCP), port(8080), Action::Allow)], &[Direction::Ingress])).unwrap();
+    let mut events = h.dp().events().unwrap();
+    events.drain();
+    assert_eq!(h.ingress(&to_pod_v4().tcp(4444, 8080, SYN)), fwd(F::PolicyAllow));
+    assert_eq!(h.egress(&from_pod_v4().tcp(8080, 4444, SYN | ACK)), fwd(F::CtReply));
+    for _ in 0..5 {
+        assert_eq!(h.ingress(&to_pod_v4().tcp(4444, 8080, ACK)), fwd(F::CtEstablished));
+    }
+    let got = events.drain();
+    assert_eq!(got.len(), 1, "one event for the flow, none for its packets: {got:?}");
+    let ev = &got[0];
+    assert_eq!(ev.kind, EventKind::Flow(F::PolicyAllow));
+    assert_eq!((ev.direction, ev.subject, ev.peer, ev.peer_node), (Direction::Ingress, POD_ID, PEER_ID, PEER_NODE));
+    assert_eq!((ev.protocol, ev.sport, ev.dport), (TCP, 4444, 8080));
+    // An unselected direction's new flow is reported too, with its reason.
+    assert_eq!(h.egress(&from_pod_v4().udp(5000, 53)), fwd(F::Unselected));
+    let got = events.drain();
+    assert_eq!(got.iter().map(|e| e.kind).collect::<Vec<_>>(), [EventKind::Flow(F::Unselected)]);
+}
+
+#[test]
 fn default_deny_drops_with_an_event_naming_both_identities() {
     let mut h = Harness::new("default-deny").with_pod();
     h.dp().replace_policy(&policy(vec![], BOTH)).unwrap();

@@ -100,8 +100,8 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
-    /// Follow every node's datapath events live: drops and auth signals, with identities.
-    #[command(after_help = "Examples:\n  meshctl observe\n  meshctl observe --pod shop/api --verdict dropped -o json")]
+    /// Follow every node's datapath events live: new flows, drops and auth signals, with identities.
+    #[command(after_help = "Examples:\n  meshctl observe\n  meshctl observe --pod shop/api --verdict dropped -o json\n  meshctl observe --identity spiffe://cluster.local/ns/shop/sa/web --protocol UDP")]
     Observe(ObserveArgs),
 }
 
@@ -161,6 +161,8 @@ pub enum Output {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Verdict {
+    /// A new flow the datapath admitted.
+    Forwarded,
     Dropped,
     AuthRequired,
 }

@@ -21,12 +21,13 @@
 enum mg_event_type {
 	MG_EVENT_DROP = 1,
 	MG_EVENT_AUTH_REQUIRED = 2,
+	MG_EVENT_FLOW = 3,       /* a new flow admitted: once per conntrack entry, reason FWD_* */
 };
 
 struct mg_event {
 	__u64 timestamp_ns;      /* CLOCK_BOOTTIME */
 	__u16 type;              /* MG_EVENT_* */
-	__u16 reason;            /* DROP_* for drops, else 0 */
+	__u16 reason;            /* DROP_* for drops, FWD_* for flows, else 0 */
 	__u8 direction;          /* MG_DIR_* */
 	__u8 family;             /* MG_FAMILY_*, 0 when not parsed */
 	__u8 protocol;

@@ -44,6 +44,7 @@ struct mg_info {
 	__u32 cookie;
 	__u8 auth_signal;  /* send an auth-required signal */
 	__u8 ct_miss;      /* the fast path found no conntrack entry for this packet's key */
+	__u8 new_flow;     /* a conntrack entry was created: tell observers once */
 };
 
 struct mg_arp {
@@ -247,6 +248,8 @@ static __always_inline int mg_new_flow(const struct mg_config *cfg, const struct
 	      !(pkt->flags & MG_PKT_F_ICMP_ECHO))) {
 		if (mg_ct_create(cfg, key, pkt, dir, ipc.identity, ipc.node_id, ct_flags, now))
 			mg_count(dir, NOTICE_CT_INSERT_FAILED, 0);
+		else
+			info->new_flow = 1;
 	}
 	if (pkt->flags & MG_PKT_F_FRAG_FIRST)
 		mg_frag_record(pkt);
@@ -366,6 +369,10 @@ static __always_inline int mg_handle(struct __sk_buff *skb, __u8 dir)
 		mg_count(dir, NOTICE_EVENT_LOST, 0);
 	if (ret >= 0) {
 		mg_count(dir, ret, len);
+		if (info.new_flow &&
+		    mg_event_send(MG_EVENT_FLOW, ret, dir, skb->ifindex, &pkt, info.subject, info.peer,
+				  info.peer_node, info.cookie))
+			mg_count(dir, NOTICE_EVENT_LOST, 0);
 		return TC_ACT_OK;
 	}
 	mg_count(dir, -ret, len);

@@ -104,7 +104,8 @@ pub struct Outcome {
     /// WireGuard datagrams on the underlay during the probe, and whether
     /// anything else (plaintext, a pod address, the marker) crossed.
     pub wire: Option<(usize, bool)>,
-    /// The datapath's drop event for this probe, from the agents' streams.
+    /// The destination datapath's event for this probe, from the agents'
+    /// streams: the new flow it admitted, or the drop.
     pub event: Option<FlowEvent>,
 }
 
@@ -157,7 +158,7 @@ pub fn run(dir: &Path, keep: bool) -> Result<ExitCode, CliError> {
         whole.violations.len()
     );
 
-    let drops: Vec<&FlowEvent> = outcomes.iter().filter_map(|o| o.event.as_ref()).collect();
+    let drops: Vec<&FlowEvent> = outcomes.iter().filter_map(|o| o.event.as_ref()).filter(|e| e.verdict == "dropped").collect();
     if !drops.is_empty() {
         println!("\ndrop events, as `meshctl observe` shows them:");
         for e in drops {
@@ -260,18 +261,21 @@ fn follow_events(c: &Cluster) -> Result<Arc<Mutex<Vec<FlowEvent>>>, CliError> {
     Ok(seen)
 }
 
-/// Finds each denied probe's drop event (waiting up to 2 s for stragglers).
+/// Finds each probe's event at its destination: the new flow admitted, or
+/// the drop (waiting up to 2 s for stragglers).
 fn match_events(c: &Cluster, outcomes: &mut [Outcome], events: &Mutex<Vec<FlowEvent>>) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let seen = events.lock().expect("events lock").clone();
-        for o in outcomes.iter_mut().filter(|o| !o.delivered && o.event.is_none()) {
+        for o in outcomes.iter_mut().filter(|o| o.event.is_none()) {
             let (from, to) = (std::net::IpAddr::V4(c.pod(o.probe.from).ip), std::net::IpAddr::V4(c.pod(o.probe.to).ip));
             let proto = format!("{:?}", o.probe.proto).to_uppercase();
+            let verdict = if o.delivered { "forwarded" } else { "dropped" };
             o.event = seen
                 .iter()
                 .find(|e| {
-                    e.verdict == "dropped"
+                    e.verdict == verdict
+                        && e.direction == "ingress"
                         && e.src_ip == Some(from)
                         && e.dst_ip == Some(to)
                         && e.protocol == proto
@@ -279,7 +283,7 @@ fn match_events(c: &Cluster, outcomes: &mut [Outcome], events: &Mutex<Vec<FlowEv
                 })
                 .cloned();
         }
-        if outcomes.iter().all(|o| o.delivered || o.event.is_some()) || Instant::now() >= deadline {
+        if outcomes.iter().all(|o| o.event.is_some()) || Instant::now() >= deadline {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -307,7 +311,6 @@ pub fn matrix_table(outcomes: &[Outcome]) -> Table {
             o.answer.map_or_else(|| "-".to_owned(), |d| format!("{:.2} ms", d.as_secs_f64() * 1000.0)),
             match &o.event {
                 Some(e) => format!("{} on {} ({})", e.verdict, e.node, e.reason),
-                None if o.delivered => "-".to_owned(),
                 None => "NONE".to_owned(),
             },
         ]);
@@ -326,7 +329,7 @@ impl Outcome {
     pub fn matches(&self) -> bool {
         self.delivered == self.probe.allowed
             && self.wire.is_none_or(|(n, clean)| clean && (n > 0 || !self.delivered))
-            && (self.delivered || self.event.is_some())
+            && self.event.is_some()
     }
 
     fn describe(&self) -> String {
@@ -342,7 +345,7 @@ impl Outcome {
             match self.wire {
                 Some((_, false)) => ", and plaintext crossed the underlay",
                 Some((0, _)) if self.delivered => ", but no WireGuard crossed the underlay",
-                _ if !self.delivered && self.event.is_none() => ", but no agent reported a drop event for it",
+                _ if self.event.is_none() => ", but the destination's datapath reported no event for it",
                 _ => "",
             }
         )

@@ -147,6 +147,7 @@ impl Filter {
             None => None,
         };
         let verdict = args.verdict.map(|v| match v {
+            Verdict::Forwarded => "forwarded",
             Verdict::Dropped => "dropped",
             Verdict::AuthRequired => "auth_required",
         });

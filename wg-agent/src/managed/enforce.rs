@@ -238,6 +238,11 @@ pub fn report_event(state: &Mutex<EnforceState>, recent: &mut BTreeMap<String, s
     let kind = match e.kind {
         EventKind::Drop(r) => Code::Drop(r).to_string(),
         EventKind::AuthRequired => "auth_required".to_owned(),
+        // New flows are counted and streamed (observe), not logged: there are many.
+        EventKind::Flow(_) => {
+            *st.events.entry("flow".to_owned()).or_default() += 1;
+            return;
+        }
         EventKind::Unknown { r#type, reason } => format!("unknown:{type}:{reason}", type = r#type),
     };
     let rule = st.compiled.rule(e.cookie).map(|r| format!("{} {:?}[{}]", r.policy, r.direction, r.index));

@@ -60,6 +60,7 @@ impl EventHub {
         let (verdict, reason) = match e.kind {
             EventKind::Drop(r) => ("dropped", Code::Drop(r).to_string().to_ascii_lowercase().trim_start_matches("drop_").to_owned()),
             EventKind::AuthRequired => ("auth_required", String::new()),
+            EventKind::Flow(r) => ("forwarded", Code::Forward(r).to_string().to_ascii_lowercase().trim_start_matches("fwd_").to_owned()),
             EventKind::Unknown { r#type, reason } => ("unknown", format!("{type}:{reason}", type = r#type)),
         };
         let rule = st.compiled.rule(e.cookie).map(|r| format!("{} {:?}[{}]", r.policy, r.direction, r.index));
