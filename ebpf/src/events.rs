@@ -11,12 +11,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use aya::maps::{Map, MapData, RingBuf};
+use aya::maps::{Map, MapData};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::abi::{self, DropReason, ForwardReason, RawEvent};
 use crate::pin::PinLayout;
+use crate::ringbuf::Ring;
 use crate::policy::Direction;
 use crate::sys;
 
@@ -69,12 +70,12 @@ pub struct Event {
 
 /// Reads events from one instance's ring buffer.
 pub struct EventReader {
-    ring: RingBuf<MapData>,
+    ring: Ring,
 }
 
 /// The async form, for a tokio runtime.
 pub struct AsyncEventReader {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: AsyncFd<Ring>,
 }
 
 // === impl Event ===
@@ -169,7 +170,10 @@ impl EventReader {
     }
 
     pub(crate) fn from_map(map: Map) -> Result<Self, EventError> {
-        Ok(Self { ring: RingBuf::try_from(map)? })
+        match map {
+            Map::RingBuf(data) => Ok(Self { ring: Ring::new(data)? }),
+            _ => Err(EventError::Io(std::io::Error::other("the events map is not a ring buffer"))),
+        }
     }
 
     /// The next event already queued, without waiting.

@@ -24,6 +24,7 @@ pub mod events;
 pub mod objects;
 pub mod pin;
 pub mod policy;
+mod ringbuf;
 pub mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

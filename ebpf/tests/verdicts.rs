@@ -463,6 +463,42 @@ fn the_established_fast_path_checks_what_the_full_path_checks() {
     assert_eq!(h.run(Direction::Egress, &bad), drop_(D::InvalidL4));
 }
 
+#[test]
+fn a_reader_that_adopts_a_ring_with_history_reads_only_what_is_new() {
+    // A restarted agent opens its pinned ring after its predecessor consumed
+    // events: the consumer position is not 0. aya 0.13's RingBuf then read
+    // past the producer into stale memory (old events again, then an endless
+    // walk over empty records that starved the agent's runtime).
+    let mut h = Harness::new("ring-history").with_pod();
+    h.dp().replace_policy(&policy(vec![], &[Direction::Ingress])).unwrap();
+    let mut first = h.dp().events().unwrap();
+    first.drain();
+    for dport in 1..=3 {
+        assert_eq!(h.ingress(&to_pod_v4().udp(7, dport)), drop_(D::PolicyDefault));
+    }
+    assert_eq!(first.drain().len(), 3);
+    drop(first);
+    let pin = h.pin.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut adopted = meshguard_ebpf::events::EventReader::open(&pin).unwrap();
+        let stale = adopted.try_next();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let waited = rt.block_on(async move {
+            let mut adopted = adopted.into_async().unwrap();
+            tokio::time::timeout(Duration::from_millis(300), adopted.next()).await.is_err()
+        });
+        let _ = tx.send((stale, waited));
+    });
+    let (stale, waited) = rx.recv_timeout(Duration::from_secs(10)).expect("the adopted reader returned (it did not spin)");
+    assert_eq!(stale, None, "nothing new was queued");
+    assert!(waited, "with nothing queued the async reader waits");
+    let mut again = meshguard_ebpf::events::EventReader::open(&h.pin).unwrap();
+    assert_eq!(h.ingress(&to_pod_v4().udp(7, 99)), drop_(D::PolicyDefault));
+    let got = again.drain();
+    assert_eq!(got.iter().map(|e| e.dport).collect::<Vec<_>>(), [99], "exactly the new event");
+}
+
 #[tokio::test]
 async fn events_stream_asynchronously() {
     let mut h = Harness::new("async-events").with_pod();
