@@ -165,6 +165,7 @@ pub async fn run(
         creds,
         bundle: bundle.clone(),
         chain: chain_rx,
+        source: Some(s.listen.ip()).filter(|ip| !ip.is_unspecified()),
     };
     let (dir_tx, dir_rx) = watch::channel(Arc::new(Directory {
         node: s.node.clone(),

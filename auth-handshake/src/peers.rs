@@ -70,6 +70,22 @@ pub struct NodeTls {
     pub bundle: BundleCell,
     /// The node SVID chain now presented (DER, leaf first).
     pub chain: watch::Receiver<Arc<Vec<Vec<u8>>>>,
+    /// The address connections to peers come from (the node's own; peers
+    /// check it), or `None` for the routing table's choice.
+    pub source: Option<IpAddr>,
+}
+
+async fn connect(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(to).await;
+    };
+    let s = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.bind(SocketAddr::new(ip, 0))?;
+    s.connect(to).await
 }
 
 // === the port ===
@@ -326,7 +342,7 @@ async fn run_client(
                 pairs,
             });
         };
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect(node.source, addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 fail(
