@@ -99,6 +99,8 @@ fn authenticated_cluster() -> Cluster {
         .pod("shop/web").label("app", "web").on("node-1")
         .pod("shop/api").label("app", "api").on("node-2")
         .pod("shop/near").service_account("web").label("app", "web").on("node-2")
+        // No policy selects db: the same path with authentication off.
+        .pod("shop/db").label("app", "db").on("node-2")
         .build()
         .unwrap()
 }
@@ -111,6 +113,7 @@ fn start(c: &Cluster) -> meshguard_meshctl::sim::identity::Identity<'_> {
     id.use_registry_for_agents();
     c.start_agents().unwrap();
     c.start_echo("shop/api", 7000).unwrap();
+    c.start_echo("shop/db", 7000).unwrap();
     let probe = meshguard_meshctl::sim::bins::bin_path("mg-probe");
     c.spawn_in_pod("shop/api", &probe, &["sctp-serve", "--port", "7002"]).unwrap();
     id
@@ -167,6 +170,32 @@ fn root_auth_handshake_proves_policy_pairs_ahead_so_every_protocol_passes_first_
         assert!(ping.status.success(), "{from} -> api ICMP, first echo");
     }
     assert!(id.auth_metric("node-2", "meshguard_auth_handshakes_total{result=\"ok\"").unwrap() >= 1.0);
+
+    // connect + echo across nodes, authentication required (api) vs off (db), same run.
+    let mut required = ttfbs(&c, "shop/web", &api_ip, 30);
+    let mut off = ttfbs(&c, "shop/web", &c.pod("shop/db").ip.to_string(), 30);
+    let (r50, r99) = percentiles(&mut required);
+    let (o50, o99) = percentiles(&mut off);
+    eprintln!("TCP connect+echo across nodes: auth required p50 {r50:.3} ms p99 {r99:.3} ms; auth off p50 {o50:.3} ms p99 {o99:.3} ms; ratio p50 {:.2}", r50 / o50);
+    assert!(r99 < 10.0, "auth-required connect p99 {r99} ms");
+}
+
+fn ttfbs(c: &Cluster, from: &str, ip: &str, n: usize) -> Vec<f64> {
+    let probe = meshguard_meshctl::sim::bins::bin_path("mg-probe");
+    (0..n)
+        .map(|_| {
+            let out = c.exec(from, probe.to_str().unwrap(), &["--timing", "tcp", &format!("{ip}:7000"), "x", "--timeout", "3"]).unwrap();
+            assert!(out.status.success(), "{from} -> {ip}");
+            String::from_utf8_lossy(&out.stderr).split_whitespace().find_map(|w| w.strip_prefix("ttfb_ms=").and_then(|v| v.parse().ok())).unwrap()
+        })
+        .collect()
+}
+
+/// (p50, p99) in place.
+fn percentiles(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
 }
 
 #[test]
