@@ -103,6 +103,9 @@ struct Agent {
     bundle: BundleCell,
     bundle_der: Vec<Vec<u8>>,
     bundle_changed: bool,
+    /// When the bundle last changed: proofs arriving soon after were
+    /// verified, maybe, against the old one and are checked again.
+    bundle_changed_at: Option<Instant>,
     node_tls: NodeTls,
     chain_tx: watch::Sender<Arc<Vec<Vec<u8>>>>,
     dir_tx: watch::Sender<Arc<Directory>>,
@@ -220,6 +223,7 @@ pub async fn run(
         bundle,
         bundle_der,
         bundle_changed: false,
+        bundle_changed_at: None,
         node_tls,
         chain_tx,
         dir_tx,
@@ -341,6 +345,7 @@ impl Agent {
                     self.bundle.set(b);
                     self.bundle_der = svids.bundle.x509_authorities.clone();
                     self.bundle_changed = true;
+                    self.bundle_changed_at = Some(Instant::now());
                 }
                 Err(error) => {
                     tracing::error!(%error, "the CA's new bundle is unusable; keeping the old one")
@@ -613,6 +618,24 @@ impl Agent {
         if !dir.places(&key.local, &self.s.node) || !dir.places(&key.remote, &key.remote_node) {
             tracing::info!(local = %key.local, remote = %key.remote, "proved pair is no longer placed; not written");
             return;
+        }
+        if self
+            .bundle_changed_at
+            .is_some_and(|t| t.elapsed() < REQUEST_TIMEOUT * 2)
+        {
+            let now = UnixTime::now();
+            let ok = proof.chains.iter().all(|c| {
+                let ders: Vec<CertificateDer<'_>> = c
+                    .iter()
+                    .map(|d| CertificateDer::from(d.as_slice()))
+                    .collect();
+                dir.bundle.verify(&ders, now).is_ok()
+            });
+            if !ok {
+                tracing::info!(local = %key.local, remote = %key.remote, "proof rests on a retired authority; not written");
+                self.metrics.refused(Refusal::UntrustedChain, role);
+                return;
+            }
         }
         let Some(pair) = numeric(&self.view, &key) else {
             tracing::warn!(local = %key.local, remote = %key.remote, remote_node = %key.remote_node, "no numeric identity or node id yet; entry not written");

@@ -323,13 +323,15 @@ async fn a_datapath_signal_gets_an_entry_and_is_timed() {
     })
     .await;
     eprintln!("signal to entry on both sides: {took:?}");
-    let m = c.metrics(1);
-    assert_eq!(metric(&m, "meshguard_auth_signals_total"), 1.0, "{m}");
-    assert_eq!(
-        metric(&m, "meshguard_auth_signal_to_entry_seconds_count"),
-        1.0,
-        "{m}"
-    );
+    // The histogram is observed just after the map write, on the agent's task.
+    wait_for("the signal-to-entry time", Duration::from_secs(1), || {
+        metric(
+            &c.metrics(1),
+            "meshguard_auth_signal_to_entry_seconds_count",
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(metric(&c.metrics(1), "meshguard_auth_signals_total"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,9 +276,18 @@ impl Session {
     ) -> Result<Vec<Event>, SessionError> {
         let mut events = Vec::new();
         while !bytes.is_empty() {
-            self.tls
+            let n = self
+                .tls
                 .read_tls(&mut bytes)
                 .map_err(|_| SessionError::Closed)?;
+            if n == 0 {
+                // rustls took nothing: its buffer holds a record it could
+                // not process, which this reports; never spin.
+                self.tls
+                    .process_new_packets()
+                    .map_err(|source| SessionError::Tls { source })?;
+                return Err(SessionError::Closed);
+            }
             let state = self
                 .tls
                 .process_new_packets()
