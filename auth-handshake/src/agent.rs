@@ -14,6 +14,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::ca_client::{CaClient, CaClientError, GrpcCa, read_pem_certs, sleep_until_unix};
 use crate::caller::{CallerResolver, NetnsResolver};
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mutual::{Datapath, NodeCredentials, Settings};
+use meshguard_ebpf::PinLayout;
 use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::svids::SvidState;
 use crate::workload_api::WorkloadApi;
@@ -107,6 +110,22 @@ impl Agent {
             }
         });
         tracing::info!(node = %config.node_name, socket = %socket.display(), "auth-handshake serving the Workload API");
+
+        if let Some(h) = &config.handshake {
+            let metrics = Metrics::new();
+            if let Some(addr) = h.metrics_address {
+                let m = metrics.clone();
+                tasks.spawn(async move {
+                    if let Err(error) = crate::metrics::serve(addr, m).await {
+                        tracing::error!(%error, %addr, "metrics server stopped");
+                    }
+                });
+            }
+            let settings = Settings { node: config.node_name.clone(), trust_domain: config.trust_domain.clone(), port: h.port, listen: h.listen };
+            let creds: Arc<dyn NodeCredentials> = ca.clone();
+            let datapath = Datapath::Pinned(PinLayout::new(&h.pin_dir));
+            tasks.spawn(crate::mutual::run(settings, creds, state.clone(), source.subscribe(), datapath, metrics));
+        }
         Ok(Self { ca, state, socket, source, tasks })
     }
 

@@ -1,6 +1,7 @@
 //! auth-handshake's configuration: one YAML file, parsed separately from the
 //! pure [`construct_config`] that fills in defaults and validates.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +17,13 @@ pub const DEFAULT_POD_NETNS_PATH: &str = "/run/netns/{namespace}-{name}";
 /// step must reach every node before activation, so keep this well under
 /// the operator's wait between the two.
 pub const DEFAULT_BUNDLE_REFRESH: Duration = Duration::from_secs(10);
+
+/// The node-to-node handshake port, the same on every node (peers are
+/// dialled at their node record's endpoint address on this port).
+pub const DEFAULT_HANDSHAKE_PORT: u16 = 4801;
+/// bpffs root of this node's pinned datapath when `pinDir` is not given:
+/// wg-agent's default (`/sys/fs/bpf/meshguard/<nodeName>`).
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/meshguard";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,6 +61,22 @@ pub struct ConfigFile {
     pub pod_netns_path: Option<String>,
     /// e.g. `10s`.
     pub bundle_refresh: Option<String>,
+    /// The handshake port (TCP), on every node; `0` turns handshakes off.
+    pub handshake_port: Option<u16>,
+    /// The node's pinned datapath (auth map, auth-required signal ring).
+    pub pin_dir: Option<PathBuf>,
+    /// `host:port` for `/metrics`; none by default.
+    pub metrics_address: Option<String>,
+}
+
+/// The mutual-authentication handshakes (`handshakePort` not 0).
+#[derive(Debug, Clone)]
+pub struct HandshakeConfig {
+    pub port: u16,
+    /// Where the port listens: every address of the node.
+    pub listen: SocketAddr,
+    pub pin_dir: PathBuf,
+    pub metrics_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +90,8 @@ pub struct Config {
     pub workload_api_socket: PathBuf,
     pub pod_netns_path: String,
     pub bundle_refresh: Duration,
+    /// `None`: the agent only keeps SVIDs and serves the Workload API.
+    pub handshake: Option<HandshakeConfig>,
 }
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -93,6 +119,17 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         None => DEFAULT_BUNDLE_REFRESH,
         Some(s) => parse_secs(s).ok_or_else(|| invalid("bundleRefresh", s, "write e.g. 10s, 1m".into()))?,
     };
+    let metrics_address = match &f.metrics_address {
+        None => None,
+        Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| invalid("metricsAddress", a, format!("expected host:port ({e})")))?),
+    };
+    let port = f.handshake_port.unwrap_or(DEFAULT_HANDSHAKE_PORT);
+    let handshake = (port != 0).then(|| HandshakeConfig {
+        port,
+        listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+        pin_dir: f.pin_dir.clone().unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&f.node_name)),
+        metrics_address,
+    });
     Ok(Config {
         trust_domain,
         node_name: f.node_name,
@@ -103,6 +140,7 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         workload_api_socket: f.workload_api_socket.unwrap_or_else(|| DEFAULT_WORKLOAD_API_SOCKET.into()),
         pod_netns_path,
         bundle_refresh,
+        handshake,
     })
 }
 
@@ -142,5 +180,9 @@ mod tests {
         assert!(construct_config(ConfigFile { ca_address: "nohost".into(), ..base() }).is_err());
         assert!(construct_config(ConfigFile { pod_netns_path: Some("/run/netns/x".into()), ..base() }).is_err());
         assert_eq!(construct_config(ConfigFile { bundle_refresh: Some("500ms".into()), ..base() }).unwrap().bundle_refresh, Duration::from_millis(500));
+        let h = c.handshake.expect("handshakes are on by default");
+        assert_eq!((h.port, h.pin_dir.as_path()), (DEFAULT_HANDSHAKE_PORT, Path::new("/sys/fs/bpf/meshguard/node-1")));
+        assert!(construct_config(ConfigFile { handshake_port: Some(0), ..base() }).unwrap().handshake.is_none());
+        assert!(construct_config(ConfigFile { metrics_address: Some("nope".into()), ..base() }).is_err());
     }
 }

@@ -8,6 +8,11 @@
 //! | [`caller`] | Workload API caller (pid) → workload |
 //! | [`workload_api`] | the SPIFFE Workload API on a unix socket |
 //! | [`jwt`] | JWT-SVID validation |
+//! | [`handshake`] | the mutual-authentication protocol, without I/O |
+//! | [`peers`] | the handshake port and connections to other nodes, with their limits |
+//! | [`entries`] | the auth entries this node holds, and the auth map |
+//! | [`mutual`] | the agent that proves pairs and keeps the auth map |
+//! | [`metrics`] | Prometheus metrics |
 //! | [`agent`] | wiring it all up and running it |
 
 #![deny(rust_2018_idioms)]
@@ -17,8 +22,15 @@ pub mod agent;
 pub mod ca_client;
 pub mod caller;
 pub mod config;
+pub mod entries;
+pub mod handshake;
 pub mod jwt;
+pub mod metrics;
+pub mod mutual;
+pub mod peers;
 pub mod svids;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod workload_api;
 
 /// The upstream SPIFFE Workload API (`workload.proto`, no package), generated.

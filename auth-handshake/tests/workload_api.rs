@@ -45,6 +45,7 @@ async fn standard_client_fetches_its_own_svid_and_rotations_and_nothing_else() {
         state_dir: dir.path().join("agent"),
         workload_api_socket: socket.clone(),
         pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
+        handshake: None,
         bundle_refresh: Duration::from_millis(500),
     };
     let resolver = Arc::new(StaticResolver::default());

@@ -1,8 +1,9 @@
 //! The `MeshPolicy` resource (`meshguard.io/v1alpha1`): the same YAML for
 //! `kubectl apply` and `meshctl policy apply`.
 //!
-//! This module owns the shape and its validation; compiling policies into
-//! datapath entries is the node agent's job.
+//! This module owns the shape and its validation, and which identity pairs
+//! need proving ([`auth_pairs`]); compiling policies into datapath entries
+//! is the node agent's job.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,6 +11,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::spiffe::{SpiffeId, validate_segment};
+
+pub mod auth_pairs;
 
 pub const API_VERSION: &str = "meshguard.io/v1alpha1";
 pub const KIND: &str = "MeshPolicy";

@@ -1,8 +1,9 @@
 //! `authentication: required` on the simulated cluster (root only): the
 //! datapath admits such a flow only while the auth map holds a live entry
 //! for (local identity, remote identity, remote node), and signals
-//! auth-handshake on its ring when it does not. The entries are written by
-//! the test here, as auth-handshake will write them.
+//! auth-handshake on its ring when it does not. The first test writes the
+//! entries by hand; the others run the real auth-handshake agents with
+//! identity-ca and check what they write, and when.
 
 use std::time::{Duration, SystemTime};
 
@@ -74,4 +75,154 @@ fn root_authentication_required_admits_only_pairs_with_a_live_auth_entry() {
     assert!(tcp(&c));
     auth.remove(pair).unwrap();
     assert!(!tcp(&c), "a removed auth entry must not admit a new flow");
+}
+
+// === with the real auth-handshake agents and identity-ca ===
+
+const AUTH_ALL: &str = r#"
+apiVersion: meshguard.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: api-ingress, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress:
+    - from: [{serviceAccount: web}]
+      ports: [{protocol: TCP, port: 7000}, {protocol: UDP, port: 7000}, {protocol: SCTP, port: 7002}, {protocol: ICMP}]
+      authentication: required
+"#;
+
+/// web on node-1, api and a second web pod (`near`) on node-2, the policy
+/// on identity-ca's registry, every agent running.
+fn authenticated_cluster() -> Cluster {
+    cluster()
+        .nodes(2)
+        .pod("shop/web").label("app", "web").on("node-1")
+        .pod("shop/api").label("app", "api").on("node-2")
+        .pod("shop/near").service_account("web").label("app", "web").on("node-2")
+        // No policy selects db: the same path with authentication off.
+        .pod("shop/db").label("app", "db").on("node-2")
+        .build()
+        .unwrap()
+}
+
+fn start(c: &Cluster) -> meshguard_meshctl::sim::identity::Identity<'_> {
+    let id = c.identity().start().unwrap();
+    let policy_file = c.dir.join("policy.yaml");
+    std::fs::write(&policy_file, AUTH_ALL).unwrap();
+    id.admin(&["policy", "apply", "-f", policy_file.to_str().unwrap()]).unwrap();
+    id.use_registry_for_agents();
+    c.start_agents().unwrap();
+    c.start_echo("shop/api", 7000).unwrap();
+    c.start_echo("shop/db", 7000).unwrap();
+    let probe = meshguard_meshctl::sim::bins::bin_path("mg-probe");
+    c.spawn_in_pod("shop/api", &probe, &["sctp-serve", "--port", "7002"]).unwrap();
+    id
+}
+
+/// The numbers the registry gave `sa`'s identity and `node`.
+fn numbers(id: &meshguard_meshctl::sim::identity::Identity<'_>, sa: &str, node: &str) -> (u32, u32) {
+    let want = format!("spiffe://cluster.local/ns/shop/sa/{sa}");
+    let field = |v: &serde_yaml::Value, k: &str| v.get(k).cloned().unwrap_or_default();
+    let ids: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "identity", "list"]).unwrap()).unwrap();
+    let number = ids.iter().find(|i| field(i, "spiffeId").as_str() == Some(want.as_str())).and_then(|i| field(i, "number").as_u64()).expect("identity number");
+    let nodes: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "node", "list"]).unwrap()).unwrap();
+    let node_id = nodes.iter().find(|n| field(n, "name").as_str() == Some(node)).and_then(|n| field(n, "nodeId").as_u64()).expect("node id");
+    (number as u32, node_id as u32)
+}
+
+fn live_pairs(c: &Cluster, node: &str) -> Vec<AuthPair> {
+    match AuthTable::open(&PinLayout::new(c.pin_dir(node))) {
+        Ok(t) => t.entries().unwrap().into_iter().filter(|(_, left)| !left.is_zero()).map(|(p, _)| p).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn root_auth_handshake_proves_policy_pairs_ahead_so_every_protocol_passes_first_try() {
+    let c = authenticated_cluster();
+    let id = start(&c);
+    let (api, n2) = numbers(&id, "api", "node-2");
+    let (web, n1) = numbers(&id, "web", "node-1");
+    // Proved before any packet: node-2 hosts the subject and needs
+    // (api, web, node-1) and, for the pod on its own node, (api, web, node-2).
+    wait_until("the auth entries proved ahead", Duration::from_secs(20), || {
+        let p = live_pairs(&c, "node-2");
+        p.contains(&AuthPair { local_identity: api, remote_identity: web, remote_node: n1 })
+            && p.contains(&AuthPair { local_identity: api, remote_identity: web, remote_node: n2 })
+    })
+    .unwrap();
+    assert!(live_pairs(&c, "node-1").contains(&AuthPair { local_identity: web, remote_identity: api, remote_node: n2 }), "the responder wrote its side");
+
+    let api_ip = c.pod("shop/api").ip.to_string();
+    for from in ["shop/web", "shop/near"] {
+        // First connect: no SYN retransmission (the initial RTO is 1 s).
+        let out = c.exec(from, meshguard_meshctl::sim::bins::bin_path("mg-probe").to_str().unwrap(), &["--timing", "tcp", &format!("{api_ip}:7000"), "first", "--timeout", "3"]).unwrap();
+        assert!(out.status.success(), "{from} -> api TCP: {}", String::from_utf8_lossy(&out.stderr));
+        let ttfb: f64 = String::from_utf8_lossy(&out.stderr)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ttfb_ms=").and_then(|v| v.parse().ok()))
+            .expect("mg-probe prints ttfb_ms");
+        eprintln!("{from} -> api first TCP connect + echo: {ttfb} ms");
+        assert!(ttfb < 500.0, "first connect from {from} took {ttfb} ms: a retransmission");
+        assert!(c.probe(from, &["udp", &format!("{api_ip}:7000"), "u", "--tries", "1"]), "{from} -> api UDP, first datagram");
+        assert!(c.probe(from, &["sctp", &format!("{api_ip}:7002"), "s", "--tries", "1"]), "{from} -> api SCTP, first packet");
+        let ping = c.exec(from, "ping", &["-c", "1", "-W", "1", &api_ip]).unwrap();
+        assert!(ping.status.success(), "{from} -> api ICMP, first echo");
+    }
+    assert!(id.auth_metric("node-2", "meshguard_auth_handshakes_total{result=\"ok\"").unwrap() >= 1.0);
+
+    // connect + echo across nodes, authentication required (api) vs off (db), same run.
+    let mut required = ttfbs(&c, "shop/web", &api_ip, 30);
+    let mut off = ttfbs(&c, "shop/web", &c.pod("shop/db").ip.to_string(), 30);
+    let (r50, r99) = percentiles(&mut required);
+    let (o50, o99) = percentiles(&mut off);
+    eprintln!("TCP connect+echo across nodes: auth required p50 {r50:.3} ms p99 {r99:.3} ms; auth off p50 {o50:.3} ms p99 {o99:.3} ms; ratio p50 {:.2}", r50 / o50);
+    assert!(r99 < 10.0, "auth-required connect p99 {r99} ms");
+}
+
+fn ttfbs(c: &Cluster, from: &str, ip: &str, n: usize) -> Vec<f64> {
+    let probe = meshguard_meshctl::sim::bins::bin_path("mg-probe");
+    (0..n)
+        .map(|_| {
+            let out = c.exec(from, probe.to_str().unwrap(), &["--timing", "tcp", &format!("{ip}:7000"), "x", "--timeout", "3"]).unwrap();
+            assert!(out.status.success(), "{from} -> {ip}");
+            String::from_utf8_lossy(&out.stderr).split_whitespace().find_map(|w| w.strip_prefix("ttfb_ms=").and_then(|v| v.parse().ok())).unwrap()
+        })
+        .collect()
+}
+
+/// (p50, p99) in place.
+fn percentiles(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+#[test]
+fn root_a_removed_workload_loses_its_entries_on_both_nodes_within_a_second() {
+    let c = authenticated_cluster();
+    let id = start(&c);
+    let (api, _) = numbers(&id, "api", "node-2");
+    let (web, n1) = numbers(&id, "web", "node-1");
+    let pair = AuthPair { local_identity: api, remote_identity: web, remote_node: n1 };
+    wait_until("the auth entries", Duration::from_secs(20), || live_pairs(&c, "node-2").contains(&pair) && live_pairs(&c, "node-1").iter().any(|p| p.local_identity == web)).unwrap();
+    // A live flow: a ping every 50 ms.
+    let api_ip = c.pod("shop/api").ip.to_string();
+    let (_, log) = c.background_in_pod("shop/web", std::path::Path::new("ping"), &["-D", "-i", "0.05", "-W", "1", &api_ip], "ping.log").unwrap();
+    wait_until("the ping flow", Duration::from_secs(5), || std::fs::read_to_string(&log).is_ok_and(|l| l.matches("bytes from").count() >= 5)).unwrap();
+
+    let t = std::time::Instant::now();
+    id.admin(&["workload", "delete", "shop/web"]).unwrap();
+    wait_until("web's entries gone on both nodes", Duration::from_secs(1), || {
+        !live_pairs(&c, "node-2").contains(&pair) && !live_pairs(&c, "node-1").iter().any(|p| p.local_identity == web)
+    })
+    .unwrap();
+    eprintln!("entries gone on both nodes {:?} after the workload was deleted", t.elapsed());
+    // The flow is cut: no reply arrives from a second after the deletion on.
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = std::fs::read_to_string(&log).unwrap().matches("bytes from").count();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = std::fs::read_to_string(&log).unwrap().matches("bytes from").count();
+    assert_eq!(before, after, "replies still arrive after the workload left");
+    assert!(id.auth_metric("node-2", "meshguard_auth_deletions_total{reason=\"workload_left\"}").unwrap() >= 1.0);
 }

@@ -652,6 +652,28 @@ impl Cluster {
         Ok(pid)
     }
 
+    /// [`Cluster::spawn_in`] for a node's own daemons: `nsenter --net` rather
+    /// than `ip netns exec`, so the process shares the host's /sys and with
+    /// it the bpffs where the node's datapath is pinned (auth-handshake
+    /// opens the auth map and signal ring there).
+    pub fn spawn_in_node(&self, netns: &str, program: &Path, args: &[&str], env: &[(&str, &str)], log: &str) -> Result<u32> {
+        let log = OpenOptions::new().create(true).append(true).open(self.dir.join(log))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let pid = child.id();
+        self.children.lock().expect("children lock").push(child);
+        Ok(pid)
+    }
+
     /// Runs `program` in a pod in the background with its own log file;
     /// [`Cluster::wait_child`] collects the exit status, the log the output.
     pub fn background_in_pod(&self, pod: &str, program: &Path, args: &[&str], log: &str) -> Result<(u32, PathBuf)> {

@@ -54,6 +54,10 @@ pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Short, so a change of the bundle reaches the agents quickly.
 pub const DEFAULT_BUNDLE_REFRESH: Duration = Duration::from_secs(2);
+/// auth-handshake's node-to-node handshake port (its default), on every node.
+pub const AUTH_HANDSHAKE_PORT: u16 = 4801;
+/// auth-handshake's `/metrics`, on each node's loopback (wg-agent's is 9401).
+pub const AUTH_METRICS_PORT: u16 = 9402;
 /// Starting the CA and the agents, and the first SVIDs, take about a second;
 /// this leaves room for a loaded CI machine.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -307,7 +311,8 @@ impl Identity<'_> {
             &config,
             format!(
                 "trustDomain: {td}\nnodeName: {node}\ncaAddress: {ca}\ntrustBundleFile: {bundle}\njoinTokenFile: {token}\n\
-                 stateDir: {state}\nworkloadApiSocket: {socket}\npodNetnsPath: {netns}\nbundleRefresh: {refresh}ms\n",
+                 stateDir: {state}\nworkloadApiSocket: {socket}\npodNetnsPath: {netns}\nbundleRefresh: {refresh}ms\n\
+                 handshakePort: {AUTH_HANDSHAKE_PORT}\npinDir: {pin}\nmetricsAddress: 127.0.0.1:{AUTH_METRICS_PORT}\n",
                 td = c.trust_domain,
                 ca = self.ca_addr,
                 bundle = self.bundle_file.display(),
@@ -316,10 +321,29 @@ impl Identity<'_> {
                 socket = c.workload_api_socket(node).display(),
                 netns = c.pod_netns_template(),
                 refresh = bundle_refresh.as_millis(),
+                // The datapath wg-agent loads for this node: its auth map and signal ring.
+                pin = c.pin_dir(node).display(),
             ),
         )?;
         let log = format!("identity/{node}.log");
-        c.spawn_in(&n.netns, &bin_path("auth-handshake"), &["run", "--config", path_str(&config)], &log_env(), &log)
+        c.spawn_in_node(&n.netns, &bin_path("auth-handshake"), &["run", "--config", path_str(&config)], &log_env(), &log)
+    }
+
+    /// auth-handshake's Prometheus text on `node`.
+    pub fn auth_metrics(&self, node: &str) -> Result<String> {
+        let c = self.cluster;
+        let out = c.exec_node(node, path_str(&bin_path("mg-probe")), &["http-get", &format!("127.0.0.1:{AUTH_METRICS_PORT}"), "/metrics"])?;
+        if !out.status.success() {
+            return Err(ClusterError::Invalid(String::from_utf8_lossy(&out.stderr).into_owned()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The sum of auth-handshake's series on `node` that start with `prefix`
+    /// (e.g. `meshguard_auth_handshakes_total{result="ok"`); 0 when none.
+    pub fn auth_metric(&self, node: &str, prefix: &str) -> Result<f64> {
+        let text = self.auth_metrics(node)?;
+        Ok(text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
     }
 
     /// The node credential file auth-handshake keeps on `node`.

@@ -103,17 +103,12 @@ impl Ctx<'_> {
                 continue;
             }
             let ns = p.namespace.clone().unwrap_or_else(|| policy.metadata.namespace.clone());
-            let sa = p.service_account.clone();
-            let sel = p.pod_selector.clone();
-            let by_sa = sa.as_deref().and_then(|sa| self.td.workload_id(&ns, sa).ok()).and_then(|id| self.view.identities.get(&id).copied());
-            let matched = self.identities_of(what, |w| {
-                w.namespace == ns
-                    && sa.as_deref().is_none_or(|sa| w.service_account == sa)
-                    && sel.as_ref().is_none_or(|s| s.matches(&w.labels))
-            });
+            let by_sa = p.service_account.as_deref().and_then(|sa| self.td.workload_id(&ns, sa).ok()).and_then(|id| self.view.identities.get(&id).copied());
+            // The same selection auth-handshake uses for the pairs it proves ahead.
+            let matched = self.identities_of(what, |w| p.matches_workload(&policy.metadata.namespace, w));
             out.extend(matched);
             // A service account named outright counts even before any of its pods runs.
-            if sel.is_none()
+            if p.pod_selector.is_none()
                 && let Some(n) = by_sa
             {
                 out.insert(n);
