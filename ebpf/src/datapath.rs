@@ -165,8 +165,10 @@ pub struct GcStats {
 /// The datapath boundary the node agent drives; [`Datapath`] is the real
 /// one, `testing::FakeDatapath` an in-memory double.
 pub trait DatapathApi: Send {
-    /// Records the pod and attaches both programs to its host-side interface.
-    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<(), DatapathError>;
+    /// Records the pod and attaches both programs to its host-side
+    /// interface; returns the interface's index (detach by index: the name
+    /// may be gone by then).
+    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<u32, DatapathError>;
     /// Detaches, forgets the pod and drops its conntrack entries.
     fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError>;
     /// Adds or changes ipcache entries (one revision bump).
@@ -663,13 +665,13 @@ fn policy_key(k: &PolicyKey) -> LpmKey<PolicyKeyData> {
 // === impl DatapathApi for Datapath ===
 
 impl DatapathApi for Datapath {
-    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<(), DatapathError> {
+    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<u32, DatapathError> {
         let (ifindex, ifname) = Self::resolve(iface)?;
         self.set_endpoint(ifindex, pod)?;
         self.attach_one(ifindex, &ifname, true)?;
         self.attach_one(ifindex, &ifname, false)?;
         info!(ifindex, %ifname, identity = pod.identity, "pod attached");
-        Ok(())
+        Ok(ifindex)
     }
 
     fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError> {

@@ -1,21 +1,44 @@
 //! An in-memory double of the datapath boundary, for the agents' tests: it
-//! records what the agent asked for and answers counters from a table the
-//! test fills.
+//! keeps what the real datapath would keep (interfaces with programs
+//! attached, endpoint entries by ifindex, ipcache, policy) and fails where
+//! the real one fails (unknown interface, reserved identity, ifindex past the
+//! endpoint map), so a test can ask the one question that matters: does an
+//! interface pass traffic it should not?
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use ipnet::IpNet;
 
 use crate::auth::AuthPair;
-use crate::datapath::{
-    Counters, DatapathApi, DatapathError, GcStats, Interface, IpcacheEntry, PodEndpoint,
-};
+use crate::datapath::{Counters, DatapathApi, DatapathError, GcStats, Interface, IpcacheEntry, PodEndpoint};
 use crate::policy::{CompiledPolicy, PolicySet};
 
-#[derive(Debug, Default)]
+/// What a packet from or to an interface meets, as the kernel would decide it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enforcement {
+    /// No program on the interface: everything passes, unchecked.
+    Open,
+    /// Programs attached, no endpoint entry: everything is dropped
+    /// (`DROP_UNKNOWN_ENDPOINT`).
+    Closed,
+    /// Programs attached and an endpoint entry: anti-spoofing and policy for
+    /// this pod.
+    Enforced(PodEndpoint),
+}
+
+#[derive(Debug)]
 pub struct FakeDatapath {
-    pub pods: BTreeMap<String, PodEndpoint>,
+    /// Interfaces that exist, by name (the test creates them).
+    pub interfaces: BTreeMap<String, u32>,
+    /// Interfaces with both programs attached, by index.
+    pub links: BTreeSet<u32>,
+    /// Endpoint entries, by ifindex.
+    pub endpoints: BTreeMap<u32, PodEndpoint>,
+    /// The endpoint map's size: an ifindex at or past it has no entry.
+    pub endpoint_slots: u32,
+    /// Interfaces whose program attachment fails (a test's injected fault).
+    pub failing_links: BTreeSet<String>,
     pub ipcache: BTreeMap<IpNet, IpcacheEntry>,
     pub policy: PolicySet,
     /// What the real datapath would write for `policy`.
@@ -26,24 +49,96 @@ pub struct FakeDatapath {
     pub gc_runs: usize,
 }
 
-fn iface_key(iface: &Interface) -> String {
-    match iface {
-        Interface::Name(n) => n.clone(),
-        Interface::Index(i) => format!("#{i}"),
+impl Default for FakeDatapath {
+    fn default() -> Self {
+        Self {
+            interfaces: BTreeMap::new(),
+            links: BTreeSet::new(),
+            endpoints: BTreeMap::new(),
+            endpoint_slots: 65536,
+            failing_links: BTreeSet::new(),
+            ipcache: BTreeMap::new(),
+            policy: PolicySet::default(),
+            compiled: CompiledPolicy::default(),
+            revision: 0,
+            auth: BTreeMap::new(),
+            counters: Counters::new(),
+            gc_runs: 0,
+        }
+    }
+}
+
+// === impl FakeDatapath ===
+
+impl FakeDatapath {
+    /// Creates an interface (a pod's host-side veth appearing).
+    pub fn add_interface(&mut self, name: &str, ifindex: u32) {
+        self.interfaces.insert(name.to_owned(), ifindex);
+    }
+
+    /// Removes an interface: its programs and links go with it, as in the
+    /// kernel; the endpoint entry stays until someone removes it.
+    pub fn remove_interface(&mut self, name: &str) {
+        if let Some(i) = self.interfaces.remove(name) {
+            self.links.remove(&i);
+        }
+    }
+
+    /// What traffic on the interface named `name` meets.
+    pub fn enforcement(&self, name: &str) -> Enforcement {
+        let Some(i) = self.interfaces.get(name) else { return Enforcement::Closed };
+        if !self.links.contains(i) {
+            return Enforcement::Open;
+        }
+        match self.endpoints.get(i) {
+            Some(ep) => Enforcement::Enforced(ep.clone()),
+            None => Enforcement::Closed,
+        }
+    }
+
+    fn resolve(&self, iface: &Interface) -> Result<(u32, String), DatapathError> {
+        let missing = |name: String| DatapathError::Interface {
+            name,
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        match iface {
+            Interface::Name(n) => self.interfaces.get(n).map(|i| (*i, n.clone())).ok_or_else(|| missing(n.clone())),
+            Interface::Index(i) => self
+                .interfaces
+                .iter()
+                .find(|(_, x)| *x == i)
+                .map(|(n, _)| (*i, n.clone()))
+                .ok_or_else(|| missing(format!("#{i}"))),
+        }
     }
 }
 
 impl DatapathApi for FakeDatapath {
-    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<(), DatapathError> {
+    /// As the real one today: the endpoint entry is written first, then
+    /// the programs attached.
+    fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<u32, DatapathError> {
+        let (ifindex, name) = self.resolve(iface)?;
         if pod.identity < crate::abi::MG_IDENTITY_MIN_WORKLOAD {
             return Err(DatapathError::ReservedIdentity { identity: pod.identity });
         }
-        self.pods.insert(iface_key(iface), pod.clone());
-        Ok(())
+        if ifindex >= self.endpoint_slots {
+            return Err(DatapathError::IfindexTooLarge { ifindex, max: self.endpoint_slots });
+        }
+        self.endpoints.insert(ifindex, pod.clone());
+        if self.failing_links.contains(&name) {
+            return Err(DatapathError::Interface { name, source: std::io::Error::from_raw_os_error(libc::EPERM) });
+        }
+        self.links.insert(ifindex);
+        Ok(ifindex)
     }
 
     fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError> {
-        self.pods.remove(&iface_key(iface));
+        let ifindex = match iface {
+            Interface::Index(i) => *i,
+            Interface::Name(_) => self.resolve(iface)?.0,
+        };
+        self.links.remove(&ifindex);
+        self.endpoints.remove(&ifindex);
         Ok(())
     }
 
@@ -93,15 +188,17 @@ mod tests {
     use super::*;
     use crate::policy::{Action, Direction, PolicyEntry, Ports};
 
+    fn pod(identity: u32) -> PodEndpoint {
+        PodEndpoint { identity, mac: [2, 0, 0, 0, 0, 1], ipv4: None, ipv6: None }
+    }
+
     #[test]
     fn the_double_records_and_compiles() {
         let mut dp = FakeDatapath::default();
-        let pod = PodEndpoint { identity: 300, mac: [2, 0, 0, 0, 0, 1], ipv4: None, ipv6: None };
-        dp.attach(&Interface::Name("veth0".into()), &pod).unwrap();
-        assert!(matches!(
-            dp.attach(&Interface::Index(3), &PodEndpoint { identity: 2, ..pod.clone() }),
-            Err(DatapathError::ReservedIdentity { identity: 2 })
-        ));
+        dp.add_interface("veth0", 7);
+        assert_eq!(dp.enforcement("veth0"), Enforcement::Open);
+        assert_eq!(dp.attach(&Interface::Name("veth0".into()), &pod(300)).unwrap(), 7);
+        assert_eq!(dp.enforcement("veth0"), Enforcement::Enforced(pod(300)));
         let entry = PolicyEntry {
             subject: 300,
             peer: 400,
@@ -114,7 +211,7 @@ mod tests {
         let rev = dp.replace_policy(&PolicySet { entries: vec![entry], ..Default::default() }).unwrap();
         assert_eq!(rev, 1);
         assert_eq!(dp.compiled.trie.len(), 1, "80-81 is one aligned prefix");
-        dp.detach(&Interface::Name("veth0".into())).unwrap();
-        assert!(dp.pods.is_empty());
+        dp.detach(&Interface::Index(7)).unwrap();
+        assert_eq!(dp.enforcement("veth0"), Enforcement::Open);
     }
 }

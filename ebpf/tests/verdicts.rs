@@ -254,11 +254,13 @@ fn conntrack_gc_removes_expired_entries() {
     assert_eq!(h.egress(&from_pod_v4().tcp(1, 2, SYN)), fwd(F::Unselected));
     assert_eq!(h.dp().conntrack().unwrap().len(), 2);
     std::thread::sleep(Duration::from_millis(100));
-    // Expired but not collected: a new flow again, not a pass on stale state.
-    assert_eq!(h.egress(&from_pod_v4().udp(1, 3)), fwd(F::Unselected));
+    // Expired but not collected: the same flow is judged as a new one
+    // again (policy runs), not passed on the stale entry.
+    assert_eq!(h.egress(&from_pod_v4().udp(1, 2)), fwd(F::Unselected), "an expired entry must not pass its flow");
+    assert_eq!(h.egress(&from_pod_v4().udp(1, 2)), fwd(F::CtEstablished), "the re-judged flow is tracked afresh");
     std::thread::sleep(Duration::from_millis(100));
     let stats = h.dp().gc().unwrap();
-    assert_eq!((stats.conntrack_scanned, stats.conntrack_removed), (3, 2));
+    assert_eq!((stats.conntrack_scanned, stats.conntrack_removed), (2, 1), "the UDP entry expired again; the TCP one lives");
     assert_eq!(h.dp().conntrack().unwrap().len(), 1);
 }
 

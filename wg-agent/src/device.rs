@@ -2,8 +2,8 @@
 //! own I/O. Three threads move packets (TUN → wire, wire → TUN, timers);
 //! configuration changes arrive as [`DeviceUpdate`]s, applied all or nothing.
 //!
-//! Lock order, everywhere: `state` before any peer's `tunn`. The datapath
-//! never takes `state` while it holds a `tunn`.
+//! Lock order, everywhere: `state` before any peer's `tunn`. The packet loops
+//! never take `state` while they hold a `tunn`.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,7 +19,7 @@ use crate::allowed_ips::AllowedIps;
 use crate::io::{Network, TunIo, UdpIo};
 
 pub mod config;
-mod datapath;
+mod loops;
 mod peer;
 pub mod stats;
 
@@ -105,9 +105,9 @@ impl Device {
         });
         let mut threads = Vec::new();
         for (name, f) in [
-            ("wg-tun-rx", datapath::tun_loop as fn(&Shared)),
-            ("wg-net-rx", datapath::net_loop),
-            ("wg-timers", datapath::timer_loop),
+            ("wg-tun-rx", loops::tun_loop as fn(&Shared)),
+            ("wg-net-rx", loops::net_loop),
+            ("wg-timers", loops::timer_loop),
         ] {
             let s = shared.clone();
             let t = std::thread::Builder::new().name(name.into()).spawn(move || f(&s));
@@ -206,7 +206,7 @@ impl Device {
     /// sessions exist before the first packet needs one (used at start-up
     /// and after the device key changes).
     pub fn initiate_handshakes(&self) {
-        datapath::initiate_all(&self.shared);
+        loops::initiate_all(&self.shared);
     }
 
     /// True once the TUN interface has been deleted from under the device.

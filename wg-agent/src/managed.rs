@@ -24,11 +24,9 @@ use crate::io::udp::HostNetwork;
 use crate::uapi::server::{Access, UapiServer};
 
 pub mod config;
-pub mod enforce;
 pub mod metrics;
 pub mod node_key;
 pub mod observe;
-pub mod policy;
 pub mod reconcile;
 pub mod routes;
 pub mod signals;
@@ -59,7 +57,7 @@ struct Agent {
     /// Peers applied last time, by public key.
     applied: BTreeMap<PublicKey, NodeRecord>,
     key_mtime: Option<SystemTime>,
-    enforcer: Option<enforce::Enforcer>,
+    enforcer: Option<crate::enforce::Enforcer>,
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -174,7 +172,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         match events.next().await {
                             Ok(e) => {
                                 hub.publish(&state, &e);
-                                enforce::report_event(&state, &mut recent, &e);
+                                crate::enforce::events::report_event(&state, &mut recent, &e);
                             }
                             Err(error) => {
                                 tracing::error!(%error, "datapath event stream failed");
@@ -298,13 +296,13 @@ impl Agent {
     fn start_datapath(
         &self,
         view: &ClusterView,
-    ) -> Option<tokio::task::JoinHandle<Result<enforce::Enforcer, enforce::EnforceError>>> {
+    ) -> Option<tokio::task::JoinHandle<Result<crate::enforce::Enforcer, crate::enforce::EnforceError>>> {
         let settings = self.cfg.datapath.clone()?;
         let node_id = view.node_ids.get(&self.cfg.node_name).copied()?;
         let node = self.cfg.node_name.clone();
         Some(tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let e = enforce::Enforcer::start(
+            let e = crate::enforce::Enforcer::start(
                 meshguard_ebpf::PinLayout::new(&settings.pin_dir),
                 node_id,
                 &node,

@@ -39,6 +39,8 @@ pub struct Packet {
     frag: Option<(u32, u16, bool)>,
     /// IPv6 extension headers before the fragment header: (type, 8-byte body).
     ext: Vec<u8>,
+    /// IPv4 TTL or IPv6 hop limit.
+    hops: u8,
 }
 
 impl Packet {
@@ -53,6 +55,7 @@ impl Packet {
             ip_options: vec![],
             frag: None,
             ext: vec![],
+            hops: 64,
         }
     }
 
@@ -89,6 +92,12 @@ impl Packet {
 
     pub fn proto(mut self, proto: u8, bytes: &[u8]) -> Self {
         self.l4 = L4::Raw { proto, bytes: bytes.to_vec() };
+        self
+    }
+
+    /// The IPv4 TTL or IPv6 hop limit (64 unless set).
+    pub fn hop_limit(mut self, hops: u8) -> Self {
+        self.hops = hops;
         self
     }
 
@@ -174,7 +183,7 @@ impl Packet {
                     let f = off | if more { 0x2000 } else { 0 };
                     ip[6..8].copy_from_slice(&f.to_be_bytes());
                 }
-                ip[8] = 64;
+                ip[8] = self.hops;
                 ip[9] = proto;
                 ip[12..16].copy_from_slice(&s.octets());
                 ip[16..20].copy_from_slice(&d.octets());
@@ -209,7 +218,7 @@ impl Packet {
                 ip[0] = 0x60;
                 ip[4..6].copy_from_slice(&((chain.len() + l4.len()) as u16).to_be_bytes());
                 ip[6] = kinds.first().copied().unwrap_or(proto);
-                ip[7] = 64;
+                ip[7] = self.hops;
                 ip[8..24].copy_from_slice(&s.octets());
                 ip[24..40].copy_from_slice(&d.octets());
                 out.extend_from_slice(&ip);

@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use super::enforce::EnforceState;
+use crate::enforce::EnforceState;
 use super::reconcile::Refusal;
 use crate::device::{Device, DropReason};
 

@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::broadcast;
 
-use super::enforce::EnforceState;
+use crate::enforce::EnforceState;
 
 /// Events buffered per reader before it is told it lost some.
 const READER_BUFFER: usize = 4096;

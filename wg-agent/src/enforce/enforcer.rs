@@ -9,18 +9,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ipnet::IpNet;
-use meshguard_common::cluster::{ClusterView, LocalEndpoint};
+use meshguard_common::cluster::ClusterView;
 use meshguard_common::spiffe::SpiffeId;
-use meshguard_ebpf::abi::Code;
-use meshguard_ebpf::events::{Event, EventKind};
-use meshguard_ebpf::policy::Direction;
 use meshguard_ebpf::{Counters, Datapath, DatapathApi, DatapathConfig, DatapathError, Interface, IpcacheEntry, PinLayout, PodEndpoint};
 use parking_lot::Mutex;
 
-use super::policy::{Compiled, INIT_IDENTITY, compile};
+use super::compile::{Compiled, INIT_IDENTITY, compile};
+use super::endpoints::read_endpoints;
 
 /// Identity of node addresses in the ipcache: the datapath's "host".
 const HOST_IDENTITY: u32 = meshguard_ebpf::abi::MG_IDENTITY_HOST;
@@ -47,8 +44,8 @@ pub struct EnforceState {
     pub events: BTreeMap<String, u64>,
 }
 
-pub struct Enforcer {
-    dp: Datapath,
+pub struct Enforcer<D = Datapath> {
+    dp: D,
     node: String,
     endpoints_dir: PathBuf,
     /// Attached pods by interface name.
@@ -64,11 +61,18 @@ fn host_prefix(ip: IpAddr) -> IpNet {
 
 // === impl Enforcer ===
 
-impl Enforcer {
+impl Enforcer<Datapath> {
     /// Loads the datapath under `pin`, or adopts the pinned one.
     pub fn start(pin: PinLayout, node_id: u32, node: &str, endpoints_dir: &Path) -> Result<Self, EnforceError> {
         meshguard_ebpf::pin::ensure_bpffs().map_err(DatapathError::from)?;
         let dp = Datapath::load_or_adopt(&DatapathConfig::new(pin, node_id))?;
+        Self::new(dp, node, endpoints_dir)
+    }
+}
+
+impl<D: DatapathApi> Enforcer<D> {
+    /// Enforces through `dp` for the pods described in `endpoints_dir`.
+    pub fn new(dp: D, node: &str, endpoints_dir: &Path) -> Result<Self, EnforceError> {
         std::fs::create_dir_all(endpoints_dir)
             .map_err(|source| EnforceError::Endpoints { dir: endpoints_dir.display().to_string(), source })?;
         Ok(Self {
@@ -82,7 +86,11 @@ impl Enforcer {
         })
     }
 
-    pub fn datapath_mut(&mut self) -> &mut Datapath {
+    pub fn datapath(&self) -> &D {
+        &self.dp
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut D {
         &mut self.dp
     }
 
@@ -166,8 +174,7 @@ impl Enforcer {
                 continue;
             }
             match self.dp.attach(&Interface::Name(ep.interface.clone()), &pod) {
-                Ok(()) => {
-                    let ifindex = crate::io::tun::if_index(&ep.interface).unwrap_or(0);
+                Ok(ifindex) => {
                     tracing::info!(pod = %ep.key(), interface = %ep.interface, identity, "pod attached");
                     self.attached.insert(ep.interface.clone(), (ifindex, pod));
                 }
@@ -204,74 +211,123 @@ impl Enforcer {
     }
 }
 
-/// Reads `<dir>/*.yaml`; a malformed file is reported and skipped.
-pub fn read_endpoints(dir: &Path) -> Result<Vec<LocalEndpoint>, EnforceError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|source| EnforceError::Endpoints { dir: dir.display().to_string(), source })?;
-    let mut out = Vec::new();
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().is_none_or(|x| x != "yaml") {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        match serde_yaml::from_str::<LocalEndpoint>(&text) {
-            Ok(ep) => out.push(ep),
-            Err(error) => tracing::warn!(path = %path.display(), %error, "invalid endpoint file; skipped"),
-        }
-    }
-    out.sort_by(|a, b| a.interface.cmp(&b.interface));
-    Ok(out)
-}
 
-/// Logs and counts one datapath event. Drops are logged once per flow key
-/// per `LOG_EVERY`, so a flood of denied packets is one line, not thousands.
-pub fn report_event(state: &Mutex<EnforceState>, recent: &mut BTreeMap<String, std::time::Instant>, e: &Event) {
-    const LOG_EVERY: Duration = Duration::from_secs(5);
-    let mut st = state.lock();
-    let name = |n: u32| st.names.get(&n).map_or_else(|| format!("identity:{n}"), ToString::to_string);
-    let (subject, peer) = (name(e.subject), name(e.peer));
-    let (src_id, dst_id) = match e.direction {
-        Direction::Ingress => (peer.clone(), subject.clone()),
-        Direction::Egress => (subject.clone(), peer.clone()),
-    };
-    let kind = match e.kind {
-        EventKind::Drop(r) => Code::Drop(r).to_string(),
-        EventKind::AuthRequired => "auth_required".to_owned(),
-        // New flows are counted and streamed (observe), not logged: there are many.
-        EventKind::Flow(_) => {
-            *st.events.entry("flow".to_owned()).or_default() += 1;
-            return;
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use meshguard_common::cluster::{LocalEndpoint, Workload};
+    use meshguard_ebpf::testing::{Enforcement, FakeDatapath};
+
+    use super::*;
+
+    const NODE: &str = "node-1";
+    const WEB: u32 = 300;
+    const API: u32 = 301;
+
+    /// A node's pods and view, and an enforcer over the fake datapath.
+    struct Node {
+        dir: tempfile::TempDir,
+        view: ClusterView,
+        enforcer: Enforcer<FakeDatapath>,
+        next_ifindex: u32,
+    }
+
+    fn node() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let mut view = ClusterView::default();
+        view.node_ids.insert(NODE.into(), 1);
+        for (sa, n) in [("web", WEB), ("api", API)] {
+            view.identities.insert(SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap(), n);
         }
-        EventKind::Unknown { r#type, reason } => format!("unknown:{type}:{reason}", type = r#type),
-    };
-    let rule = st.compiled.rule(e.cookie).map(|r| format!("{} {:?}[{}]", r.policy, r.direction, r.index));
-    *st.events.entry(kind.clone()).or_default() += 1;
-    drop(st);
-    let flow = format!(
-        "{}:{} -> {}:{} proto {}",
-        e.src.map_or_else(|| "?".into(), |a| a.to_string()),
-        e.sport,
-        e.dst.map_or_else(|| "?".into(), |a| a.to_string()),
-        e.dport,
-        e.protocol
-    );
-    let key = format!("{kind} {src_id} {dst_id} {flow}");
-    let now = std::time::Instant::now();
-    if recent.get(&key).is_some_and(|t| now.duration_since(*t) < LOG_EVERY) {
-        return;
+        let enforcer = Enforcer::new(FakeDatapath::default(), NODE, dir.path()).unwrap();
+        Node { dir, view, enforcer, next_ifindex: 10 }
     }
-    recent.insert(key, now);
-    if recent.len() > 4096 {
-        recent.retain(|_, t| now.duration_since(*t) < LOG_EVERY);
+
+    fn endpoint(name: &str, ip: u8) -> LocalEndpoint {
+        LocalEndpoint {
+            namespace: "shop".into(),
+            name: name.into(),
+            interface: format!("veth-{name}"),
+            mac: format!("02:00:00:00:00:{ip:02x}"),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 1, ip))],
+        }
     }
-    tracing::info!(
-        event = %kind,
-        src_identity = %src_id,
-        dst_identity = %dst_id,
-        direction = ?e.direction,
-        %flow,
-        rule = %rule.as_deref().unwrap_or("default"),
-        "datapath event"
-    );
+
+    impl Node {
+        /// A pod appears: its veth exists and the CNI plugin wrote its file.
+        fn pod_appears(&mut self, ep: &LocalEndpoint) {
+            self.next_ifindex += 1;
+            self.enforcer.dp.add_interface(&ep.interface, self.next_ifindex);
+            self.write(ep);
+        }
+
+        fn write(&self, ep: &LocalEndpoint) {
+            std::fs::write(self.dir.path().join(ep.file_name()), serde_yaml::to_string(ep).unwrap()).unwrap();
+        }
+
+        /// The view learns of the pod as a workload of `sa` on this node.
+        fn in_view(&mut self, ep: &LocalEndpoint, sa: &str) {
+            let w = Workload {
+                name: ep.name.clone(),
+                namespace: ep.namespace.clone(),
+                service_account: sa.into(),
+                node: NODE.into(),
+                ips: ep.ips.clone(),
+                labels: Default::default(),
+            };
+            self.view.workloads.insert(w.key(), w);
+        }
+
+        fn sync(&mut self) {
+            self.enforcer.sync_view(&self.view).unwrap();
+            self.enforcer.sync_endpoints(&self.view).unwrap();
+        }
+
+        fn enforcement(&self, ep: &LocalEndpoint) -> Enforcement {
+            self.enforcer.dp.enforcement(&ep.interface)
+        }
+    }
+
+    fn enforced_as(identity: u32, ep: &LocalEndpoint) -> Enforcement {
+        let IpAddr::V4(v4) = ep.ips[0] else { unreachable!() };
+        Enforcement::Enforced(PodEndpoint { identity, mac: ep.mac_bytes().unwrap(), ipv4: Some(v4), ipv6: None })
+    }
+
+    #[test]
+    fn a_known_pod_is_enforced_with_its_identity_and_its_address_is_in_the_ipcache() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        assert_eq!(n.enforcement(&web), enforced_as(WEB, &web));
+        let entry = n.enforcer.dp.ipcache.get(&IpNet::from(web.ips[0])).copied();
+        assert_eq!(entry, Some(IpcacheEntry { identity: WEB, node_id: 1 }));
+    }
+
+    #[test]
+    fn a_pod_whose_service_account_changes_is_re_keyed() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        n.in_view(&web, "api");
+        n.sync();
+        assert_eq!(n.enforcement(&web), enforced_as(API, &web));
+    }
+
+    #[test]
+    fn a_pod_whose_endpoint_file_goes_is_detached() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        std::fs::remove_file(n.dir.path().join(web.file_name())).unwrap();
+        n.enforcer.dp.remove_interface(&web.interface);
+        n.sync();
+        assert!(n.enforcer.dp.endpoints.is_empty(), "the endpoint entry went with the pod");
+    }
 }

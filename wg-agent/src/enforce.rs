@@ -1,0 +1,17 @@
+//! Enforcement: keeping the eBPF policy datapath in step with the cluster
+//! view and with the pods on this node.
+//!
+//! - [`compile`]: `MeshPolicy` objects → the datapath's policy entries (pure);
+//! - [`endpoints`]: the node-local pod descriptions the CNI plugin writes;
+//! - [`Enforcer`]: drives a [`DatapathApi`](meshguard_ebpf::DatapathApi) —
+//!   the kernel's [`Datapath`](meshguard_ebpf::Datapath), or
+//!   `meshguard_ebpf::testing::FakeDatapath` in tests — with the ipcache, the
+//!   compiled policy and one attachment per local pod interface;
+//! - [`events`]: drop and auth events, logged and counted.
+
+pub mod compile;
+pub mod endpoints;
+mod enforcer;
+pub mod events;
+
+pub use enforcer::{EnforceError, EnforceState, Enforcer};
