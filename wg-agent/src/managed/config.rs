@@ -216,14 +216,18 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         return invalid("podCidrs must list this node's pod address ranges".into());
     }
     let strict = raw.strict.unwrap_or(DEFAULT_STRICT);
-    if strict && raw.cluster_cidrs.is_empty() {
+    // Required in both modes: it bounds what another node may claim as its
+    // pod CIDRs (without it, a node claiming 8.8.8.0/24 would pull this
+    // node's traffic to that range into its tunnel), and in strict mode it
+    // is what never leaves in plaintext.
+    if raw.cluster_cidrs.is_empty() {
         return invalid(
-            "strict mode needs clusterCidrs (all pod ranges of the cluster), so that traffic to a node without a tunnel is dropped instead of leaving in plaintext"
+            "clusterCidrs must list all pod ranges of the cluster: other nodes' pod CIDRs are accepted only inside them (and in strict mode, traffic to them never leaves in plaintext)"
                 .into(),
         );
     }
     for pod in &raw.pod_cidrs {
-        if strict && !raw.cluster_cidrs.iter().any(|c| c.contains(pod)) {
+        if !raw.cluster_cidrs.iter().any(|c| c.contains(pod)) {
             return invalid(format!("podCidr {pod} is outside every clusterCidr"));
         }
     }
@@ -300,7 +304,8 @@ mod tests {
         let cases = [
             (BASE.replace("node-1", "node/1"), "nodeName"),
             (BASE.replace("192.168.50.1", "somewhere"), "endpoint"),
-            (BASE.replace("clusterCidrs: [10.244.0.0/16]\n", ""), "strict mode needs clusterCidrs"),
+            (BASE.replace("clusterCidrs: [10.244.0.0/16]\n", ""), "clusterCidrs must list"),
+            (format!("{}strict: false\n", BASE.replace("clusterCidrs: [10.244.0.0/16]\n", "")), "clusterCidrs must list"),
             (BASE.replace("10.244.0.0/16", "10.245.0.0/16"), "outside every clusterCidr"),
             (BASE.replace("cluster: {dir: /tmp/c}", "cluster: {}"), "give a source"),
             (

@@ -75,9 +75,7 @@ pub fn plan(cfg: &AgentConfig, own_key: PublicKey, view: &ClusterView, applied: 
             Some(Refusal::OwnKey)
         } else if key_count[&n.public_key] > 1 {
             Some(Refusal::DuplicateKey)
-        } else if !cfg.cluster_cidrs.is_empty()
-            && n.pod_cidrs.iter().any(|p| !cfg.cluster_cidrs.iter().any(|c| c.contains(p)))
-        {
+        } else if n.pod_cidrs.iter().any(|p| !cfg.cluster_cidrs.iter().any(|c| c.contains(p))) {
             Some(Refusal::OutsideCluster)
         } else if n.pod_cidrs.iter().any(|p| cfg.pod_cidrs.iter().any(|l| overlaps(p, l))) {
             Some(Refusal::OverlapsLocal)
@@ -207,5 +205,27 @@ mod tests {
         assert_eq!(refused["b"], Refusal::OverlapsPeer);
         assert_eq!(refused["me-again"], Refusal::OwnKey);
         assert_eq!(p.peers.keys().collect::<Vec<_>>(), ["ok"]);
+    }
+
+    /// Issue 14, finding 10: without strict mode a node could claim any
+    /// range (8.8.8.0/24) and pull other nodes' traffic to it into its
+    /// tunnel. Either the configuration is refused or the record is.
+    #[test]
+    fn a_non_strict_node_never_accepts_a_range_outside_the_cluster() {
+        let raw: RawConfig =
+            serde_yaml::from_str("nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nstrict: false\ncluster: {dir: /x}\n")
+                .unwrap();
+        let v = view(&[node("greedy", 4, "8.8.8.0/24")]);
+        match construct_config(raw) {
+            Err(e) => assert!(e.to_string().contains("clusterCidrs"), "{e}"),
+            Ok(cfg) => {
+                let p = plan(&cfg, OWN, &v, &BTreeMap::new());
+                assert!(p.peers.is_empty(), "a node claiming 8.8.8.0/24 became a peer: {:?}", p.routes);
+            }
+        }
+        let mut non_strict = cfg();
+        non_strict.strict = false;
+        let p = plan(&non_strict, OWN, &v, &BTreeMap::new());
+        assert_eq!(p.refused, [("greedy".to_owned(), Refusal::OutsideCluster)]);
     }
 }
