@@ -72,6 +72,13 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot attach to interface {name} ({source}); it was {down}")]
+    HeldDown {
+        name: String,
+        #[source]
+        source: Box<DatapathError>,
+        down: String,
+    },
     #[error("interface index {ifindex} is beyond the endpoint map ({max} entries): raise MapSizes::endpoints")]
     IfindexTooLarge { ifindex: u32, max: u32 },
     #[error("identity {identity} is reserved: workload identities start at {min}", min = abi::MG_IDENTITY_MIN_WORKLOAD)]
@@ -165,10 +172,17 @@ pub struct GcStats {
 /// The datapath boundary the node agent drives; [`Datapath`] is the real
 /// one, `testing::FakeDatapath` an in-memory double.
 pub trait DatapathApi: Send {
-    /// Records the pod and attaches both programs to its host-side
-    /// interface; returns the interface's index (detach by index: the name
-    /// may be gone by then).
+    /// Attaches both programs to the pod's host-side interface, then records
+    /// the pod; returns the interface's index (detach by index: the name may
+    /// be gone by then). Fails closed: on any error after the programs are
+    /// on, the interface is left without an endpoint entry, so it drops
+    /// every packet (`DROP_UNKNOWN_ENDPOINT`).
     fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<u32, DatapathError>;
+    /// Holds an interface closed: both programs attached, no endpoint entry
+    /// (every packet dropped), the old entry's conntrack flushed. When the
+    /// programs cannot be attached the interface is set down instead and
+    /// the error says so ([`DatapathError::HeldDown`]).
+    fn hold_closed(&mut self, iface: &Interface) -> Result<u32, DatapathError>;
     /// Detaches, forgets the pod and drops its conntrack entries.
     fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError>;
     /// Adds or changes ipcache entries (one revision bump).
@@ -466,6 +480,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes the endpoint entry of `ifindex`, if any, and the conntrack
+    /// entries of its addresses: nothing admitted for it survives.
+    fn clear_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        if ifindex >= self.endpoints.len() {
+            return Ok(());
+        }
+        if let Some(ep) = self.endpoint(ifindex)? {
+            let mut addrs = Vec::new();
+            if ep.flags & abi::MG_EP_F_HAS_IPV4 != 0 {
+                addrs.push(IpAddr::from(ep.ipv4));
+            }
+            if ep.flags & abi::MG_EP_F_HAS_IPV6 != 0 {
+                addrs.push(IpAddr::from(ep.ipv6));
+            }
+            self.remove_endpoint(ifindex)?;
+            self.flush_conntrack_for(&addrs)?;
+        }
+        Ok(())
+    }
+
+    fn attach_programs(&mut self, ifindex: u32, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_one(ifindex, ifname, true)?;
+        self.attach_one(ifindex, ifname, false)
+    }
+
     fn resolve(iface: &Interface) -> Result<(u32, String), DatapathError> {
         match iface {
             Interface::Name(name) => sys::ifindex(name)
@@ -667,10 +706,28 @@ fn policy_key(k: &PolicyKey) -> LpmKey<PolicyKeyData> {
 impl DatapathApi for Datapath {
     fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<u32, DatapathError> {
         let (ifindex, ifname) = Self::resolve(iface)?;
-        self.set_endpoint(ifindex, pod)?;
-        self.attach_one(ifindex, &ifname, true)?;
-        self.attach_one(ifindex, &ifname, false)?;
+        // Programs first: from here on the interface drops whatever the
+        // endpoint map does not vouch for.
+        self.attach_programs(ifindex, &ifname)?;
+        if let Err(e) = self.set_endpoint(ifindex, pod) {
+            self.clear_endpoint(ifindex)?;
+            return Err(e);
+        }
         info!(ifindex, %ifname, identity = pod.identity, "pod attached");
+        Ok(ifindex)
+    }
+
+    fn hold_closed(&mut self, iface: &Interface) -> Result<u32, DatapathError> {
+        let (ifindex, ifname) = Self::resolve(iface)?;
+        self.clear_endpoint(ifindex)?;
+        if let Err(e) = self.attach_programs(ifindex, &ifname) {
+            let down = match sys::set_link_down(&ifname) {
+                Ok(()) => "set down instead, so it sends and receives nothing".to_owned(),
+                Err(d) => format!("NOT enforced: setting it down failed too ({d})"),
+            };
+            return Err(DatapathError::HeldDown { name: ifname, source: Box::new(e), down });
+        }
+        info!(ifindex, %ifname, "interface held closed");
         Ok(ifindex)
     }
 
@@ -687,17 +744,7 @@ impl DatapathApi for Datapath {
                 Err(source) => return Err(DatapathError::Link { path: path.display().to_string(), source }),
             }
         }
-        if let Some(ep) = self.endpoint(ifindex)? {
-            let mut addrs = Vec::new();
-            if ep.flags & abi::MG_EP_F_HAS_IPV4 != 0 {
-                addrs.push(IpAddr::from(ep.ipv4));
-            }
-            if ep.flags & abi::MG_EP_F_HAS_IPV6 != 0 {
-                addrs.push(IpAddr::from(ep.ipv6));
-            }
-            self.remove_endpoint(ifindex)?;
-            self.flush_conntrack_for(&addrs)?;
-        }
+        self.clear_endpoint(ifindex)?;
         info!(ifindex, "pod detached");
         Ok(())
     }

@@ -124,3 +124,37 @@ pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
     }
     Ok(rc > 0)
 }
+
+/// Sets an interface administratively down (`ip link set NAME down`): the
+/// last resort when its programs cannot be attached, so a pod that cannot
+/// be enforced cannot send either.
+pub fn set_link_down(name: &str) -> io::Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IF_NAMESIZE || bytes.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an interface name"));
+    }
+    // SAFETY: socket() has no memory preconditions; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq naming the interface (NUL-terminated by
+    // the zeroing above); SIOCGIFFLAGS fills ifru_flags, SIOCSIFFLAGS reads it.
+    let rc = unsafe {
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &mut req);
+        }
+        rc
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` is ours and closed exactly once.
+    unsafe { libc::close(fd) };
+    if rc < 0 { Err(err) } else { Ok(()) }
+}

@@ -25,6 +25,8 @@ pub enum Enforcement {
     /// Programs attached and an endpoint entry: anti-spoofing and policy for
     /// this pod.
     Enforced(PodEndpoint),
+    /// No program, but the interface is down: nothing passes.
+    Down,
 }
 
 #[derive(Debug)]
@@ -39,6 +41,8 @@ pub struct FakeDatapath {
     pub endpoint_slots: u32,
     /// Interfaces whose program attachment fails (a test's injected fault).
     pub failing_links: BTreeSet<String>,
+    /// Interfaces set down, by name.
+    pub down: BTreeSet<String>,
     pub ipcache: BTreeMap<IpNet, IpcacheEntry>,
     pub policy: PolicySet,
     /// What the real datapath would write for `policy`.
@@ -57,6 +61,7 @@ impl Default for FakeDatapath {
             endpoints: BTreeMap::new(),
             endpoint_slots: 65536,
             failing_links: BTreeSet::new(),
+            down: BTreeSet::new(),
             ipcache: BTreeMap::new(),
             policy: PolicySet::default(),
             compiled: CompiledPolicy::default(),
@@ -88,7 +93,7 @@ impl FakeDatapath {
     pub fn enforcement(&self, name: &str) -> Enforcement {
         let Some(i) = self.interfaces.get(name) else { return Enforcement::Closed };
         if !self.links.contains(i) {
-            return Enforcement::Open;
+            return if self.down.contains(name) { Enforcement::Down } else { Enforcement::Open };
         }
         match self.endpoints.get(i) {
             Some(ep) => Enforcement::Enforced(ep.clone()),
@@ -114,10 +119,15 @@ impl FakeDatapath {
 }
 
 impl DatapathApi for FakeDatapath {
-    /// As the real one today: the endpoint entry is written first, then
-    /// the programs attached.
+    /// As the real one: programs first, then the endpoint entry, and any
+    /// failure after the programs leaves the interface closed.
     fn attach(&mut self, iface: &Interface, pod: &PodEndpoint) -> Result<u32, DatapathError> {
         let (ifindex, name) = self.resolve(iface)?;
+        if self.failing_links.contains(&name) {
+            return Err(DatapathError::Interface { name, source: std::io::Error::from_raw_os_error(libc::EPERM) });
+        }
+        self.links.insert(ifindex);
+        self.endpoints.remove(&ifindex);
         if pod.identity < crate::abi::MG_IDENTITY_MIN_WORKLOAD {
             return Err(DatapathError::ReservedIdentity { identity: pod.identity });
         }
@@ -125,8 +135,16 @@ impl DatapathApi for FakeDatapath {
             return Err(DatapathError::IfindexTooLarge { ifindex, max: self.endpoint_slots });
         }
         self.endpoints.insert(ifindex, pod.clone());
+        Ok(ifindex)
+    }
+
+    fn hold_closed(&mut self, iface: &Interface) -> Result<u32, DatapathError> {
+        let (ifindex, name) = self.resolve(iface)?;
+        self.endpoints.remove(&ifindex);
         if self.failing_links.contains(&name) {
-            return Err(DatapathError::Interface { name, source: std::io::Error::from_raw_os_error(libc::EPERM) });
+            self.down.insert(name.clone());
+            let source = DatapathError::Interface { name: name.clone(), source: std::io::Error::from_raw_os_error(libc::EPERM) };
+            return Err(DatapathError::HeldDown { name, source: Box::new(source), down: "set down instead".into() });
         }
         self.links.insert(ifindex);
         Ok(ifindex)
@@ -213,5 +231,25 @@ mod tests {
         assert_eq!(dp.compiled.trie.len(), 1, "80-81 is one aligned prefix");
         dp.detach(&Interface::Index(7)).unwrap();
         assert_eq!(dp.enforcement("veth0"), Enforcement::Open);
+    }
+
+    #[test]
+    fn failures_after_the_programs_are_on_leave_the_interface_closed() {
+        let mut dp = FakeDatapath { endpoint_slots: 100, ..Default::default() };
+        dp.add_interface("veth0", 3);
+        dp.add_interface("veth1", 100);
+        dp.add_interface("veth2", 4);
+        dp.failing_links.insert("veth2".into());
+        assert!(matches!(dp.attach(&Interface::Name("veth0".into()), &pod(2)), Err(DatapathError::ReservedIdentity { identity: 2 })));
+        assert_eq!(dp.enforcement("veth0"), Enforcement::Closed);
+        assert!(matches!(
+            dp.attach(&Interface::Name("veth1".into()), &pod(300)),
+            Err(DatapathError::IfindexTooLarge { ifindex: 100, max: 100 })
+        ));
+        assert_eq!(dp.enforcement("veth1"), Enforcement::Closed);
+        assert!(dp.attach(&Interface::Name("veth2".into()), &pod(300)).is_err());
+        assert_eq!(dp.enforcement("veth2"), Enforcement::Open, "no programs: attach alone cannot close it");
+        assert!(matches!(dp.hold_closed(&Interface::Name("veth2".into())), Err(DatapathError::HeldDown { .. })));
+        assert_eq!(dp.enforcement("veth2"), Enforcement::Down);
     }
 }

@@ -131,3 +131,46 @@ fn pods_attach_with_pinned_tcx_links_that_outlive_the_agent() {
     });
     let _ = cleanup.remove();
 }
+
+/// Issue 14, findings 1 and 2: an attachment that fails after the programs
+/// are on (a reserved identity, an ifindex past the endpoint map) leaves the
+/// interface with both programs and no endpoint entry — dropping every
+/// packet (`unknown_interface_is_dropped` in verdicts.rs) — never open.
+#[test]
+fn a_failed_attach_leaves_the_interface_closed_not_open() {
+    require_root();
+    let pin = test_pin("attach-fails");
+    let cleanup = pin.clone();
+    in_netns(move || {
+        let ok = Command::new("ip")
+            .args(["link", "add", "mgt-big", "index", "200", "type", "veth", "peer", "name", "mgt-big-pod"])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip link add index 200 failed");
+        let mut dp = Datapath::load_or_adopt(&small_config(pin.clone())).unwrap();
+        let ifindex = meshguard_ebpf::sys::ifindex("mgt-host").unwrap();
+        let pod = PodEndpoint { identity: POD_ID, mac: POD_MAC, ipv4: Some(pod_v4()), ipv6: None };
+        // Enforced first, then re-keyed to an identity the datapath refuses.
+        dp.attach(&Interface::Name("mgt-host".into()), &pod).unwrap();
+        let reserved = PodEndpoint { identity: 2, ..pod.clone() };
+        let err = dp.attach(&Interface::Name("mgt-host".into()), &reserved).unwrap_err();
+        assert!(matches!(err, meshguard_ebpf::DatapathError::ReservedIdentity { identity: 2 }), "{err}");
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Ingress), 1);
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Egress), 1);
+        assert_eq!(dp.endpoint(ifindex).unwrap(), None, "the old identity must not stay");
+
+        // An interface index the endpoint map cannot hold (64 entries here).
+        let err = dp.attach(&Interface::Name("mgt-big".into()), &pod).unwrap_err();
+        assert!(matches!(err, meshguard_ebpf::DatapathError::IfindexTooLarge { ifindex: 200, .. }), "{err}");
+        assert_eq!(tcx_programs("mgt-big", TcAttachType::Ingress), 1);
+        assert_eq!(tcx_programs("mgt-big", TcAttachType::Egress), 1);
+
+        // Held closed on purpose: programs on, entry gone, conntrack flushed.
+        dp.attach(&Interface::Name("mgt-host".into()), &pod).unwrap();
+        assert_eq!(dp.hold_closed(&Interface::Name("mgt-host".into())).unwrap(), ifindex);
+        assert_eq!(dp.endpoint(ifindex).unwrap(), None);
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Ingress), 1);
+        dp.remove().unwrap();
+    });
+    let _ = cleanup.remove();
+}

@@ -3,6 +3,8 @@
 //!
 //! - [`compile`]: `MeshPolicy` objects → the datapath's policy entries (pure);
 //! - [`endpoints`]: the node-local pod descriptions the CNI plugin writes;
+//! - [`pods`]: what each local pod interface should be — enforced with its
+//!   identity, or held closed (pure; there is no open state);
 //! - [`Enforcer`]: drives a [`DatapathApi`](meshguard_ebpf::DatapathApi) —
 //!   the kernel's [`Datapath`](meshguard_ebpf::Datapath), or
 //!   `meshguard_ebpf::testing::FakeDatapath` in tests — with the ipcache, the
@@ -13,5 +15,6 @@ pub mod compile;
 pub mod endpoints;
 mod enforcer;
 pub mod events;
+pub mod pods;
 
-pub use enforcer::{EnforceError, EnforceState, Enforcer};
+pub use enforcer::{EnforceError, EnforceState, Enforcer, PodState, PodStatus};

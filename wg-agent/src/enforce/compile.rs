@@ -22,10 +22,6 @@ use meshguard_common::cluster::{ClusterView, Workload};
 use meshguard_common::policy::{self as mp, MeshPolicy, PeerSelector, PortRule};
 use meshguard_ebpf::policy::{ANY, Action, Direction, Identity, PolicyEntry, PolicySet, Ports};
 
-/// The identity of a pod the agent attached before it knew the pod's
-/// identity: default-deny both ways, so a pod is never open by accident.
-pub const INIT_IDENTITY: Identity = 3;
-
 /// Where a policy entry came from, for drop events (the entry's cookie
 /// indexes [`Compiled::rules`], from 1; 0 is "no rule": default deny).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,9 +133,6 @@ fn ports(ctx: &mut Ctx<'_>, what: &str, rules: &[PortRule]) -> Vec<(Option<u8>, 
 pub fn compile(view: &ClusterView) -> Compiled {
     let mut ctx = Ctx { view, td: view.trust_domain_or_default(), warnings: Vec::new() };
     let mut out = Compiled::default();
-    // Pods attached before their identity is known are shut both ways.
-    out.set.default_deny.insert((INIT_IDENTITY, Direction::Ingress));
-    out.set.default_deny.insert((INIT_IDENTITY, Direction::Egress));
 
     for policy in view.policies.values() {
         let key = policy.key();
@@ -246,7 +239,7 @@ spec:
     #[test]
     fn compiles_the_design_example() {
         let c = compile(&view(BACKEND));
-        let dd: Vec<_> = c.set.default_deny.iter().filter(|(s, _)| *s != INIT_IDENTITY).copied().collect();
+        let dd: Vec<_> = c.set.default_deny.iter().copied().collect();
         assert_eq!(dd, [(301, Direction::Ingress), (301, Direction::Egress)]);
         let auth: Vec<_> = c.set.entries.iter().filter(|e| e.action == Action::AuthRequired).collect();
         // 2 peers x 3 port rules.
@@ -292,6 +285,6 @@ spec:
         let c = compile(&view(
             "apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: p, namespace: other}\nspec:\n  selector: {}\n  ingress: []\n",
         ));
-        assert_eq!(c.set.default_deny.len(), 2, "only the init identity: {:?}", c.set.default_deny);
+        assert!(c.set.default_deny.is_empty(), "{:?}", c.set.default_deny);
     }
 }

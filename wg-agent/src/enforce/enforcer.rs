@@ -1,11 +1,12 @@
 //! Keeps the eBPF policy datapath in step with the cluster view: the
 //! ipcache (every workload address → identity and node), the compiled
-//! policy, and one attachment per local pod interface.
+//! policy, and one attachment per local pod interface — enforced, or held
+//! closed ([`super::pods`]); never left open.
 //!
 //! The datapath is pinned: it keeps enforcing while the agent is down, and a
 //! restarted agent adopts it — conntrack included — instead of reloading.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,11 +14,12 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use meshguard_common::cluster::ClusterView;
 use meshguard_common::spiffe::SpiffeId;
-use meshguard_ebpf::{Counters, Datapath, DatapathApi, DatapathConfig, DatapathError, Interface, IpcacheEntry, PinLayout, PodEndpoint};
+use meshguard_ebpf::{Counters, Datapath, DatapathApi, DatapathConfig, DatapathError, Interface, IpcacheEntry, PinLayout};
 use parking_lot::Mutex;
 
-use super::compile::{Compiled, INIT_IDENTITY, compile};
+use super::compile::{Compiled, compile};
 use super::endpoints::read_endpoints;
+use super::pods::{self, HoldReason, Want};
 
 /// Identity of node addresses in the ipcache: the datapath's "host".
 const HOST_IDENTITY: u32 = meshguard_ebpf::abi::MG_IDENTITY_HOST;
@@ -34,7 +36,27 @@ pub enum EnforceError {
     },
 }
 
-/// What the agent's metrics and logs read from the enforcer.
+/// How one local pod interface is enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodState {
+    /// Anti-spoofing and policy for this identity.
+    Enforced { identity: u32 },
+    /// Programs on, no endpoint entry: every packet dropped.
+    Closed { reason: HoldReason, detail: String },
+    /// Its programs could not be attached: the interface was set down (or,
+    /// if even that failed, it is unenforced — `detail` says which).
+    Failed { detail: String },
+}
+
+/// One local pod interface, as the enforcer left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodStatus {
+    /// `<namespace>/<name>` (or the endpoint file's name when unreadable).
+    pub pod: String,
+    pub state: PodState,
+}
+
+/// What the agent's metrics, logs and `/readyz` read from the enforcer.
 #[derive(Debug, Default)]
 pub struct EnforceState {
     /// Numeric identity → SPIFFE ID, for events and logs.
@@ -42,14 +64,52 @@ pub struct EnforceState {
     pub compiled: Compiled,
     pub counters: Counters,
     pub events: BTreeMap<String, u64>,
+    /// Every local pod interface, by name.
+    pub pods: BTreeMap<String, PodStatus>,
+    /// Endpoint files that cannot be read, naming no known interface.
+    pub unreadable: BTreeMap<String, String>,
+    /// Times a pod interface was held closed or failed, by reason
+    /// (`HoldReason::as_str`, or `attach_failed_down` for `Failed`).
+    pub refusals: BTreeMap<&'static str, u64>,
+}
+
+impl EnforceState {
+    /// Why the node is not ready to run pods, one line each; empty: ready.
+    /// A pod held closed only because the view does not name it yet is
+    /// normal, not a problem.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (iface, p) in &self.pods {
+            match &p.state {
+                PodState::Enforced { .. } => {}
+                PodState::Closed { reason, .. } if !reason.is_failure() => {}
+                PodState::Closed { reason, detail } => {
+                    out.push(format!("pod {} on {iface} held closed ({}): {detail}", p.pod, reason.as_str()))
+                }
+                PodState::Failed { detail } => out.push(format!("pod {} on {iface} not enforced: {detail}", p.pod)),
+            }
+        }
+        for (file, error) in &self.unreadable {
+            out.push(format!("endpoint file {file}: {error}"));
+        }
+        out
+    }
+}
+
+struct Attached {
+    ifindex: Option<u32>,
+    want: Want,
+    state: PodState,
 }
 
 pub struct Enforcer<D = Datapath> {
     dp: D,
     node: String,
     endpoints_dir: PathBuf,
-    /// Attached pods by interface name.
-    attached: BTreeMap<String, (u32, PodEndpoint)>,
+    /// Local pod interfaces by name.
+    pods: BTreeMap<String, Attached>,
+    /// Endpoint file → the interface it named when last readable.
+    known_files: BTreeMap<String, String>,
     ipcache: BTreeMap<IpNet, IpcacheEntry>,
     policy_applied: bool,
     pub state: Arc<Mutex<EnforceState>>,
@@ -79,7 +139,8 @@ impl<D: DatapathApi> Enforcer<D> {
             dp,
             node: node.to_owned(),
             endpoints_dir: endpoints_dir.to_owned(),
-            attached: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            known_files: BTreeMap::new(),
             ipcache: BTreeMap::new(),
             policy_applied: false,
             state: Arc::new(Mutex::new(EnforceState::default())),
@@ -142,55 +203,84 @@ impl<D: DatapathApi> Enforcer<D> {
         Ok(())
     }
 
-    /// Attaches new local pods, re-keys changed ones, detaches removed ones.
+    /// Enforces every local pod interface as the endpoint files and `view`
+    /// say, holds closed every one it cannot enforce, and detaches the
+    /// interfaces whose endpoint file is gone (the pod was deleted).
     pub fn sync_endpoints(&mut self, view: &ClusterView) -> Result<(), EnforceError> {
-        let local = read_endpoints(&self.endpoints_dir)?;
-        let td = view.trust_domain_or_default();
-        let mut seen = BTreeSet::new();
-        for ep in local {
-            seen.insert(ep.interface.clone());
-            let Some(mac) = ep.mac_bytes() else {
-                tracing::warn!(pod = %ep.key(), mac = %ep.mac, "endpoint has an invalid MAC; not attached");
-                continue;
-            };
-            let workload = view.workloads.get(&ep.key()).filter(|w| w.node == self.node);
-            let identity = workload
-                .and_then(|w| w.spiffe_id(&td).ok())
-                .and_then(|id| view.identities.get(&id).copied())
-                .unwrap_or(INIT_IDENTITY);
-            let pod = PodEndpoint {
-                identity,
-                mac,
-                ipv4: ep.ips.iter().find_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                }),
-                ipv6: ep.ips.iter().find_map(|ip| match ip {
-                    IpAddr::V6(v6) => Some(*v6),
-                    IpAddr::V4(_) => None,
-                }),
-            };
-            if self.attached.get(&ep.interface).is_some_and(|(_, p)| *p == pod) {
-                continue;
-            }
-            match self.dp.attach(&Interface::Name(ep.interface.clone()), &pod) {
-                Ok(ifindex) => {
-                    tracing::info!(pod = %ep.key(), interface = %ep.interface, identity, "pod attached");
-                    self.attached.insert(ep.interface.clone(), (ifindex, pod));
-                }
-                Err(error) => tracing::error!(pod = %ep.key(), interface = %ep.interface, %error, "cannot attach pod"),
+        let files = read_endpoints(&self.endpoints_dir)?;
+        let plan = pods::plan(&files, view, &self.node, &self.known_files);
+        for (file, error) in &plan.unreadable {
+            if !self.state.lock().unreadable.contains_key(file) {
+                tracing::error!(%file, %error, "endpoint file cannot be read; its pod is not enforced until it can");
+                *self.state.lock().refusals.entry(HoldReason::UnreadableEndpoint.as_str()).or_default() += 1;
             }
         }
-        let gone: Vec<String> = self.attached.keys().filter(|i| !seen.contains(*i)).cloned().collect();
-        for ifname in gone {
-            if let Some((ifindex, _)) = self.attached.remove(&ifname) {
-                if let Err(error) = self.dp.detach(&Interface::Index(ifindex)) {
-                    tracing::warn!(interface = %ifname, %error, "detach failed (interface already gone?)");
-                }
-                tracing::info!(interface = %ifname, "pod detached");
+        for (iface, want) in &plan.interfaces {
+            let settled = self.pods.get(iface).is_some_and(|p| {
+                p.want == *want
+                    && !matches!(p.state, PodState::Failed { .. } | PodState::Closed { reason: HoldReason::AttachFailed, .. })
+            });
+            if settled {
+                continue;
             }
+            let before = self.pods.get(iface).map(|p| p.state.clone());
+            let (ifindex, state) = self.apply(iface, want);
+            let ifindex = ifindex.or_else(|| self.pods.get(iface).and_then(|p| p.ifindex));
+            if before.as_ref() != Some(&state) {
+                self.report(iface, &want.pod, &state);
+            }
+            self.pods.insert(iface.clone(), Attached { ifindex, want: want.clone(), state });
         }
+        let gone: Vec<String> = self.pods.keys().filter(|i| !plan.interfaces.contains_key(*i)).cloned().collect();
+        for iface in gone {
+            let Some(p) = self.pods.remove(&iface) else { continue };
+            if let Some(ifindex) = p.ifindex
+                && let Err(error) = self.dp.detach(&Interface::Index(ifindex))
+            {
+                tracing::warn!(interface = %iface, %error, "detach failed (interface already gone?)");
+            }
+            tracing::info!(pod = %p.want.pod, interface = %iface, "pod detached");
+        }
+        self.known_files = plan.known_files;
+        let mut st = self.state.lock();
+        st.unreadable = plan.unreadable;
+        st.pods = self.pods.iter().map(|(i, p)| (i.clone(), PodStatus { pod: p.want.pod.clone(), state: p.state.clone() })).collect();
         Ok(())
+    }
+
+    /// Enforces or closes one interface; returns its index when known.
+    fn apply(&mut self, iface: &str, want: &Want) -> (Option<u32>, PodState) {
+        let name = Interface::Name(iface.to_owned());
+        let (reason, detail) = match &want.target {
+            Ok(pod) => match self.dp.attach(&name, pod) {
+                Ok(ifindex) => return (Some(ifindex), PodState::Enforced { identity: pod.identity }),
+                Err(error) => (HoldReason::AttachFailed, error.to_string()),
+            },
+            Err((reason, detail)) => (*reason, detail.clone()),
+        };
+        match self.dp.hold_closed(&name) {
+            Ok(ifindex) => (Some(ifindex), PodState::Closed { reason, detail }),
+            Err(error) => (None, PodState::Failed { detail: format!("{detail}; cannot hold it closed: {error}") }),
+        }
+    }
+
+    /// Logs and counts a pod's new state.
+    fn report(&self, iface: &str, pod: &str, state: &PodState) {
+        match state {
+            PodState::Enforced { identity } => tracing::info!(%pod, interface = %iface, identity, "pod enforced"),
+            PodState::Closed { reason, detail } => {
+                *self.state.lock().refusals.entry(reason.as_str()).or_default() += 1;
+                if reason.is_failure() {
+                    tracing::error!(%pod, interface = %iface, reason = reason.as_str(), %detail, "pod held closed: it drops every packet");
+                } else {
+                    tracing::info!(%pod, interface = %iface, reason = reason.as_str(), %detail, "pod held closed until the view names it");
+                }
+            }
+            PodState::Failed { detail } => {
+                *self.state.lock().refusals.entry("attach_failed_down").or_default() += 1;
+                tracing::error!(%pod, interface = %iface, %detail, "pod cannot be enforced");
+            }
+        }
     }
 
     /// Conntrack and fragment garbage collection.
@@ -217,6 +307,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use meshguard_common::cluster::{LocalEndpoint, Workload};
+    use meshguard_ebpf::PodEndpoint;
     use meshguard_ebpf::testing::{Enforcement, FakeDatapath};
 
     use super::*;
@@ -287,6 +378,14 @@ mod tests {
         fn enforcement(&self, ep: &LocalEndpoint) -> Enforcement {
             self.enforcer.dp.enforcement(&ep.interface)
         }
+
+        fn problems(&self) -> Vec<String> {
+            self.enforcer.state.lock().problems()
+        }
+
+        fn refusals(&self, reason: &str) -> u64 {
+            self.enforcer.state.lock().refusals.get(reason).copied().unwrap_or(0)
+        }
     }
 
     fn enforced_as(identity: u32, ep: &LocalEndpoint) -> Enforcement {
@@ -329,5 +428,117 @@ mod tests {
         n.enforcer.dp.remove_interface(&web.interface);
         n.sync();
         assert!(n.enforcer.dp.endpoints.is_empty(), "the endpoint entry went with the pod");
+    }
+
+    // --- issue 14, findings 1 and 2: every way a pod can fail to be
+    // enforced must leave its interface dropping, never open. ---
+
+    #[test]
+    fn an_unknown_pod_is_held_closed_until_the_view_names_it() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.pod_appears(&web);
+        n.sync();
+        assert_eq!(n.enforcement(&web), Enforcement::Closed, "a pod the view does not know yet must not pass traffic");
+        assert!(n.problems().is_empty(), "waiting for the view is normal: {:?}", n.problems());
+        assert_eq!(n.refusals("unknown_workload"), 1);
+        n.in_view(&web, "web");
+        n.sync();
+        assert_eq!(n.enforcement(&web), enforced_as(WEB, &web));
+    }
+
+    #[test]
+    fn a_pod_removed_from_the_view_is_held_closed() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        n.view.workloads.remove("shop/web");
+        n.sync();
+        assert_eq!(n.enforcement(&web), Enforcement::Closed, "no longer in the view: the old identity must not stay");
+    }
+
+    #[test]
+    fn an_interface_past_the_endpoint_map_is_held_closed() {
+        let mut n = node();
+        n.enforcer.dp.endpoint_slots = 8;
+        let web = endpoint("web", 2);
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        assert_eq!(n.enforcement(&web), Enforcement::Closed, "ifindex 11 has no endpoint slot");
+        assert_eq!(n.refusals("attach_failed"), 1);
+        let problems = n.problems();
+        assert!(problems.len() == 1 && problems[0].contains("beyond the endpoint map"), "{problems:?}");
+        // Retried on every sync, counted once.
+        n.sync();
+        assert_eq!(n.refusals("attach_failed"), 1);
+    }
+
+    #[test]
+    fn an_invalid_mac_holds_the_interface_closed() {
+        let mut n = node();
+        let mut web = endpoint("web", 2);
+        web.mac = "not-a-mac".into();
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        assert_eq!(n.enforcement(&web), Enforcement::Closed);
+        assert_eq!(n.refusals("invalid_mac"), 1);
+        assert_eq!(n.problems().len(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_endpoint_file_keeps_its_pod_closed_not_detached() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        // Half-written by the CNI plugin, or corrupted.
+        std::fs::write(n.dir.path().join(web.file_name()), "namespace: shop\nname: we").unwrap();
+        n.sync();
+        assert_eq!(n.enforcement(&web), Enforcement::Closed, "the pod's interface lost its programs");
+        assert!(n.problems()[0].contains("unreadable_endpoint"), "{:?}", n.problems());
+        // Rewritten whole: enforced again.
+        n.write(&web);
+        n.sync();
+        assert_eq!(n.enforcement(&web), enforced_as(WEB, &web));
+        assert!(n.problems().is_empty());
+    }
+
+    #[test]
+    fn a_new_pod_whose_file_is_half_written_is_reported_until_it_is_whole() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.enforcer.dp.add_interface(&web.interface, 40);
+        n.in_view(&web, "web");
+        std::fs::write(n.dir.path().join(web.file_name()), "namespace: shop\nna").unwrap();
+        n.sync();
+        assert_eq!(n.problems().len(), 1, "{:?}", n.problems());
+        assert_eq!(n.refusals("unreadable_endpoint"), 1);
+        n.write(&web);
+        n.sync();
+        assert_eq!(n.enforcement(&web), enforced_as(WEB, &web));
+        assert!(n.problems().is_empty());
+    }
+
+    #[test]
+    fn an_interface_whose_programs_cannot_attach_is_set_down_and_reported() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        n.enforcer.dp.failing_links.insert(web.interface.clone());
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        assert_eq!(n.enforcement(&web), Enforcement::Down);
+        assert_eq!(n.refusals("attach_failed_down"), 1);
+        assert!(n.problems()[0].contains("not enforced"), "{:?}", n.problems());
+        // The fault clears: the next sync enforces it.
+        n.enforcer.dp.failing_links.clear();
+        n.sync();
+        assert_eq!(n.enforcement(&web), enforced_as(WEB, &web));
+        assert!(n.problems().is_empty());
     }
 }

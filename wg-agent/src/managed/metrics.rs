@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::enforce::EnforceState;
+use crate::enforce::{EnforceState, PodState};
 use super::reconcile::Refusal;
 use crate::device::{Device, DropReason};
 
@@ -53,13 +53,25 @@ impl AgentMetrics {
         })
     }
 
-    /// `/readyz` answers 200 from now on.
+    /// Start-up is done: `/readyz` answers 200 from now on, while every
+    /// local pod is enforced (or waits for the view to name it).
     pub fn set_ready(&self) {
         self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+        self.readiness().is_ok()
+    }
+
+    /// `Ok` when ready; otherwise every reason it is not, one line each:
+    /// still starting, or a local pod that is not enforced as it should be
+    /// (held closed for a failure, or not even closed).
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        if !self.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(vec!["starting: peers, routes or the policy datapath are not in place yet".into()]);
+        }
+        let problems = self.datapath.lock().as_ref().map(|dp| dp.lock().problems()).unwrap_or_default();
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
     /// Exposes the policy datapath's counters and events too.
@@ -150,6 +162,33 @@ impl Collector for AgentMetrics {
             for (kind, n) in &st.events {
                 ConstCounter::new(*n).encode(m.encode_family(&label("kind", kind))?)?;
             }
+            let mut by_state: BTreeMap<&str, i64> = [("enforced", 0), ("closed", 0), ("failed", 0)].into();
+            for p in st.pods.values() {
+                let k = match p.state {
+                    PodState::Enforced { .. } => "enforced",
+                    PodState::Closed { .. } => "closed",
+                    PodState::Failed { .. } => "failed",
+                };
+                *by_state.entry(k).or_default() += 1;
+            }
+            let mut m = enc.encode_descriptor(
+                "meshguard_datapath_pods",
+                "Local pod interfaces by state: enforced, closed (programs on, every packet dropped) or failed (set down, or unenforced).",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (state, n) in by_state {
+                ConstGauge::new(n).encode(m.encode_family(&label("state", state))?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "meshguard_datapath_pod_refusals",
+                "Times a local pod interface was held closed or could not be enforced, by reason.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, n) in &st.refusals {
+                ConstCounter::new(*n).encode(m.encode_family(&label("reason", reason))?)?;
+            }
         }
         let mut m = enc.encode_descriptor(
             "meshguard_wg_peer_last_handshake_seconds",
@@ -178,7 +217,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Res
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let registry = registry.clone();
-                let ready = metrics.is_ready();
+                let ready = metrics.readiness();
                 async move { Ok::<_, Infallible>(respond(&req, &registry, ready)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -187,7 +226,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Res
     }
 }
 
-fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry, ready: bool) -> Response<Full<Bytes>> {
+fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry, ready: Result<(), Vec<String>>) -> Response<Full<Bytes>> {
     let (status, body) = match req.uri().path() {
         "/metrics" => {
             let mut text = String::new();
@@ -197,8 +236,10 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry, ready: boo
             }
         }
         "/healthz" => (StatusCode::OK, "ok\n".into()),
-        "/readyz" if ready => (StatusCode::OK, "ready\n".into()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+        "/readyz" => match ready {
+            Ok(()) => (StatusCode::OK, "ready\n".into()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", why.join("\n"))),
+        },
         _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     };
     Response::builder()
