@@ -435,11 +435,12 @@ code_enum! {
         AuthRequired = 145 => "DROP_AUTH_REQUIRED",
         NotReady = 146 => "DROP_NOT_READY",
         TruncatedArp = 147 => "DROP_TRUNCATED_ARP",
+        InvalidNd = 148 => "DROP_INVALID_ND",
     }
 }
 
 /// `MG_DROP_REASON_MAX`: one past the highest drop code.
-pub const MG_DROP_REASON_MAX: u8 = 148;
+pub const MG_DROP_REASON_MAX: u8 = 149;
 
 code_enum! {
     /// `enum mg_fwd_reason`: why a packet passed, plus `NOTICE_*` counters.

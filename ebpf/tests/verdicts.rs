@@ -362,7 +362,7 @@ fn spoofed_sources_are_dropped() {
     assert_eq!(h.egress(&Packet::new(peer_v6(), pod_v6()).src_mac(POD_MAC).udp(1, 80)), drop_(D::SpoofedIp));
     // Link-local sources only for neighbour discovery.
     let ll: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
-    let ns = Packet::new(ll, "ff02::1:ff00:1".parse::<std::net::Ipv6Addr>().unwrap()).src_mac(POD_MAC).icmp(135, 0, 0);
+    let ns = Packet::new(ll, "ff02::1:ff00:1".parse::<std::net::Ipv6Addr>().unwrap()).src_mac(POD_MAC).hop_limit(255).icmp(135, 0, 0);
     assert_eq!(h.egress(&ns), fwd(F::Icmpv6Nd));
     assert_eq!(h.egress(&Packet::new(ll, peer_v6()).src_mac(POD_MAC).icmp(128, 0, 1)), drop_(D::SpoofedIp));
     // ARP: sender MAC and IP must be the pod's.
@@ -518,4 +518,80 @@ async fn events_stream_asynchronously() {
     let mut other = meshguard_ebpf::events::EventReader::open(&h.pin).unwrap();
     let ev = other.next_timeout(Duration::from_secs(1)).unwrap().expect("the event via the pin");
     assert_eq!((ev.protocol, ev.dport), (UDP, 2));
+}
+
+/// Neighbour discovery and MLD pass without policy only as what they are:
+/// link-local control traffic (ND with hop limit 255, MLD with hop limit 1,
+/// addressed within the link). Anything else with those ICMPv6 types is not
+/// ND and must not ride the exemption out of or into a pod (issue 14, #9).
+#[test]
+fn nd_and_mld_pass_only_within_the_link() {
+    let mut h = Harness::new("nd-link").with_pod();
+    h.dp().replace_policy(&policy(vec![], BOTH)).unwrap();
+    let ll: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
+    let host_ll: std::net::Ipv6Addr = "fe80::2".parse().unwrap();
+    let solicited: std::net::Ipv6Addr = "ff02::1:ff00:1".parse().unwrap();
+    let mld_routers: std::net::Ipv6Addr = "ff02::16".parse().unwrap();
+    let out = |src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr| Packet::new(src, dst).src_mac(POD_MAC);
+
+    // What a pod's stack really sends and receives on its link.
+    let legit = [
+        ("NS to a solicited-node group", true, out(ll, solicited).hop_limit(255).icmp(135, 0, 0)),
+        ("NA to the host's link-local", true, out(pod_v6(), host_ll).hop_limit(255).icmp(136, 0, 0)),
+        ("RS to all-routers", true, out(ll, "ff02::2".parse().unwrap()).hop_limit(255).icmp(133, 0, 0)),
+        ("MLDv2 report", true, out(ll, mld_routers).hop_limit(1).icmp(143, 0, 0)),
+        ("MLDv2 report during DAD", true, out(std::net::Ipv6Addr::UNSPECIFIED, mld_routers).hop_limit(1).icmp(143, 0, 0)),
+        ("NUD from the host", false, Packet::new(host_ll, pod_v6()).hop_limit(255).icmp(135, 0, 0)),
+        ("RA from the host", false, Packet::new(host_ll, "ff02::1".parse::<std::net::Ipv6Addr>().unwrap()).hop_limit(255).icmp(134, 0, 0)),
+    ];
+    for (what, egress, p) in legit {
+        let got = if egress { h.egress(&p) } else { h.ingress(&p) };
+        assert_eq!(got, fwd(F::Icmpv6Nd), "{what}");
+    }
+    // The same ICMPv6 types off the link: a channel past policy.
+    let bypass = [
+        ("NS with hop limit 255 to a remote pod", true, from_pod_v6().hop_limit(255).icmp(135, 0, 7)),
+        ("NS routed (hop limit 64) to a solicited-node group", true, out(ll, solicited).icmp(135, 0, 0)),
+        ("RS to a remote pod", true, from_pod_v6().hop_limit(255).icmp(133, 0, 7)),
+        ("MLD report to a remote pod", true, from_pod_v6().hop_limit(1).icmp(143, 0, 7)),
+        ("MLD report with hop limit 64", true, out(ll, mld_routers).icmp(143, 0, 0)),
+        ("MLDv1 report from a global source", true, from_pod_v6().hop_limit(1).icmp(131, 0, 7)),
+        ("NS from a remote pod", false, to_pod_v6().icmp(135, 0, 7)),
+        ("NA from a remote pod, hop limit 255", false, to_pod_v6().hop_limit(255).icmp(136, 0, 7)),
+        ("MLD query from a remote pod", false, to_pod_v6().hop_limit(1).icmp(130, 0, 7)),
+    ];
+    for (what, egress, p) in bypass {
+        let got = if egress { h.egress(&p) } else { h.ingress(&p) };
+        assert_eq!(got, drop_(D::InvalidNd), "{what}");
+    }
+}
+
+/// An ICMP error passes as related only when it mirrors the flow it quotes:
+/// sent to the flow's originator, by the flow's other end or by a router
+/// (a non-workload address) on the way. A third pod cannot reach a pod by
+/// quoting the pod's flows, and a pod cannot send an error quoting a tracked
+/// flow to anyone but that flow's peer (issue 14, #9).
+#[test]
+fn icmp_errors_must_mirror_the_flow_they_quote() {
+    let mut h = Harness::new("related-mirror").with_pod();
+    let entries = vec![
+        rule(Direction::Egress, PEER_ID, Some(TCP), port(443), Action::Allow),
+        rule(Direction::Ingress, PEER_ID, Some(UDP), port(53), Action::Allow),
+    ];
+    h.dp().replace_policy(&policy(entries, BOTH)).unwrap();
+    let out = from_pod_v4().tcp(40000, 443, SYN);
+    assert_eq!(h.egress(&out), fwd(F::PolicyAllow));
+    // From the flow's peer, and from a router (no workload identity).
+    assert_eq!(h.ingress(&Packet::new(peer_v4(), pod_v4()).icmp_error(3, 3, &out)), fwd(F::CtRelated));
+    assert_eq!(h.ingress(&Packet::new(std::net::Ipv4Addr::new(192, 0, 2, 1), pod_v4()).icmp_error(3, 4, &out)), fwd(F::CtRelated));
+    // From a third pod that is allowed nothing: not related.
+    let forged = Packet::new(other_v4(), pod_v4()).icmp_error(3, 3, &out);
+    assert_eq!(h.ingress(&forged), drop_(D::PolicyDefault), "a third pod's error quoting the pod's flow is a new flow of its own");
+
+    // A flow the pod received; its error goes back to the sender only.
+    let inbound = to_pod_v4().udp(5353, 53);
+    assert_eq!(h.ingress(&inbound), fwd(F::PolicyAllow));
+    assert_eq!(h.egress(&Packet::new(pod_v4(), peer_v4()).src_mac(POD_MAC).icmp_error(3, 3, &inbound)), fwd(F::CtRelated));
+    let exfil = Packet::new(pod_v4(), other_v4()).src_mac(POD_MAC).icmp_error(3, 3, &inbound);
+    assert_eq!(h.egress(&exfil), drop_(D::PolicyDefault), "an error quoting a tracked flow, sent elsewhere, is a new flow of its own");
 }

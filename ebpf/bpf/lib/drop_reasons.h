@@ -48,7 +48,8 @@ enum mg_drop_reason {
 	DROP_AUTH_REQUIRED = 145,     /* auth-required and no live auth entry */
 	DROP_NOT_READY = 146,         /* the datapath config was never written */
 	DROP_TRUNCATED_ARP = 147,
-	MG_DROP_REASON_MAX = 148,
+	DROP_INVALID_ND = 148,        /* ICMPv6 ND/MLD not confined to the link (hop limit, scope) */
+	MG_DROP_REASON_MAX = 149,
 };
 
 #endif /* MG_DROP_REASONS_H */

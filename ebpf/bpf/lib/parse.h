@@ -33,7 +33,7 @@ enum mg_pkt_flags {
 	MG_PKT_F_FRAG_LATER = 2,   /* a later fragment: no L4 header */
 	MG_PKT_F_ICMP_ECHO = 4,    /* echo request/reply: the id stands for the ports */
 	MG_PKT_F_ICMP_ERROR = 8,   /* ICMP error: an inner packet follows */
-	MG_PKT_F_ND = 16,          /* ICMPv6 neighbour discovery or MLD */
+	MG_PKT_F_ND = 16,          /* ICMPv6 neighbour discovery or MLD: lib/nd.h says if it stays on the link */
 	MG_PKT_F_TCP_SYN = 32,
 	MG_PKT_F_TCP_FIN_RST = 64,
 };
@@ -52,6 +52,7 @@ struct mg_pkt {
 	__u8 frag_proto;     /* the protocol keying the fragment map */
 	__u8 icmp_type;
 	__u16 l4_off;        /* offset of the L4 header from the start of the frame */
+	__u8 hop_limit;      /* IPv6 hop limit (ND and MLD are judged by it) */
 	__u32 len;           /* skb length, for counters */
 };
 
@@ -76,6 +77,8 @@ struct mg_iphdr6 {
 	__u8 saddr[16];
 	__u8 daddr[16];
 };
+
+#include "nd.h"
 
 #define MG_IPV4_MF 0x2000
 #define MG_IPV4_OFFMASK 0x1fff
@@ -175,6 +178,7 @@ static __always_inline int mg_parse_l4(struct __sk_buff *skb, struct mg_pkt *pkt
 		} else if (pkt->family == MG_FAMILY_IPV6 &&
 			   ((type >= 130 && type <= 137) || type == 143)) {
 			pkt->flags |= MG_PKT_F_ND;
+			return mg_nd_on_link(pkt);
 		}
 		return MG_OK;
 	}
@@ -254,6 +258,7 @@ static __always_inline int mg_parse_ipv6(struct __sk_buff *skb, struct mg_pkt *p
 	end = off + payload_len;
 
 	pkt->family = MG_FAMILY_IPV6;
+	pkt->hop_limit = ip->hop_limit;
 	mg_addr_copy(pkt->saddr, ip->saddr, 16);
 	mg_addr_copy(pkt->daddr, ip->daddr, 16);
 	nh = ip->nexthdr;

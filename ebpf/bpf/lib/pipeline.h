@@ -4,9 +4,11 @@
  *
  *   config ready? -> endpoint (by ifindex) -> Ethernet (+ MAC anti-spoofing
  *   from the pod) -> ARP | IPv4 | IPv6 parse -> IP anti-spoofing from the
- *   pod -> neighbour discovery passes -> later fragment gets its first
- *   fragment's ports -> conntrack hit (current revision: pass; older:
- *   re-evaluate) -> ICMP error about a tracked flow passes -> new flow:
+ *   pod -> neighbour discovery passes (the parser admits only ND confined
+ *   to the link, lib/nd.h) ->
+ *   later fragment gets its first fragment's ports -> conntrack hit
+ *   (current revision: pass; older: re-evaluate) -> ICMP error mirroring a
+ *   tracked flow passes -> new flow:
  *   ipcache (peer identity and node) -> policy -> auth -> conntrack entry.
  *
  * Returns a positive FWD_* or a negative DROP_* (lib/common.h); the entry
@@ -79,15 +81,6 @@ static __always_inline int mg_handle_arp(struct __sk_buff *skb, const struct mg_
 	return FWD_ARP;
 }
 
-static __always_inline int mg_ipv6_link_local_or_unspec(const __u8 *a)
-{
-	const __u32 *w = (const __u32 *)a;
-
-	if (a[0] == 0xfe && (a[1] & 0xc0) == 0x80)
-		return 1;
-	return (w[0] | w[1] | w[2] | w[3]) == 0;
-}
-
 static __always_inline void mg_signal_auth(const struct mg_config *cfg, struct mg_info *info)
 {
 	struct mg_auth_key key = {
@@ -110,9 +103,38 @@ static __always_inline int mg_auth_ok(__u32 subject, __u32 peer, __u32 node)
 	return mg_auth_live(&key);
 }
 
-/* An ICMP error quoting a packet of a tracked flow. The quoted packet went
- * the other way, so its key is built for the opposite direction. Returns
- * FWD_CT_RELATED, or MG_OK when the error is about no tracked flow. */
+/* Whether an ICMP error's own addresses mirror the packet it quotes. An
+ * error the pod sends reports a packet it received: it goes back to that
+ * packet's sender, from the pod. An error to the pod reports a packet the
+ * pod sent: it comes to the pod from that packet's destination, or from a
+ * router on the way — an address with no workload identity, since every
+ * workload is anti-spoofed and is no router. Anything else would let a
+ * third pod reach this one (or this one reach a third) by quoting a flow.
+ * A global function, like mg_nd_on_link (lib/nd.h), for the verifier. */
+__attribute__((noinline)) int mg_icmp_mirrors(const struct mg_pkt *pkt, const struct mg_pkt *inner, __u32 dir)
+{
+	int len;
+	struct mg_ipcache_value ipc;
+
+	/* A global function checks its own arguments (see lib/nd.h). */
+	if (!pkt || !inner)
+		return 0;
+	len = pkt->family == MG_FAMILY_IPV4 ? 4 : 16;
+	if (!mg_addr_eq(pkt->daddr, inner->saddr, len))
+		return 0;
+	if (mg_addr_eq(pkt->saddr, inner->daddr, len))
+		return 1;
+	if (dir == MG_DIR_EGRESS)
+		return 0;
+	ipc = mg_ipcache_lookup(pkt->family, pkt->saddr);
+	return ipc.identity < MG_IDENTITY_MIN_WORKLOAD;
+}
+
+/* An ICMP error quoting a packet of a tracked flow, and mirroring it
+ * (mg_icmp_mirrors). The quoted packet went the other way, so its key is
+ * built for the opposite direction. Returns FWD_CT_RELATED, or MG_OK when
+ * the error is about no tracked flow or does not mirror it: then it is
+ * judged as a new flow of its own. */
 static __always_inline int mg_icmp_related(struct __sk_buff *skb, const struct mg_pkt *pkt, __u8 dir, __u64 now)
 {
 	void *data = (void *)(long)skb->data;
@@ -167,6 +189,8 @@ static __always_inline int mg_icmp_related(struct __sk_buff *skb, const struct m
 	default:
 		break;
 	}
+	if (!mg_icmp_mirrors(pkt, &inner, dir))
+		return MG_OK;
 	mg_ct_key_of(&inner, dir == MG_DIR_EGRESS ? MG_DIR_INGRESS : MG_DIR_EGRESS, &key);
 	return mg_ct_lookup(&key, now) ? FWD_CT_RELATED : MG_OK;
 }
@@ -334,7 +358,8 @@ static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg
 	if (dir == MG_DIR_EGRESS) {
 		ret = mg_check_src_ip(ep, pkt->family, pkt->saddr);
 		/* Neighbour discovery and MLD come from link-local or :: too. */
-		if (ret < 0 && !((pkt->flags & MG_PKT_F_ND) && mg_ipv6_link_local_or_unspec(pkt->saddr)))
+		if (ret < 0 && !((pkt->flags & MG_PKT_F_ND) &&
+				 (mg_ipv6_link_local(pkt->saddr) || mg_ipv6_unspecified(pkt->saddr))))
 			return ret;
 	}
 	if (pkt->flags & MG_PKT_F_ND)
@@ -353,7 +378,7 @@ static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg
 static __always_inline int mg_drop_has_event(__u32 reason)
 {
 	return reason == DROP_POLICY_DENY || reason == DROP_POLICY_DEFAULT ||
-	       reason == DROP_SPOOFED_MAC || reason == DROP_SPOOFED_IP;
+	       reason == DROP_SPOOFED_MAC || reason == DROP_SPOOFED_IP || reason == DROP_INVALID_ND;
 }
 
 static __always_inline int mg_handle(struct __sk_buff *skb, __u8 dir)
