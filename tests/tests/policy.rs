@@ -162,14 +162,23 @@ fn root_a_policy_change_does_not_cut_flows_that_stay_allowed() {
         .background_in_pod(
             "shop/web",
             &bin_path("mg-probe"),
-            &["stream", &format!("{}:{STREAM}", c.pod("shop/api").ip), "--seconds", "4"],
+            &["stream", &format!("{}:{STREAM}", c.pod("shop/api").ip), "--seconds", "6"],
             "stream.log",
         )
         .unwrap();
+    let api = c.pod("shop/api").ip.to_string();
+    let ping = |c: &Cluster| c.exec("shop/web", "ping", &["-c", "1", "-W", "1", &api]).is_ok_and(|o| o.status.success());
     std::thread::sleep(Duration::from_secs(1));
-    // Unrelated edits (ICMP removed) bump the policy revision; the TCP
-    // stream is still allowed and must not notice.
+    assert!(ping(&c), "ICMP web -> api is allowed before the change");
+    // An edit that removes ICMP bumps the policy revision; the TCP stream
+    // is still allowed and must not notice.
     c.set_policies(&POLICIES.replace("        - {protocol: ICMP}\n---", "---")).unwrap();
+    // The replacement really changed the datapath: ICMP is refused now
+    // (else this test would pass with a change that did nothing).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ping(&c) {
+        assert!(Instant::now() < deadline, "ICMP still passes 3 s after it was removed: the policy change did nothing");
+    }
     let status = c.wait_child(pid, Duration::from_secs(30)).unwrap();
     let out = std::fs::read_to_string(log).unwrap();
     assert!(status.success(), "stream broke across a policy change: {out}");
