@@ -183,6 +183,9 @@ pub trait DatapathApi: Send {
     /// programs cannot be attached the interface is set down instead and
     /// the error says so ([`DatapathError::HeldDown`]).
     fn hold_closed(&mut self, iface: &Interface) -> Result<u32, DatapathError>;
+    /// What an interface is enforced as right now (both programs attached
+    /// and an endpoint entry), if anything: a restarted agent adopts these.
+    fn enforced(&self, iface: &Interface) -> Result<Option<(u32, PodEndpoint)>, DatapathError>;
     /// Detaches, forgets the pod and drops its conntrack entries.
     fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError>;
     /// Adds or changes ipcache entries (one revision bump).
@@ -408,6 +411,17 @@ impl Datapath {
 
     pub fn pin(&self) -> &PinLayout {
         &self.pin
+    }
+
+    /// Names this node's id in the config map (known only once the cluster
+    /// source has answered; the datapath loads before that).
+    pub fn set_local_node(&mut self, node_id: u32) -> Result<(), DatapathError> {
+        let mut c = self.config()?;
+        if c.local_node_id != node_id {
+            c.local_node_id = node_id;
+            self.config.set(0, c, 0).map_err(map_err(abi::MAP_CONFIG))?;
+        }
+        Ok(())
     }
 
     /// Whether this instance was already pinned when loaded.
@@ -729,6 +743,25 @@ impl DatapathApi for Datapath {
         }
         info!(ifindex, %ifname, "interface held closed");
         Ok(ifindex)
+    }
+
+    fn enforced(&self, iface: &Interface) -> Result<Option<(u32, PodEndpoint)>, DatapathError> {
+        let (ifindex, _) = Self::resolve(iface)?;
+        if ![abi::PROG_FROM_POD, abi::PROG_TO_POD].iter().all(|p| self.pin.link(ifindex, p).exists()) {
+            return Ok(None);
+        }
+        if ifindex >= self.endpoints.len() {
+            return Ok(None);
+        }
+        Ok(self.endpoint(ifindex)?.map(|ep| {
+            let pod = PodEndpoint {
+                identity: ep.identity,
+                mac: ep.mac,
+                ipv4: (ep.flags & abi::MG_EP_F_HAS_IPV4 != 0).then(|| Ipv4Addr::from(ep.ipv4)),
+                ipv6: (ep.flags & abi::MG_EP_F_HAS_IPV6 != 0).then(|| Ipv6Addr::from(ep.ipv6)),
+            };
+            (ifindex, pod)
+        }))
     }
 
     fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError> {

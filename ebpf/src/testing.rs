@@ -150,6 +150,11 @@ impl DatapathApi for FakeDatapath {
         Ok(ifindex)
     }
 
+    fn enforced(&self, iface: &Interface) -> Result<Option<(u32, PodEndpoint)>, DatapathError> {
+        let (ifindex, _) = self.resolve(iface)?;
+        Ok(self.links.contains(&ifindex).then(|| self.endpoints.get(&ifindex).map(|p| (ifindex, p.clone()))).flatten())
+    }
+
     fn detach(&mut self, iface: &Interface) -> Result<(), DatapathError> {
         let ifindex = match iface {
             Interface::Index(i) => *i,

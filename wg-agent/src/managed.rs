@@ -60,8 +60,26 @@ struct Agent {
     enforcer: Option<crate::enforce::Enforcer>,
 }
 
-/// Runs the agent until SIGINT/SIGTERM.
+/// Runs the agent until SIGINT/SIGTERM, on the cluster source `cfg` names.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let mut node_tls = None;
+    let source: Box<dyn ClusterSource> = match &cfg.source {
+        SourceConfig::Dir { path, poll } => Box::new(FileSource::start(path, *poll)?),
+        SourceConfig::Registry { address, node_credentials, trust_bundle, trust_domain, bundle_refresh } => {
+            let (source, tls) =
+                registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
+            node_tls = Some(tls);
+            source
+        }
+    };
+    let result = run_with_source(cfg, source).await;
+    drop(node_tls);
+    result
+}
+
+/// Runs the agent until SIGINT/SIGTERM on `source` (tests give one that
+/// never answers, as an unreachable identity-ca).
+pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -> anyhow::Result<()> {
     let key_path = cfg.key_path();
     let (secret, public_key) = node_key::load_or_create(&key_path)?;
 
@@ -79,16 +97,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if cfg.strict {
         routes::enable_strict_rp_filter().context("strict mode: cannot enable reverse-path filtering")?;
     }
-    let mut node_tls = None;
-    let source: Box<dyn ClusterSource> = match &cfg.source {
-        SourceConfig::Dir { path, poll } => Box::new(FileSource::start(path, *poll)?),
-        SourceConfig::Registry { address, node_credentials, trust_bundle, trust_domain, bundle_refresh } => {
-            let (source, tls) =
-                registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
-            node_tls = Some(tls);
-            source
-        }
-    };
     let metrics = AgentMetrics::new(device.clone());
     let _metrics_task = cfg.metrics_address.map(|addr| {
         let m = metrics.clone();
@@ -98,7 +106,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         })
     });
-    let _node_tls = node_tls;
     let mut agent = Agent {
         routes: Routes::new(ifindex)?,
         key_mtime: std::fs::metadata(&key_path).and_then(|m| m.modified()).ok(),
@@ -118,22 +125,38 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         strict = agent.cfg.strict,
         "node agent starting"
     );
+    // Fail closed from the first second, before the cluster source answers
+    // (after a reboot identity-ca may be down for long, and publishing
+    // waits for it): the strict routes and blackhole first, then the policy
+    // datapath with every local pod enforced as pinned or held closed.
+    if let Err(error) = agent.routes.ensure(&reconcile::strict_routes(&agent.cfg)).await {
+        tracing::error!(%error, "cannot install the strict routes before the view");
+    }
+    if let Some(settings) = agent.cfg.datapath.clone() {
+        let node = agent.cfg.node_name.clone();
+        let started = std::time::Instant::now();
+        let mut enforcer = tokio::task::spawn_blocking(move || {
+            // The node id comes with the view; the datapath does not need it to drop.
+            crate::enforce::Enforcer::start(meshguard_ebpf::PinLayout::new(&settings.pin_dir), 0, &node, &settings.endpoints_dir)
+        })
+        .await
+        .context("datapath loader panicked")??;
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "datapath loaded");
+        enforcer.close_all_but_adopted()?;
+        agent.stream_events(&mut enforcer)?;
+        agent.enforcer = Some(enforcer);
+    }
     agent.publish().await;
     let mut views = agent.source.subscribe();
     let first = views.borrow_and_update().clone();
     agent.reconcile(&first).await;
+    agent.enforce(&first, true);
     // Sessions before the first packet needs one: no first-packet stall.
     agent.device.initiate_handshakes();
+    agent.metrics.set_ready();
 
     let stop = signals::terminated();
     tokio::pin!(stop);
-    // The policy datapath needs this node's id, which the source allocates
-    // once it has seen the record just published; it loads in the background
-    // so peers and routes keep following the view meanwhile.
-    let mut loading = agent.start_datapath(&first);
-    if agent.cfg.datapath.is_none() {
-        agent.metrics.set_ready();
-    }
     let mut key_tick = tokio::time::interval(KEY_CHECK_INTERVAL);
     let mut endpoint_tick = tokio::time::interval(ENDPOINT_INTERVAL);
     let mut housekeeping_tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
@@ -147,42 +170,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let view = views.borrow_and_update().clone();
                 agent.reconcile(&view).await;
                 agent.enforce(&view, true);
-                if agent.enforcer.is_none() && loading.is_none() {
-                    loading = agent.start_datapath(&view);
-                }
-            }
-            loaded = async { loading.as_mut().expect("guarded").await }, if loading.is_some() => {
-                loading = None;
-                let mut enforcer = loaded.context("datapath loader panicked")??;
-                let view = views.borrow().clone();
-                enforcer.sync_view(&view)?;
-                enforcer.sync_endpoints(&view)?;
-                let events = enforcer.datapath_mut().events()?.into_async()?;
-                let state = enforcer.state.clone();
-                agent.metrics.set_datapath(state.clone());
-                let hub = observe::EventHub::new(&agent.cfg.node_name);
-                let settings = agent.cfg.datapath.as_ref().expect("a datapath was loaded");
-                // The server task lives as long as the agent (the handle detaches).
-                hub.serve(&settings.events_socket)
-                    .with_context(|| format!("cannot serve the event stream on {}", settings.events_socket.display()))?;
-                tokio::spawn(async move {
-                    let mut events = events;
-                    let mut recent = BTreeMap::new();
-                    loop {
-                        match events.next().await {
-                            Ok(e) => {
-                                hub.publish(&state, &e);
-                                crate::enforce::events::report_event(&state, &mut recent, &e);
-                            }
-                            Err(error) => {
-                                tracing::error!(%error, "datapath event stream failed");
-                                return;
-                            }
-                        }
-                    }
-                });
-                agent.enforcer = Some(enforcer);
-                agent.metrics.set_ready();
             }
             _ = endpoint_tick.tick() => {
                 let view = views.borrow().clone();
@@ -291,32 +278,46 @@ impl Agent {
         }
     }
 
-    /// Starts loading (or adopting) the policy datapath once the view holds
-    /// this node's id; `None` while it does not, or when there is no datapath.
-    fn start_datapath(
-        &self,
-        view: &ClusterView,
-    ) -> Option<tokio::task::JoinHandle<Result<crate::enforce::Enforcer, crate::enforce::EnforceError>>> {
-        let settings = self.cfg.datapath.clone()?;
-        let node_id = view.node_ids.get(&self.cfg.node_name).copied()?;
-        let node = self.cfg.node_name.clone();
-        Some(tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let e = crate::enforce::Enforcer::start(
-                meshguard_ebpf::PinLayout::new(&settings.pin_dir),
-                node_id,
-                &node,
-                &settings.endpoints_dir,
-            );
-            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, ok = e.is_ok(), "datapath load finished");
-            e
-        }))
+    /// Streams the datapath's events to the log, the metrics and the
+    /// event socket (`meshctl observe`).
+    fn stream_events(&self, enforcer: &mut crate::enforce::Enforcer) -> anyhow::Result<()> {
+        let events = enforcer.datapath_mut().events()?.into_async()?;
+        let state = enforcer.state.clone();
+        self.metrics.set_datapath(state.clone());
+        let hub = observe::EventHub::new(&self.cfg.node_name);
+        let settings = self.cfg.datapath.as_ref().expect("a datapath was loaded");
+        // The server task lives as long as the agent (the handle detaches).
+        hub.serve(&settings.events_socket)
+            .with_context(|| format!("cannot serve the event stream on {}", settings.events_socket.display()))?;
+        tokio::spawn(async move {
+            let mut events = events;
+            let mut recent = BTreeMap::new();
+            loop {
+                match events.next().await {
+                    Ok(e) => {
+                        hub.publish(&state, &e);
+                        crate::enforce::events::report_event(&state, &mut recent, &e);
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "datapath event stream failed");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Brings the policy datapath in line: the view (ipcache, policy) when it
     /// changed, and the local pod endpoints always.
     fn enforce(&mut self, view: &Arc<ClusterView>, view_changed: bool) {
         let Some(e) = self.enforcer.as_mut() else { return };
+        if view_changed
+            && let Some(id) = view.node_ids.get(&self.cfg.node_name)
+            && let Err(error) = e.datapath_mut().set_local_node(*id)
+        {
+            tracing::error!(%error, "cannot record this node's id in the datapath");
+        }
         if view_changed && let Err(error) = e.sync_view(view) {
             tracing::error!(%error, "cannot apply the view to the datapath");
         }

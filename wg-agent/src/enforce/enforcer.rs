@@ -248,6 +248,45 @@ impl<D: DatapathApi> Enforcer<D> {
         Ok(())
     }
 
+    /// Before the cluster source has answered (start-up; after a reboot
+    /// identity-ca may be down for long): an interface the datapath already
+    /// enforces (pinned from a previous run) is adopted as it is, so its
+    /// flows carry on; every other local pod interface is held closed until
+    /// the view names its pod. Nothing is ever open while the view is awaited.
+    pub fn close_all_but_adopted(&mut self) -> Result<(), EnforceError> {
+        let files = read_endpoints(&self.endpoints_dir)?;
+        for f in files {
+            let Ok(ep) = f.endpoint else { continue };
+            let name = Interface::Name(ep.interface.clone());
+            let pod = ep.key();
+            self.known_files.insert(f.file.clone(), ep.interface.clone());
+            let adopted = match self.dp.enforced(&name) {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%pod, interface = %ep.interface, %error, "cannot read the interface's enforcement");
+                    None
+                }
+            };
+            let (ifindex, want, state) = match adopted {
+                Some((ifindex, entry)) => {
+                    let identity = entry.identity;
+                    (Some(ifindex), Want { pod: pod.clone(), target: Ok(entry) }, PodState::Enforced { identity })
+                }
+                None => {
+                    let detail = "the cluster view has not arrived yet".to_owned();
+                    let want = Want { pod: pod.clone(), target: Err((HoldReason::UnknownWorkload, detail.clone())) };
+                    let (ifindex, state) = self.apply(&ep.interface, &want);
+                    (ifindex, want, state)
+                }
+            };
+            self.report(&ep.interface, &pod, &state);
+            self.pods.insert(ep.interface.clone(), Attached { ifindex, want, state });
+        }
+        let mut st = self.state.lock();
+        st.pods = self.pods.iter().map(|(i, p)| (i.clone(), PodStatus { pod: p.want.pod.clone(), state: p.state.clone() })).collect();
+        Ok(())
+    }
+
     /// Enforces or closes one interface; returns its index when known.
     fn apply(&mut self, iface: &str, want: &Want) -> (Option<u32>, PodState) {
         let name = Interface::Name(iface.to_owned());
@@ -540,5 +579,32 @@ mod tests {
         n.sync();
         assert_eq!(n.enforcement(&web), enforced_as(WEB, &web));
         assert!(n.problems().is_empty());
+    }
+
+    // --- issue 14, finding 3: before the view arrives. ---
+
+    #[test]
+    fn before_the_view_arrives_new_pods_are_closed_and_enforced_ones_adopted() {
+        let mut n = node();
+        let web = endpoint("web", 2);
+        let api = endpoint("api", 3);
+        n.pod_appears(&web);
+        n.in_view(&web, "web");
+        n.sync();
+        // The agent restarts (a new enforcer over the same pinned datapath);
+        // meanwhile a new pod appeared; the cluster source does not answer.
+        let dp = std::mem::take(&mut n.enforcer.dp);
+        n.enforcer = Enforcer::new(dp, NODE, n.dir.path()).unwrap();
+        n.pod_appears(&api);
+        n.enforcer.close_all_but_adopted().unwrap();
+        assert_eq!(n.enforcement(&web), enforced_as(WEB, &web), "an enforced pod keeps its flows across a restart");
+        assert_eq!(n.enforcement(&api), Enforcement::Closed, "a pod nobody has vouched for yet");
+        // The view arrives: the adopted pod is settled (not re-attached), the new one enforced.
+        let revision = n.enforcer.dp.revision;
+        n.in_view(&api, "api");
+        n.enforcer.sync_endpoints(&n.view.clone()).unwrap();
+        assert_eq!(n.enforcer.dp.revision, revision, "nothing re-keyed");
+        assert_eq!(n.enforcement(&web), enforced_as(WEB, &web));
+        assert_eq!(n.enforcement(&api), enforced_as(API, &api));
     }
 }

@@ -123,10 +123,18 @@ pub fn plan(cfg: &AgentConfig, own_key: PublicKey, view: &ClusterView, applied: 
         }
         out.peers.insert(n.name.clone(), n.clone());
     }
+    out.routes.extend(strict_routes(cfg));
+    out
+}
+
+/// Strict mode's routes, which need no view: the cluster CIDRs into the
+/// tunnel (the agent drops what has no peer) and the blackhole under them.
+pub fn strict_routes(cfg: &AgentConfig) -> BTreeSet<MeshRoute> {
+    let mut out = BTreeSet::new();
     if cfg.strict {
         for c in &cfg.cluster_cidrs {
-            out.routes.insert(MeshRoute { dst: *c, kind: RouteKind::Tunnel });
-            out.routes.insert(MeshRoute { dst: *c, kind: RouteKind::Blackhole });
+            out.insert(MeshRoute { dst: *c, kind: RouteKind::Tunnel });
+            out.insert(MeshRoute { dst: *c, kind: RouteKind::Blackhole });
         }
     }
     out

@@ -90,6 +90,16 @@ impl Routes {
         Ok(())
     }
 
+    /// Adds whichever of `want` is missing and removes nothing: before the
+    /// view is known, the routes a previous run left stay.
+    pub async fn ensure(&self, want: &BTreeSet<MeshRoute>) -> Result<(), RouteError> {
+        let have: BTreeSet<MeshRoute> = self.list_own().await?.into_iter().filter_map(|(r, _)| r).collect();
+        for route in want.difference(&have) {
+            self.add(route).await?;
+        }
+        Ok(())
+    }
+
     async fn add(&self, route: &MeshRoute) -> Result<(), RouteError> {
         let err = |source| RouteError::Netlink { what: "route", dst: route.dst, source };
         let builder = RouteMessageBuilder::<IpAddr>::new()

@@ -1,0 +1,112 @@
+//! The node agent's start-up order (root only; fails without root): before
+//! the cluster source answers — identity-ca down after a reboot, bpffs pins
+//! gone — the strict blackhole is routed and every local pod interface
+//! already drops (issue 14, finding 3). Runs the whole agent in a fresh
+//! network namespace on a cluster source that never answers.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshguard_common::cluster::{BoxFuture, ClusterSource, ClusterView, LocalEndpoint, NodeRecord, SourceError};
+use meshguard_ebpf::PinLayout;
+use tokio::sync::watch;
+
+/// identity-ca unreachable: publishing never completes, the view stays empty.
+struct Unreachable {
+    view: watch::Sender<Arc<ClusterView>>,
+}
+
+impl ClusterSource for Unreachable {
+    fn publish_node<'a>(&'a self, _node: &'a NodeRecord) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(std::future::pending())
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.subscribe()
+    }
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test builds a network namespace, a TUN device and eBPF programs: run it as root");
+}
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_in() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_owned();
+    let pin = PinLayout::new(format!("/sys/fs/bpf/meshguard-test/startup-{}", std::process::id()));
+    let _ = pin.remove();
+    let pin_root = pin.root().to_owned();
+    let outcome = std::thread::spawn(move || {
+        // SAFETY: unshare only changes this thread's namespaces; the agent's
+        // threads, started from here, inherit the new one.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        ip(&["link", "set", "lo", "up"]);
+        ip(&["link", "add", "mgs-web", "type", "veth", "peer", "name", "mgs-web-pod"]);
+        ip(&["link", "set", "mgs-web", "up"]);
+        let endpoints = base.join("endpoints");
+        std::fs::create_dir_all(&endpoints).unwrap();
+        let ep = LocalEndpoint {
+            namespace: "shop".into(),
+            name: "web".into(),
+            interface: "mgs-web".into(),
+            mac: "02:00:00:00:00:0a".into(),
+            ips: vec![Ipv4Addr::new(10, 244, 1, 10).into()],
+        };
+        std::fs::write(endpoints.join(ep.file_name()), serde_yaml::to_string(&ep).unwrap()).unwrap();
+        let config = base.join("agent.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "nodeName: node-1\nendpoint: 192.168.77.1\npodCidrs: [10.244.1.0/24]\nclusterCidrs: [10.244.0.0/16]\n\
+                 interface: mgs0\nstateDir: {b}/state\nuapiSocketDir: {b}/uapi\ncluster: {{dir: {b}/unused}}\n\
+                 datapath: {{endpointsDir: {e}, pinDir: {p}, eventsSocket: {b}/events.sock}}\n",
+                b = base.display(),
+                e = endpoints.display(),
+                p = pin_root.display(),
+            ),
+        )
+        .unwrap();
+        let cfg = meshguard_wg_agent::managed::config::load(&config).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (view, _) = watch::channel(Arc::new(ClusterView::default()));
+            let agent = tokio::spawn(meshguard_wg_agent::managed::run_with_source(cfg, Box::new(Unreachable { view })));
+            let ifindex = meshguard_ebpf::sys::ifindex("mgs-web").unwrap();
+            let pin = PinLayout::new(&pin_root);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let (mut programs, mut blackhole) = (false, false);
+            while Instant::now() < deadline && !(programs && blackhole) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                assert!(!agent.is_finished(), "the agent stopped");
+                programs = [meshguard_ebpf::abi::PROG_FROM_POD, meshguard_ebpf::abi::PROG_TO_POD]
+                    .iter()
+                    .all(|p| pin.link(ifindex, p).exists());
+                blackhole = ip(&["route", "show", "proto", "201"]).contains("blackhole 10.244.0.0/16");
+            }
+            agent.abort();
+            (programs, blackhole)
+        })
+    })
+    .join();
+    let _ = PinLayout::new(format!("/sys/fs/bpf/meshguard-test/startup-{}", std::process::id())).remove();
+    let (programs, blackhole) = outcome.expect("the namespace thread panicked");
+    assert!(
+        programs && blackhole,
+        "10 s into start-up with the cluster source unreachable: the pod's interface has {} and the strict blackhole is {}",
+        if programs { "both programs" } else { "no programs (it is open)" },
+        if blackhole { "routed" } else { "missing" },
+    );
+}
