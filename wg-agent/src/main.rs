@@ -56,6 +56,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Remove the agent from this node: its routes, pinned datapath (pods'
+    /// programs detach) and tunnel interface. Stop the agent first. The
+    /// node key stays.
+    Uninstall {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +83,21 @@ fn main() -> anyhow::Result<()> {
             let cfg = managed::config::load(&config)?;
             let key = managed::node_key::rotate(&cfg.key_path())?;
             println!("{key}");
+            Ok(())
+        }
+        Command::Uninstall { config } => {
+            let cfg = managed::config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let removed = rt.block_on(managed::uninstall::uninstall(&cfg))?;
+            println!(
+                "removed: routes {}, datapath {}, interface {}",
+                removed.routes,
+                removed.datapath,
+                if removed.interface { cfg.interface.as_str() } else { "(none)" }
+            );
             Ok(())
         }
         Command::PublicKey { config } => {

@@ -30,6 +30,7 @@ pub mod observe;
 pub mod reconcile;
 pub mod routes;
 pub mod signals;
+pub mod uninstall;
 
 use config::{AgentConfig, SourceConfig};
 use metrics::AgentMetrics;

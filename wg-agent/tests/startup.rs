@@ -1,8 +1,9 @@
-//! The node agent's start-up order (root only; fails without root): before
-//! the cluster source answers — identity-ca down after a reboot, bpffs pins
-//! gone — the strict blackhole is routed and every local pod interface
-//! already drops (issue 14, finding 3). Runs the whole agent in a fresh
-//! network namespace on a cluster source that never answers.
+//! The node agent's start-up order and its uninstall (root only; fails
+//! without root): before the cluster source answers — identity-ca down after
+//! a reboot, bpffs pins gone — the strict blackhole is routed and every local
+//! pod interface already drops (issue 14, finding 3); `uninstall` removes
+//! routes, pins and the tunnel. Runs the whole agent in a fresh network
+//! namespace on a cluster source that never answers.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -40,12 +41,19 @@ fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_in() {
+/// In a fresh network namespace (on a thread of its own): a pod veth and
+/// its endpoint file, the agent started on an unreachable cluster source;
+/// waits up to 30 s (loading the datapath is slow on a busy machine) for the
+/// pod's programs and the strict blackhole, then stops the agent and runs
+/// `after` (in the namespace). Returns (programs, blackhole, after's result).
+fn with_agent<T: Send + 'static>(
+    name: &'static str,
+    after: impl FnOnce(&meshguard_wg_agent::managed::config::AgentConfig, u32) -> T + Send + 'static,
+) -> (bool, bool, T) {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_owned();
-    let pin = PinLayout::new(format!("/sys/fs/bpf/meshguard-test/startup-{}", std::process::id()));
+    let pin = PinLayout::new(format!("/sys/fs/bpf/meshguard-test/{name}-{}", std::process::id()));
     let _ = pin.remove();
     let pin_root = pin.root().to_owned();
     let outcome = std::thread::spawn(move || {
@@ -81,12 +89,13 @@ fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_i
         .unwrap();
         let cfg = meshguard_wg_agent::managed::config::load(&config).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
+        let ifindex = meshguard_ebpf::sys::ifindex("mgs-web").unwrap();
+        let agent_cfg = cfg.clone();
+        let (programs, blackhole) = rt.block_on(async move {
             let (view, _) = watch::channel(Arc::new(ClusterView::default()));
-            let agent = tokio::spawn(meshguard_wg_agent::managed::run_with_source(cfg, Box::new(Unreachable { view })));
-            let ifindex = meshguard_ebpf::sys::ifindex("mgs-web").unwrap();
+            let agent = tokio::spawn(meshguard_wg_agent::managed::run_with_source(agent_cfg, Box::new(Unreachable { view })));
             let pin = PinLayout::new(&pin_root);
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_secs(30);
             let (mut programs, mut blackhole) = (false, false);
             while Instant::now() < deadline && !(programs && blackhole) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -97,16 +106,48 @@ fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_i
                 blackhole = ip(&["route", "show", "proto", "201"]).contains("blackhole 10.244.0.0/16");
             }
             agent.abort();
+            let _ = agent.await;
             (programs, blackhole)
-        })
+        });
+        let result = after(&cfg, ifindex);
+        drop(rt);
+        (programs, blackhole, result)
     })
     .join();
-    let _ = PinLayout::new(format!("/sys/fs/bpf/meshguard-test/startup-{}", std::process::id())).remove();
-    let (programs, blackhole) = outcome.expect("the namespace thread panicked");
+    let _ = pin.remove();
+    drop(dir);
+    outcome.expect("the namespace thread panicked")
+}
+
+#[test]
+fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_in() {
+    let (programs, blackhole, ()) = with_agent("startup", |_, _| ());
     assert!(
         programs && blackhole,
-        "10 s into start-up with the cluster source unreachable: the pod's interface has {} and the strict blackhole is {}",
+        "30 s into start-up with the cluster source unreachable: the pod's interface has {} and the strict blackhole is {}",
         if programs { "both programs" } else { "no programs (it is open)" },
         if blackhole { "routed" } else { "missing" },
     );
+}
+
+#[test]
+fn root_uninstall_removes_routes_pins_and_the_tunnel() {
+    let (programs, blackhole, after) = with_agent("uninstall", |cfg, ifindex| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let removed = rt.block_on(meshguard_wg_agent::managed::uninstall::uninstall(cfg)).unwrap();
+        let pin = cfg.datapath.as_ref().unwrap().pin_dir.clone();
+        let routes = ip(&["route", "show", "proto", "201"]) + &ip(&["-6", "route", "show", "proto", "201"]);
+        let tunnel = Command::new("ip").args(["link", "show", "mgs0"]).output().unwrap().status.success();
+        let links = PinLayout::new(&pin).link(ifindex, meshguard_ebpf::abi::PROG_FROM_POD).exists();
+        // Again: nothing left to remove is not an error.
+        let again = rt.block_on(meshguard_wg_agent::managed::uninstall::uninstall(cfg)).unwrap();
+        (removed, routes, tunnel, pin.exists(), links, again)
+    });
+    assert!(programs && blackhole, "the agent did not come up");
+    let (removed, routes, tunnel, pins, links, again) = after;
+    assert!(removed.routes && removed.datapath && removed.interface, "{removed:?}");
+    assert_eq!(routes.trim(), "", "meshguard routes left behind");
+    assert!(!tunnel, "the tunnel interface is still there");
+    assert!(!pins && !links, "pins left behind");
+    assert!(!again.interface, "{again:?}");
 }

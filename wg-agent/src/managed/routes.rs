@@ -38,6 +38,8 @@ pub enum RouteError {
     },
     #[error("cannot list routes: {0}")]
     List(#[source] rtnetlink::Error),
+    #[error("cannot delete the interface: {0}")]
+    Link(#[source] rtnetlink::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,6 +100,11 @@ impl Routes {
             self.add(route).await?;
         }
         Ok(())
+    }
+
+    /// Deletes an interface (the persistent tunnel, at uninstall).
+    pub async fn delete_link(&self, ifindex: u32) -> Result<(), RouteError> {
+        self.handle.link().del(ifindex).execute().await.map_err(RouteError::Link)
     }
 
     async fn add(&self, route: &MeshRoute) -> Result<(), RouteError> {
