@@ -89,12 +89,18 @@ fn root_meshctl_demo_prints_a_matrix_that_matches_the_policy() {
         if probe.allowed {
             assert!(answer.ends_with(" ms"), "an allowed probe has an answer time: {row:?}");
             assert!(event.starts_with("forwarded on node-"), "an allowed probe has the datapath's new-flow event: {row:?}");
+            if probe.to == "shop/db" {
+                assert!(event.ends_with("(auth_allow)"), "db takes api only once authenticated: {row:?}");
+            }
         } else {
             assert_eq!(answer, "-");
             assert!(event.starts_with("dropped on node-"), "a denied probe has the datapath's drop event: {row:?}");
         }
     }
     assert!(out.contains(", 0 violations"), "{out}");
+    // auth-handshake proved the pair on both nodes before the first packet.
+    assert!(out.contains("on node-2: spiffe://cluster.local/ns/shop/sa/api with spiffe://cluster.local/ns/shop/sa/db on node-3"), "{out}");
+    assert!(out.contains("on node-3: spiffe://cluster.local/ns/shop/sa/db with spiffe://cluster.local/ns/shop/sa/api on node-2"), "{out}");
     assert!(
         out.contains("(spiffe://cluster.local/ns/ops/sa/probe) -> 10.244.2.10:7000 (spiffe://cluster.local/ns/shop/sa/api)"),
         "a drop event names both SPIFFE IDs:\n{out}"

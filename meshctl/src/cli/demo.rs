@@ -19,7 +19,7 @@ use crate::cli::{CliError, state};
 use crate::sim::bins::bin_path;
 use crate::sim::capture::{Capture, frames_contain, judge_with};
 use crate::sim::cluster::{Cluster, UNDERLAY_BRIDGE, WG_PORT};
-use crate::sim::identity::{CA_IP, CA_PORT};
+use crate::sim::identity::{AUTH_HANDSHAKE_PORT, CA_IP, CA_PORT};
 use crate::sim::spec::ClusterSpec;
 
 pub const DEMO_SPEC: &str = "\
@@ -33,7 +33,9 @@ workloads:
 ";
 
 /// shop/api takes web on four protocols and lets ops/probe only ping it;
-/// shop/db takes only api. Unselected pods (web, probe) stay open.
+/// shop/db takes only api, and only once auth-handshake has proved the two
+/// identities to each other (mutual TLS between the nodes' agents).
+/// Unselected pods (web, probe) stay open.
 pub const DEMO_POLICY: &str = "\
 apiVersion: meshguard.io/v1alpha1
 kind: MeshPolicy
@@ -57,7 +59,8 @@ spec:
   selector: {matchLabels: {app: db}}
   ingress:
     - from: [{serviceAccount: api}]
-      ports: [{protocol: TCP, port: 7000}]
+      ports: [{protocol: TCP, port: 7000}, {protocol: UDP, port: 7000}]
+      authentication: required
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +91,7 @@ pub const MATRIX: &[Probe] = &[
     Probe { from: "ops/probe", to: "shop/api", proto: Proto::Tcp, port: 7000, allowed: false },
     Probe { from: "ops/probe", to: "shop/api", proto: Proto::Sctp, port: 9000, allowed: false },
     Probe { from: "shop/api", to: "shop/db", proto: Proto::Tcp, port: 7000, allowed: true },
+    Probe { from: "shop/api", to: "shop/db", proto: Proto::Udp, port: 7000, allowed: true },
     Probe { from: "shop/web", to: "shop/db", proto: Proto::Tcp, port: 7000, allowed: false },
     Probe { from: "ops/probe", to: "shop/web", proto: Proto::Tcp, port: 7000, allowed: true },
 ];
@@ -138,7 +142,7 @@ pub fn run(dir: &Path, keep: bool) -> Result<ExitCode, CliError> {
         outcomes.push(probe(&c, *p)?);
     }
     let frames = cap.stop_timed()?;
-    judge_wire(&mut outcomes, &frames);
+    judge_wire(&mut outcomes, &frames, &control_plane(&c));
     match_events(&c, &mut outcomes, &events);
 
     let table = matrix_table(&outcomes);
@@ -147,9 +151,9 @@ pub fn run(dir: &Path, keep: bool) -> Result<ExitCode, CliError> {
     let leaked = outcomes.iter().any(|o| o.wire.is_some_and(|(_, clean)| !clean));
     let all_frames: Vec<Vec<u8>> = frames.into_iter().map(|(_, f)| f).collect();
     let markers: Vec<&[u8]> = outcomes.iter().map(|o| o.marker.as_slice()).collect();
-    let whole = judge_with(&all_frames, WG_PORT, &markers, &[ca_addr()]);
+    let whole = judge_with(&all_frames, WG_PORT, &markers, &control_plane(&c));
     println!(
-        "underlay: {} frames — {} WireGuard between nodes, {} TLS to identity-ca, {} ARP, {} link control, {} violations",
+        "underlay: {} frames — {} WireGuard between nodes, {} control-plane TLS (identity-ca, auth-handshake), {} ARP, {} link control, {} violations",
         whole.frames,
         whole.wireguard,
         whole.control_plane,
@@ -157,6 +161,26 @@ pub fn run(dir: &Path, keep: bool) -> Result<ExitCode, CliError> {
         whole.link_control,
         whole.violations.len()
     );
+
+    let id = c.identity_from(identity.clone());
+    let status = crate::cli::status::collect(&c, Some(&id), &lock.dir);
+    let entries: Vec<String> = status
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.auth_entries.iter().map(move |a| {
+                format!("  on {}: {} with {} on {} (expires in {}s)", n.name, a.local_identity, a.remote_identity, a.remote_node, a.expires_in_seconds)
+            })
+        })
+        .collect();
+    println!("\nauth entries auth-handshake proved ahead of the first packet (mutual TLS between the nodes' agents):");
+    if entries.is_empty() {
+        println!("  (none)");
+    }
+    for e in &entries {
+        println!("{e}");
+    }
+    drop(id);
 
     let drops: Vec<&FlowEvent> = outcomes.iter().filter_map(|o| o.event.as_ref()).filter(|e| e.verdict == "dropped").collect();
     if !drops.is_empty() {
@@ -185,8 +209,12 @@ pub fn run(dir: &Path, keep: bool) -> Result<ExitCode, CliError> {
     result
 }
 
-fn ca_addr() -> std::net::SocketAddr {
-    std::net::SocketAddr::new(CA_IP.into(), CA_PORT)
+/// Control-plane TLS that crosses the underlay by design: nodes to
+/// identity-ca, and auth-handshake's node-to-node mutual TLS.
+fn control_plane(c: &Cluster) -> Vec<std::net::SocketAddr> {
+    let mut addrs = vec![std::net::SocketAddr::new(CA_IP.into(), CA_PORT)];
+    addrs.extend(c.nodes.iter().map(|n| std::net::SocketAddr::new(n.underlay_ip.into(), AUTH_HANDSHAKE_PORT)));
+    addrs
 }
 
 /// Runs one probe from its source pod; the payload carries a fresh marker.
@@ -230,12 +258,12 @@ fn parse_after(text: &str, key: &str) -> Option<Duration> {
 
 /// Judges the frames of each cross-node probe's time window: WireGuard
 /// between the two nodes, and nothing else of the probe's.
-fn judge_wire(outcomes: &mut [Outcome], frames: &[(SystemTime, Vec<u8>)]) {
+fn judge_wire(outcomes: &mut [Outcome], frames: &[(SystemTime, Vec<u8>)], control: &[std::net::SocketAddr]) {
     let all: Vec<Vec<u8>> = frames.iter().map(|(_, f)| f.clone()).collect();
     for o in outcomes.iter_mut().filter(|o| !o.same_node) {
         let (begin, end) = o.window;
         let window: Vec<Vec<u8>> = frames.iter().filter(|(t, _)| *t >= begin && *t <= end).map(|(_, f)| f.clone()).collect();
-        let in_window = judge_with(&window, WG_PORT, &[], &[ca_addr()]);
+        let in_window = judge_with(&window, WG_PORT, &[], control);
         // The marker is searched in the whole capture: it must never appear.
         let marker_seen = frames_contain(&all, &o.marker);
         o.wire = Some((in_window.wireguard, in_window.violations.is_empty() && !marker_seen));
