@@ -20,12 +20,7 @@ use rustls::pki_types::UnixTime;
 const TD: &str = "cluster.local";
 
 /// Drives one session over a blocking socket until `done` says so.
-fn drive(
-    s: &mut Session,
-    sock: &mut TcpStream,
-    dir: &Directory,
-    mut on: impl FnMut(Vec<Event>) -> bool,
-) {
+fn drive(s: &mut Session, sock: &mut TcpStream, dir: &Directory, mut on: impl FnMut(Vec<Event>) -> bool) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
     loop {
@@ -61,9 +56,7 @@ fn setup(identities: usize) -> Setup {
     let mut n2 = ca.node("node-2", "127.0.0.1");
     n1.knows_node(&n2);
     // Both nodes are on loopback here; node-2 knows node-1 by that address.
-    n2.dir
-        .node_addrs
-        .insert("node-1".into(), "127.0.0.1".parse().unwrap());
+    n2.dir.node_addrs.insert("node-1".into(), "127.0.0.1".parse().unwrap());
     n2.dir.node_addrs.remove("node-2");
     let api = workload_id(TD, "shop", "api");
     n2.host(ca.workload(&api, 3600));
@@ -95,19 +88,11 @@ fn one_session(st: &Setup, pairs: usize) -> (Duration, usize) {
     let start = Instant::now();
     let mut done = 0;
     for i in 0..pairs {
-        let ev = client
-            .request(st.ids[i % st.ids.len()].clone(), st.api.clone(), &st.n1.dir)
-            .unwrap();
-        done += ev
-            .iter()
-            .filter(|e| matches!(e, Event::Authenticated(_)))
-            .count();
+        let ev = client.request(st.ids[i % st.ids.len()].clone(), st.api.clone(), &st.n1.dir).unwrap();
+        done += ev.iter().filter(|e| matches!(e, Event::Authenticated(_))).count();
     }
     drive(&mut client, &mut sock, &st.n1.dir, |ev| {
-        done += ev
-            .iter()
-            .filter(|e| matches!(e, Event::Authenticated(_)))
-            .count();
+        done += ev.iter().filter(|e| matches!(e, Event::Authenticated(_))).count();
         done >= pairs
     });
     let elapsed = start.elapsed();
@@ -124,12 +109,8 @@ fn one_session(st: &Setup, pairs: usize) -> (Duration, usize) {
 fn session_per_pair(st: &Setup, pairs: usize) -> Duration {
     let start = Instant::now();
     for i in 0..pairs {
-        let single = Setup {
-            n1: clone_node(&st.n1),
-            n2: clone_node(&st.n2),
-            ids: vec![st.ids[i % st.ids.len()].clone()],
-            api: st.api.clone(),
-        };
+        let single =
+            Setup { n1: clone_node(&st.n1), n2: clone_node(&st.n2), ids: vec![st.ids[i % st.ids.len()].clone()], api: st.api.clone() };
         let (_, done) = one_session(&single, 1);
         assert_eq!(done, 1);
     }
@@ -149,10 +130,7 @@ fn clone_node(n: &TestNode) -> TestNode {
 
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
 }
 
 fn main() {
@@ -174,10 +152,7 @@ fn main() {
     let el = session_per_pair(&st, fresh_pairs);
     let fresh = fresh_pairs as f64 / el.as_secs_f64();
     println!("a new TCP connection and TLS 1.3 session per pair: {fresh:.0} pairs/s");
-    println!(
-        "session reuse is {:.1}x a full handshake per pair",
-        reuse / fresh
-    );
+    println!("session reuse is {:.1}x a full handshake per pair", reuse / fresh);
 
     // Memory: 1,000 identities held (keys, chains) and 10,000 live entries.
     let before = rss_kib();
@@ -195,18 +170,9 @@ fn main() {
             remote_node: format!("node-{}", i % 100),
             expires_at: i64::MAX / 2,
             role: Role::Initiator,
-            chains: [
-                st2.n1.dir.keys[id].chain.clone(),
-                Arc::new(remote.to_vec()),
-                node_chain.clone(),
-                node_chain.clone(),
-            ],
+            chains: [st2.n1.dir.keys[id].chain.clone(), Arc::new(remote.to_vec()), node_chain.clone(), node_chain.clone()],
         };
-        let pair = AuthPair {
-            local_identity: 256 + i % 1000,
-            remote_identity: 2000 + i,
-            remote_node: i % 100,
-        };
+        let pair = AuthPair { local_identity: 256 + i % 1000, remote_identity: 2000 + i, remote_node: i % 100 };
         book.insert(proof, pair, 0, &mut map).unwrap();
     }
     let with_entries = rss_kib();

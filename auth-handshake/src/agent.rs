@@ -16,10 +16,10 @@ use crate::caller::{CallerResolver, NetnsResolver};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mutual::{Datapath, NodeCredentials, Settings};
-use meshguard_ebpf::PinLayout;
 use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::svids::SvidState;
 use crate::workload_api::WorkloadApi;
+use meshguard_ebpf::PinLayout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -121,7 +121,8 @@ impl Agent {
                     }
                 });
             }
-            let settings = Settings { node: config.node_name.clone(), trust_domain: config.trust_domain.clone(), port: h.port, listen: h.listen };
+            let settings =
+                Settings { node: config.node_name.clone(), trust_domain: config.trust_domain.clone(), port: h.port, listen: h.listen };
             let creds: Arc<dyn NodeCredentials> = ca.clone();
             let datapath = Datapath::Pinned(PinLayout::new(&h.pin_dir));
             tasks.spawn(crate::mutual::run(settings, creds, state.clone(), source.subscribe(), datapath, metrics));

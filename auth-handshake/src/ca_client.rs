@@ -149,7 +149,13 @@ fn x509_bundle(td: &TrustDomain, certs: &[Vec<u8>]) -> Result<X509Bundle, CaClie
 impl GrpcCa {
     /// Sets up the channel to `addr`, trusting `initial_bundle` for the CA's
     /// own certificate (which must be `spiffe://<td>/meshguard/identity-ca`).
-    pub fn new(trust_domain: TrustDomain, node: &str, addr: &str, initial_bundle: &[Vec<u8>], state_dir: &Path) -> Result<Self, CaClientError> {
+    pub fn new(
+        trust_domain: TrustDomain,
+        node: &str,
+        addr: &str,
+        initial_bundle: &[Vec<u8>],
+        state_dir: &Path,
+    ) -> Result<Self, CaClientError> {
         let bundle = BundleCell::new(x509_bundle(&trust_domain, initial_bundle)?);
         let ca_id = SpiffeId::new(&trust_domain, CA_SERVER_PATH).map_err(|e| CaClientError::Key { reason: e.to_string() })?;
         let creds = CredentialCell::default();
@@ -190,11 +196,11 @@ impl GrpcCa {
     /// Gets a node SVID: the saved one if still valid, else by attesting
     /// with `join_token`.
     pub async fn ensure_node_svid(&self, join_token: Option<&str>) -> Result<(), CaClientError> {
-        if let Some(saved) = self.load_state() {
-            if saved.expires_at > now_unix() + 30 {
-                tracing::info!(node = %self.node, expires_at = saved.expires_at, "using the saved node SVID");
-                return self.install(saved);
-            }
+        if let Some(saved) = self.load_state()
+            && saved.expires_at > now_unix() + 30
+        {
+            tracing::info!(node = %self.node, expires_at = saved.expires_at, "using the saved node SVID");
+            return self.install(saved);
         }
         let token = join_token.ok_or_else(|| CaClientError::NeedJoinToken { node: self.node.clone() })?;
         let (key, csr) = new_csr()?;
@@ -202,7 +208,10 @@ impl GrpcCa {
         let resp = self.client().attest_node(req).await?.into_inner();
         let svid = svid_from_proto(resp.svid, key)?;
         if svid.spiffe_id.node_name() != Some(self.node.as_str()) {
-            return Err(CaClientError::BadResponse { what: "node svid", reason: format!("the token was made for {}, not {}", svid.spiffe_id, self.node) });
+            return Err(CaClientError::BadResponse {
+                what: "node svid",
+                reason: format!("the token was made for {}, not {}", svid.spiffe_id, self.node),
+            });
         }
         if let Some(b) = resp.bundle {
             self.bundle.set(x509_bundle(&self.trust_domain, &b.x509_authorities)?);

@@ -37,9 +37,8 @@ impl CallerResolver for NetnsResolver {
             return None;
         }
         let ns = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
-        let mut found = candidates.iter().filter(|w| {
-            std::fs::metadata(self.path_for(w)).is_ok_and(|m| m.dev() == ns.dev() && m.ino() == ns.ino())
-        });
+        let mut found =
+            candidates.iter().filter(|w| std::fs::metadata(self.path_for(w)).is_ok_and(|m| m.dev() == ns.dev() && m.ino() == ns.ino()));
         let first = found.next()?;
         // Two pods claiming one namespace is a misconfiguration: trust neither.
         if found.next().is_some() {

@@ -179,7 +179,10 @@ mod tests {
         assert!(construct_config(ConfigFile { node_name: "a/b".into(), ..base() }).is_err());
         assert!(construct_config(ConfigFile { ca_address: "nohost".into(), ..base() }).is_err());
         assert!(construct_config(ConfigFile { pod_netns_path: Some("/run/netns/x".into()), ..base() }).is_err());
-        assert_eq!(construct_config(ConfigFile { bundle_refresh: Some("500ms".into()), ..base() }).unwrap().bundle_refresh, Duration::from_millis(500));
+        assert_eq!(
+            construct_config(ConfigFile { bundle_refresh: Some("500ms".into()), ..base() }).unwrap().bundle_refresh,
+            Duration::from_millis(500)
+        );
         let h = c.handshake.expect("handshakes are on by default");
         assert_eq!((h.port, h.pin_dir.as_path()), (DEFAULT_HANDSHAKE_PORT, Path::new("/sys/fs/bpf/meshguard/node-1")));
         assert!(construct_config(ConfigFile { handshake_port: Some(0), ..base() }).unwrap().handshake.is_none());

@@ -132,11 +132,7 @@ pub fn unix_to_system(unix: i64) -> SystemTime {
 
 impl PairKey {
     pub fn of(a: &Authenticated) -> Self {
-        Self {
-            local: a.local.clone(),
-            remote: a.remote.clone(),
-            remote_node: a.remote_node.clone(),
-        }
+        Self { local: a.local.clone(), remote: a.remote.clone(), remote_node: a.remote_node.clone() }
     }
 }
 
@@ -161,19 +157,11 @@ impl Book {
 
     /// Whether `key` has an entry that lives at least `margin` longer.
     pub fn is_fresh(&self, key: &PairKey, now: i64, margin: i64) -> bool {
-        self.entries
-            .get(key)
-            .is_some_and(|e| e.proof.expires_at > now + margin)
+        self.entries.get(key).is_some_and(|e| e.proof.expires_at > now + margin)
     }
 
     /// Records a proof and writes it to `map`; returns whether it replaced one.
-    pub fn insert(
-        &mut self,
-        proof: Authenticated,
-        pair: AuthPair,
-        now: i64,
-        map: &mut dyn AuthMap,
-    ) -> Result<bool, DatapathError> {
+    pub fn insert(&mut self, proof: Authenticated, pair: AuthPair, now: i64, map: &mut dyn AuthMap) -> Result<bool, DatapathError> {
         let key = PairKey::of(&proof);
         if let Some(old) = self.entries.get(&key)
             && old.pair != pair
@@ -181,25 +169,11 @@ impl Book {
             map.remove(old.pair)?;
         }
         map.set(pair, unix_to_system(proof.expires_at))?;
-        Ok(self
-            .entries
-            .insert(
-                key,
-                Entry {
-                    proof,
-                    pair,
-                    proved_at: now,
-                },
-            )
-            .is_some())
+        Ok(self.entries.insert(key, Entry { proof, pair, proved_at: now }).is_some())
     }
 
     /// Deletes an entry from the book and `map`.
-    pub fn remove(
-        &mut self,
-        key: &PairKey,
-        map: &mut dyn AuthMap,
-    ) -> Result<Option<Entry>, DatapathError> {
+    pub fn remove(&mut self, key: &PairKey, map: &mut dyn AuthMap) -> Result<Option<Entry>, DatapathError> {
         match self.entries.remove(key) {
             Some(e) => {
                 map.remove(e.pair)?;
@@ -222,51 +196,34 @@ impl Book {
     /// has expired; renew two thirds of the way to expiry, and at once when
     /// this node's workload or node SVID changed (`node_chain`: the one
     /// presented now). `bundle_changed`: re-check every chain.
-    pub fn plan(
-        &self,
-        dir: &Directory,
-        view: &ClusterView,
-        node_chain: &Arc<Vec<Vec<u8>>>,
-        now: i64,
-        bundle_changed: bool,
-    ) -> Plan {
+    pub fn plan(&self, dir: &Directory, view: &ClusterView, node_chain: &Arc<Vec<Vec<u8>>>, now: i64, bundle_changed: bool) -> Plan {
         let mut plan = Plan::default();
         let mut verified: BTreeMap<*const Vec<Vec<u8>>, bool> = BTreeMap::new();
         let when = UnixTime::since_unix_epoch(Duration::from_secs(now.max(0) as u64));
         for (key, e) in &self.entries {
-            let reason =
-                if !view.nodes.contains_key(&key.remote_node) && key.remote_node != dir.node {
-                    Some(Deletion::NodeRemoved)
-                } else if !dir.places(&key.local, &dir.node)
-                    || !dir.places(&key.remote, &key.remote_node)
-                {
-                    Some(Deletion::WorkloadLeft)
-                } else if e.proof.expires_at <= now {
-                    Some(Deletion::Expired)
-                } else if bundle_changed
-                    && !e.proof.chains.iter().all(|c| {
-                        *verified.entry(Arc::as_ptr(c)).or_insert_with(|| {
-                            let ders: Vec<CertificateDer<'_>> = c
-                                .iter()
-                                .map(|d| CertificateDer::from(d.as_slice()))
-                                .collect();
-                            dir.bundle.verify(&ders, when).is_ok()
-                        })
+            let reason = if !view.nodes.contains_key(&key.remote_node) && key.remote_node != dir.node {
+                Some(Deletion::NodeRemoved)
+            } else if !dir.places(&key.local, &dir.node) || !dir.places(&key.remote, &key.remote_node) {
+                Some(Deletion::WorkloadLeft)
+            } else if e.proof.expires_at <= now {
+                Some(Deletion::Expired)
+            } else if bundle_changed
+                && !e.proof.chains.iter().all(|c| {
+                    *verified.entry(Arc::as_ptr(c)).or_insert_with(|| {
+                        let ders: Vec<CertificateDer<'_>> = c.iter().map(|d| CertificateDer::from(d.as_slice())).collect();
+                        dir.bundle.verify(&ders, when).is_ok()
                     })
-                {
-                    Some(Deletion::AuthorityRetired)
-                } else {
-                    None
-                };
+                })
+            {
+                Some(Deletion::AuthorityRetired)
+            } else {
+                None
+            };
             if let Some(r) = reason {
                 plan.delete.push((key.clone(), r));
                 continue;
             }
-            let key_changed = dir
-                .keys
-                .get(&key.local)
-                .is_some_and(|k| k.chain != e.proof.chains[0])
-                || *node_chain != e.proof.chains[2];
+            let key_changed = dir.keys.get(&key.local).is_some_and(|k| k.chain != e.proof.chains[0]) || *node_chain != e.proof.chains[2];
             let due = e.proved_at + (e.proof.expires_at - e.proved_at) * 2 / 3;
             if key_changed || now >= due {
                 plan.renew.push(key.clone());
@@ -277,10 +234,6 @@ impl Book {
 
     /// Whether the entry rests on a local SVID other than the one held now.
     pub fn key_changed(&self, key: &PairKey, dir: &Directory) -> bool {
-        self.entries.get(key).is_some_and(|e| {
-            dir.keys
-                .get(&key.local)
-                .is_some_and(|k| k.chain != e.proof.chains[0])
-        })
+        self.entries.get(key).is_some_and(|e| dir.keys.get(&key.local).is_some_and(|k| k.chain != e.proof.chains[0]))
     }
 }

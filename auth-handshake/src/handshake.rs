@@ -107,17 +107,11 @@ impl Refusal {
 
     /// The wire code (1-based position in [`Refusal::ALL`]; append only).
     pub fn code(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|r| *r == self)
-            .map_or(0, |i| i as u8 + 1)
+        Self::ALL.iter().position(|r| *r == self).map_or(0, |i| i as u8 + 1)
     }
 
     pub fn from_code(code: u8) -> Option<Self> {
-        (code as usize)
-            .checked_sub(1)
-            .and_then(|i| Self::ALL.get(i))
-            .copied()
+        (code as usize).checked_sub(1).and_then(|i| Self::ALL.get(i)).copied()
     }
 
     /// The metrics label.
@@ -156,10 +150,6 @@ mod tests {
             assert!(seen.insert(r.as_str()));
         }
         assert_eq!(Refusal::from_code(0), None);
-        assert_eq!(
-            Refusal::Malformed.code(),
-            1,
-            "codes are on the wire: append only"
-        );
+        assert_eq!(Refusal::Malformed.code(), 1, "codes are on the wire: append only");
     }
 }

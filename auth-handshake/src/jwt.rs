@@ -27,7 +27,13 @@ pub enum JwtError {
 /// Largest token accepted: JWT-SVIDs are a few hundred bytes.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
-pub fn validate(token: &str, audience: &str, td: &TrustDomain, jwks: &[u8], now: i64) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), JwtError> {
+pub fn validate(
+    token: &str,
+    audience: &str,
+    td: &TrustDomain,
+    jwks: &[u8],
+    now: i64,
+) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), JwtError> {
     let bad = |r: &str| JwtError::Malformed { reason: r.to_owned() };
     if token.len() > MAX_TOKEN_BYTES {
         return Err(bad("too long"));
@@ -36,7 +42,8 @@ pub fn validate(token: &str, audience: &str, td: &TrustDomain, jwks: &[u8], now:
     let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(bad("expected three dot-separated parts"));
     };
-    let header: serde_json::Value = serde_json::from_slice(&B64URL.decode(h).map_err(|_| bad("header is not base64url"))?).map_err(|_| bad("header is not JSON"))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&B64URL.decode(h).map_err(|_| bad("header is not base64url"))?).map_err(|_| bad("header is not JSON"))?;
     if header.get("alg").and_then(|a| a.as_str()) != Some("ES256") {
         return Err(JwtError::Algorithm);
     }
@@ -59,7 +66,8 @@ pub fn validate(token: &str, audience: &str, td: &TrustDomain, jwks: &[u8], now:
         .verify(format!("{h}.{p}").as_bytes(), &sig)
         .map_err(|_| JwtError::Signature)?;
     let claims: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&B64URL.decode(p).map_err(|_| bad("payload is not base64url"))?).map_err(|_| bad("payload is not a JSON object"))?;
+        serde_json::from_slice(&B64URL.decode(p).map_err(|_| bad("payload is not base64url"))?)
+            .map_err(|_| bad("payload is not a JSON object"))?;
     let exp = claims.get("exp").and_then(|e| e.as_i64()).ok_or_else(|| bad("no exp claim"))?;
     if exp <= now {
         return Err(JwtError::Expired);

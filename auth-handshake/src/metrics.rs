@@ -45,73 +45,34 @@ impl Metrics {
         let signals = Counter::default();
         let signal_to_entry_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
         let mut r = Registry::default();
-        r.register(
-            "meshguard_auth_handshakes",
-            "Identity-pair proofs, by result, refusal reason and role.",
-            handshakes.clone(),
-        );
+        r.register("meshguard_auth_handshakes", "Identity-pair proofs, by result, refusal reason and role.", handshakes.clone());
         r.register(
             "meshguard_auth_handshake_seconds",
             "Time from asking a peer for a proof to writing the entry.",
             handshake_seconds.clone(),
         );
-        r.register(
-            "meshguard_auth_entries",
-            "Live entries in the auth map written by this agent.",
-            entries.clone(),
-        );
-        r.register(
-            "meshguard_auth_renewals",
-            "Entries proved again before expiry or after a key change.",
-            renewals.clone(),
-        );
-        r.register(
-            "meshguard_auth_deletions",
-            "Entries deleted, by reason.",
-            deletions.clone(),
-        );
-        r.register(
-            "meshguard_auth_signals",
-            "Auth-required signals read from the datapath.",
-            signals.clone(),
-        );
+        r.register("meshguard_auth_entries", "Live entries in the auth map written by this agent.", entries.clone());
+        r.register("meshguard_auth_renewals", "Entries proved again before expiry or after a key change.", renewals.clone());
+        r.register("meshguard_auth_deletions", "Entries deleted, by reason.", deletions.clone());
+        r.register("meshguard_auth_signals", "Auth-required signals read from the datapath.", signals.clone());
         r.register(
             "meshguard_auth_signal_to_entry_seconds",
             "Time from a datapath signal to the entry it asked for.",
             signal_to_entry_seconds.clone(),
         );
-        Arc::new(Self {
-            handshakes,
-            handshake_seconds,
-            entries,
-            renewals,
-            deletions,
-            signals,
-            signal_to_entry_seconds,
-            registry: r,
-        })
+        Arc::new(Self { handshakes, handshake_seconds, entries, renewals, deletions, signals, signal_to_entry_seconds, registry: r })
     }
 
     pub fn ok(&self, role: &str) {
-        self.handshakes
-            .get_or_create(&labels(&[("result", "ok"), ("reason", ""), ("role", role)]))
-            .inc();
+        self.handshakes.get_or_create(&labels(&[("result", "ok"), ("reason", ""), ("role", role)])).inc();
     }
 
     pub fn refused(&self, reason: Refusal, role: &str) {
-        self.handshakes
-            .get_or_create(&labels(&[
-                ("result", "refused"),
-                ("reason", reason.as_str()),
-                ("role", role),
-            ]))
-            .inc();
+        self.handshakes.get_or_create(&labels(&[("result", "refused"), ("reason", reason.as_str()), ("role", role)])).inc();
     }
 
     pub fn deleted(&self, why: Deletion) {
-        self.deletions
-            .get_or_create(&labels(&[("reason", why.as_str())]))
-            .inc();
+        self.deletions.get_or_create(&labels(&[("reason", why.as_str())])).inc();
     }
 
     pub fn encode(&self) -> String {
@@ -129,9 +90,7 @@ pub fn role_str(r: Role) -> &'static str {
 }
 
 fn labels(kv: &[(&str, &str)]) -> Labels {
-    kv.iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+    kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
 /// Serves `/metrics` until the task is dropped.
@@ -147,9 +106,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
         });
     }
 }

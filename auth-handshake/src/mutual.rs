@@ -140,25 +140,12 @@ pub async fn run(
             _ = tokio::time::sleep(TICK) => {}
         }
     };
-    let bundle = match X509Bundle::new(
-        s.trust_domain.clone(),
-        bundle_der
-            .iter()
-            .map(|c| CertificateDer::from(c.clone()))
-            .collect(),
-    ) {
+    let bundle = match X509Bundle::new(s.trust_domain.clone(), bundle_der.iter().map(|c| CertificateDer::from(c.clone())).collect()) {
         Ok(b) => BundleCell::new(b),
         Err(error) => return tracing::error!(%error, "the CA's bundle is unusable; no handshakes"),
     };
     let creds = CredentialCell::default();
-    if let Err(error) = creds.set(
-        node_svid
-            .chain
-            .iter()
-            .map(|c| CertificateDer::from(c.clone()))
-            .collect(),
-        &node_svid.key_pkcs8,
-    ) {
+    if let Err(error) = creds.set(node_svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), &node_svid.key_pkcs8) {
         return tracing::error!(%error, "the node SVID is unusable; no handshakes");
     }
     let (chain_tx, chain_rx) = watch::channel(Arc::new(node_svid.chain.clone()));
@@ -188,12 +175,7 @@ pub async fn run(
         }
     };
     tracing::info!(listen = %s.listen, node = %s.node, "handshake port open");
-    let server = tokio::spawn(peers::serve(
-        listener,
-        node_tls.clone(),
-        dir_rx,
-        reports_tx.clone(),
-    ));
+    let server = tokio::spawn(peers::serve(listener, node_tls.clone(), dir_rx, reports_tx.clone()));
     let _server = AbortOnDrop(server);
 
     let mut signal_task = None;
@@ -234,10 +216,7 @@ pub async fn run(
         signaled: BTreeMap::new(),
         key_changed_since: BTreeMap::new(),
     };
-    a.refresh(
-        svids.borrow_and_update().clone(),
-        view.borrow_and_update().clone(),
-    );
+    a.refresh(svids.borrow_and_update().clone(), view.borrow_and_update().clone());
     a.reconcile();
     let mut tick = tokio::time::interval(TICK);
     loop {
@@ -297,18 +276,8 @@ async fn read_signals(pin: PinLayout, tx: mpsc::UnboundedSender<Signal>) {
         loop {
             match reader.next().await {
                 Ok(e) if e.kind == EventKind::AuthRequired => {
-                    let pair = AuthPair {
-                        local_identity: e.subject,
-                        remote_identity: e.peer,
-                        remote_node: e.peer_node,
-                    };
-                    if tx
-                        .send(Signal {
-                            pair,
-                            at: Instant::now(),
-                        })
-                        .is_err()
-                    {
+                    let pair = AuthPair { local_identity: e.subject, remote_identity: e.peer, remote_node: e.peer_node };
+                    if tx.send(Signal { pair, at: Instant::now() }).is_err() {
                         return;
                     }
                 }
@@ -327,21 +296,11 @@ async fn read_signals(pin: PinLayout, tx: mpsc::UnboundedSender<Signal>) {
 impl Agent {
     /// Rebuilds the directory from the latest SVIDs and view.
     fn refresh(&mut self, svids: Arc<SvidState>, view: Arc<ClusterView>) {
-        if !svids.bundle.x509_authorities.is_empty()
-            && svids.bundle.x509_authorities != self.bundle_der
-        {
-            let certs = svids
-                .bundle
-                .x509_authorities
-                .iter()
-                .map(|c| CertificateDer::from(c.clone()))
-                .collect();
+        if !svids.bundle.x509_authorities.is_empty() && svids.bundle.x509_authorities != self.bundle_der {
+            let certs = svids.bundle.x509_authorities.iter().map(|c| CertificateDer::from(c.clone())).collect();
             match X509Bundle::new(self.s.trust_domain.clone(), certs) {
                 Ok(b) => {
-                    tracing::info!(
-                        authorities = svids.bundle.x509_authorities.len(),
-                        "trust bundle changed; re-checking every entry"
-                    );
+                    tracing::info!(authorities = svids.bundle.x509_authorities.len(), "trust bundle changed; re-checking every entry");
                     self.bundle.set(b);
                     self.bundle_der = svids.bundle.x509_authorities.clone();
                     self.bundle_changed = true;
@@ -374,21 +333,9 @@ impl Agent {
                 placement.entry(id).or_default().insert(w.node.clone());
             }
         }
-        let node_addrs: BTreeMap<String, IpAddr> = view
-            .nodes
-            .values()
-            .map(|n| (n.name.clone(), n.endpoint.ip()))
-            .collect();
-        self.ids_by_num = view
-            .identities
-            .iter()
-            .map(|(id, n)| (*n, id.clone()))
-            .collect();
-        self.nodes_by_num = view
-            .node_ids
-            .iter()
-            .map(|(name, n)| (*n, name.clone()))
-            .collect();
+        let node_addrs: BTreeMap<String, IpAddr> = view.nodes.values().map(|n| (n.name.clone(), n.endpoint.ip())).collect();
+        self.ids_by_num = view.identities.iter().map(|(id, n)| (*n, id.clone())).collect();
+        self.nodes_by_num = view.node_ids.iter().map(|(name, n)| (*n, name.clone())).collect();
         self.dir_tx.send_replace(Arc::new(Directory {
             node: self.s.node.clone(),
             bundle: self.bundle.get(),
@@ -409,13 +356,7 @@ impl Agent {
         if let Some(n) = self.creds_source.node_svid()
             && **self.chain_tx.borrow() != n.chain
         {
-            match self.node_tls.creds.set(
-                n.chain
-                    .iter()
-                    .map(|c| CertificateDer::from(c.clone()))
-                    .collect(),
-                &n.key_pkcs8,
-            ) {
+            match self.node_tls.creds.set(n.chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), &n.key_pkcs8) {
                 Ok(()) => {
                     tracing::info!(node = %self.s.node, "node SVID renewed; re-proving entries on new sessions");
                     self.chain_tx.send_replace(Arc::new(n.chain));
@@ -444,12 +385,7 @@ impl Agent {
             && opened.elapsed() >= SWEEP_AFTER
         {
             self.swept = true;
-            let ours: BTreeSet<AuthPair> = self
-                .book
-                .keys()
-                .filter_map(|k| self.book.get(k))
-                .map(|e| e.pair)
-                .collect();
+            let ours: BTreeSet<AuthPair> = self.book.keys().filter_map(|k| self.book.get(k)).map(|e| e.pair).collect();
             match map.pairs() {
                 Ok(all) => {
                     for p in all.into_iter().filter(|p| !ours.contains(p)) {
@@ -461,8 +397,7 @@ impl Agent {
             }
         }
         let now = Instant::now();
-        self.inflight
-            .retain(|_, (since, _)| now.duration_since(*since) < REQUEST_TIMEOUT * 2);
+        self.inflight.retain(|_, (since, _)| now.duration_since(*since) < REQUEST_TIMEOUT * 2);
         self.backoff.retain(|_, until| *until > now);
     }
 
@@ -480,25 +415,13 @@ impl Agent {
         self.peers.retain(|n, c| wanted.get(n) == Some(&c.addr));
         for (n, addr) in &wanted {
             if !self.peers.contains_key(n) {
-                let c = PeerClient::start(
-                    n.clone(),
-                    *addr,
-                    self.node_tls.clone(),
-                    self.dir_tx.subscribe(),
-                    self.reports_tx.clone(),
-                );
+                let c = PeerClient::start(n.clone(), *addr, self.node_tls.clone(), self.dir_tx.subscribe(), self.reports_tx.clone());
                 self.peers.insert(n.clone(), c);
             }
         }
 
         let chain = self.chain_tx.borrow().clone();
-        let plan = self.book.plan(
-            &dir,
-            &self.view,
-            &chain,
-            now,
-            std::mem::take(&mut self.bundle_changed),
-        );
+        let plan = self.book.plan(&dir, &self.view, &chain, now, std::mem::take(&mut self.bundle_changed));
         for (key, why) in plan.delete {
             self.delete(&key, why);
         }
@@ -514,11 +437,7 @@ impl Agent {
             self.request(&key, true, &dir);
         }
         for p in needed_pairs(&self.view, &self.s.node) {
-            let key = PairKey {
-                local: p.local,
-                remote: p.remote,
-                remote_node: p.remote_node,
-            };
+            let key = PairKey { local: p.local, remote: p.remote, remote_node: p.remote_node };
             if !self.book.is_fresh(&key, now, 0) {
                 self.request(&key, false, &dir);
             }
@@ -544,10 +463,7 @@ impl Agent {
 
     /// Asks for a proof of `key`, unless one is under way or backing off.
     fn request(&mut self, key: &PairKey, renewal: bool, dir: &Directory) {
-        if self.inflight.contains_key(key)
-            || self.backoff.contains_key(key)
-            || !dir.keys.contains_key(&key.local)
-        {
+        if self.inflight.contains_key(key) || self.backoff.contains_key(key) || !dir.keys.contains_key(&key.local) {
             return;
         }
         if key.remote_node == self.s.node {
@@ -574,14 +490,8 @@ impl Agent {
                 return Err(Refusal::NotHostedHere);
             }
             let k = dir.keys.get(id).ok_or(Refusal::NoSvid)?;
-            let ders: Vec<CertificateDer<'_>> = k
-                .chain
-                .iter()
-                .map(|c| CertificateDer::from(c.as_slice()))
-                .collect();
-            dir.bundle
-                .verify(&ders, now)
-                .map_err(|_| Refusal::UntrustedChain)?;
+            let ders: Vec<CertificateDer<'_>> = k.chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+            dir.bundle.verify(&ders, now).map_err(|_| Refusal::UntrustedChain)?;
             Ok(k.clone())
         };
         let (l, r) = match (check(&key.local), check(&key.remote)) {
@@ -601,12 +511,7 @@ impl Agent {
                 remote_node: self.s.node.clone(),
                 expires_at,
                 role: Role::Initiator,
-                chains: [
-                    a.chain.clone(),
-                    b.chain.clone(),
-                    chain.clone(),
-                    chain.clone(),
-                ],
+                chains: [a.chain.clone(), b.chain.clone(), chain.clone(), chain.clone()],
             };
             self.write(proof, renewal, None, "local");
         }
@@ -619,16 +524,10 @@ impl Agent {
             tracing::info!(local = %key.local, remote = %key.remote, "proved pair is no longer placed; not written");
             return;
         }
-        if self
-            .bundle_changed_at
-            .is_some_and(|t| t.elapsed() < REQUEST_TIMEOUT * 2)
-        {
+        if self.bundle_changed_at.is_some_and(|t| t.elapsed() < REQUEST_TIMEOUT * 2) {
             let now = UnixTime::now();
             let ok = proof.chains.iter().all(|c| {
-                let ders: Vec<CertificateDer<'_>> = c
-                    .iter()
-                    .map(|d| CertificateDer::from(d.as_slice()))
-                    .collect();
+                let ders: Vec<CertificateDer<'_>> = c.iter().map(|d| CertificateDer::from(d.as_slice())).collect();
                 dir.bundle.verify(&ders, now).is_ok()
             });
             if !ok {
@@ -654,14 +553,10 @@ impl Agent {
                 }
                 self.metrics.ok(role);
                 if let Some(t) = started {
-                    self.metrics
-                        .handshake_seconds
-                        .observe(t.elapsed().as_secs_f64());
+                    self.metrics.handshake_seconds.observe(t.elapsed().as_secs_f64());
                 }
                 if let Some(t) = self.signaled.remove(&key) {
-                    self.metrics
-                        .signal_to_entry_seconds
-                        .observe(t.elapsed().as_secs_f64());
+                    self.metrics.signal_to_entry_seconds.observe(t.elapsed().as_secs_f64());
                 }
                 self.key_changed_since.remove(&key);
                 tracing::debug!(local = %key.local, remote = %key.remote, remote_node = %key.remote_node, expires_at, role, "auth entry written");
@@ -684,24 +579,10 @@ impl Agent {
                         None => (None, self.book.get(&key).is_some()),
                     };
                     let role = role_str(proof.role);
-                    self.write(
-                        proof,
-                        renewal,
-                        started.filter(|_| role == "initiator"),
-                        role,
-                    );
+                    self.write(proof, renewal, started.filter(|_| role == "initiator"), role);
                 }
-                Event::Refused {
-                    local,
-                    remote,
-                    reason,
-                    by_peer,
-                } => {
-                    let key = PairKey {
-                        local,
-                        remote,
-                        remote_node: peer_node,
-                    };
+                Event::Refused { local, remote, reason, by_peer } => {
+                    let key = PairKey { local, remote, remote_node: peer_node };
                     self.inflight.remove(&key);
                     self.backoff.insert(key.clone(), Instant::now() + RETRY);
                     self.metrics.refused(reason, "initiator");
@@ -710,32 +591,17 @@ impl Agent {
                         self.delete(&key, Deletion::KeyChanged);
                     }
                 }
-                Event::RefusedPeer {
-                    initiator,
-                    responder,
-                    reason,
-                    by_peer,
-                } => {
+                Event::RefusedPeer { initiator, responder, reason, by_peer } => {
                     self.metrics.refused(reason, "responder");
                     tracing::info!(peer = %peer_node, %initiator, %responder, reason = reason.as_str(), by_peer, "peer's proof request refused");
                 }
             },
-            Report::Failed {
-                addr,
-                peer_node,
-                reason,
-                error,
-                pairs,
-            } => {
+            Report::Failed { addr, peer_node, reason, error, pairs } => {
                 self.metrics.refused(reason, "connection");
                 tracing::info!(peer = %addr, node = peer_node.as_deref().unwrap_or("?"), reason = reason.as_str(), %error, pending = pairs.len(), "handshake connection refused or failed");
                 if let Some(node) = peer_node {
                     for (local, remote) in pairs {
-                        let key = PairKey {
-                            local,
-                            remote,
-                            remote_node: node.clone(),
-                        };
+                        let key = PairKey { local, remote, remote_node: node.clone() };
                         self.inflight.remove(&key);
                         self.backoff.insert(key, Instant::now() + RETRY);
                     }
@@ -754,11 +620,7 @@ impl Agent {
             tracing::debug!(?sig.pair, "auth signal for identities or a node the view does not know");
             return;
         };
-        let key = PairKey {
-            local: local.clone(),
-            remote: remote.clone(),
-            remote_node: node.clone(),
-        };
+        let key = PairKey { local: local.clone(), remote: remote.clone(), remote_node: node.clone() };
         if self.book.is_fresh(&key, now_unix(), 0) {
             return;
         }

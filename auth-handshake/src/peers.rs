@@ -52,13 +52,7 @@ pub enum Report {
     /// An event of an established session with `peer_node`.
     Session { peer_node: String, event: Event },
     /// A connection was refused or failed; `pairs` are the requests it took down.
-    Failed {
-        addr: SocketAddr,
-        peer_node: Option<String>,
-        reason: Refusal,
-        error: String,
-        pairs: Vec<(SpiffeId, SpiffeId)>,
-    },
+    Failed { addr: SocketAddr, peer_node: Option<String>, reason: Refusal, error: String, pairs: Vec<(SpiffeId, SpiffeId)> },
 }
 
 /// The TLS identity of this node, shared by every connection.
@@ -79,11 +73,7 @@ async fn connect(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpS
     let Some(ip) = source else {
         return TcpStream::connect(to).await;
     };
-    let s = if ip.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let s = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     s.bind(SocketAddr::new(ip, 0))?;
     s.connect(to).await
 }
@@ -110,9 +100,7 @@ impl Admission {
             return Err(Refusal::TooManyConnections);
         }
         let p = self.peers.entry(ip).or_default();
-        let elapsed = p.refilled.map_or(CONN_BURST / CONN_RATE, |t| {
-            now.duration_since(t).as_secs_f64()
-        });
+        let elapsed = p.refilled.map_or(CONN_BURST / CONN_RATE, |t| now.duration_since(t).as_secs_f64());
         p.tokens = (p.tokens + elapsed * CONN_RATE).min(CONN_BURST);
         p.refilled = Some(now);
         if p.open >= MAX_CONNS_PER_PEER {
@@ -136,12 +124,7 @@ impl Admission {
 }
 
 /// Serves the handshake port until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    node: NodeTls,
-    dir: watch::Receiver<Arc<Directory>>,
-    reports: mpsc::UnboundedSender<Report>,
-) {
+pub async fn serve(listener: TcpListener, node: NodeTls, dir: watch::Receiver<Arc<Directory>>, reports: mpsc::UnboundedSender<Report>) {
     let admission = Arc::new(Mutex::new(Admission::default()));
     loop {
         let (stream, addr) = match listener.accept().await {
@@ -154,13 +137,7 @@ pub async fn serve(
         };
         let ip = canonical(addr.ip());
         let refuse = |reason: Refusal, error: String| {
-            let _ = reports.send(Report::Failed {
-                addr,
-                peer_node: None,
-                reason,
-                error,
-                pairs: Vec::new(),
-            });
+            let _ = reports.send(Report::Failed { addr, peer_node: None, reason, error, pairs: Vec::new() });
         };
         let d = dir.borrow().clone();
         if d.node_at(ip).is_none() {
@@ -168,10 +145,7 @@ pub async fn serve(
             continue;
         }
         if let Err(reason) = admission.lock().admit(ip, Instant::now()) {
-            refuse(
-                reason,
-                format!("limits: {MAX_CONNS_PER_PEER} connections per node, {CONN_RATE}/s"),
-            );
+            refuse(reason, format!("limits: {MAX_CONNS_PER_PEER} connections per node, {CONN_RATE}/s"));
             continue;
         }
         let node = node.clone();
@@ -182,13 +156,7 @@ pub async fn serve(
             let r = serve_one(stream, ip, &node, dir, &reports).await;
             admission.lock().release(ip);
             if let Err((peer_node, e)) = r {
-                let _ = reports.send(Report::Failed {
-                    addr,
-                    peer_node,
-                    reason: e.reason(),
-                    error: e.to_string(),
-                    pairs: Vec::new(),
-                });
+                let _ = reports.send(Report::Failed { addr, peer_node, reason: e.reason(), error: e.to_string(), pairs: Vec::new() });
             }
         });
     }
@@ -209,38 +177,23 @@ async fn serve_one(
     reports: &mpsc::UnboundedSender<Report>,
 ) -> Result<(), (Option<String>, SessionError)> {
     let _ = stream.set_nodelay(true);
-    let cfg = tls::server_config(node.creds.clone(), node.bundle.clone())
-        .map_err(|source| (None, SessionError::Tls { source }))?;
+    let cfg = tls::server_config(node.creds.clone(), node.bundle.clone()).map_err(|source| (None, SessionError::Tls { source }))?;
     let chain = node.chain.borrow().clone();
-    let mut s =
-        Session::server(cfg, &node.node, chain, ip, &dir.borrow()).map_err(|e| (None, e))?;
+    let mut s = Session::server(cfg, &node.node, chain, ip, &dir.borrow()).map_err(|e| (None, e))?;
     let started = Instant::now();
     let mut buf = vec![0u8; READ_BUF];
     let mut out = Vec::with_capacity(READ_BUF);
     let mut last_activity = Instant::now();
     loop {
-        flush(&mut s, &mut stream, &mut out)
-            .await
-            .map_err(|e| (s.peer_node().map(str::to_owned), e))?;
-        let deadline = if s.is_established() {
-            last_activity + IDLE_TIMEOUT
-        } else {
-            started + HANDSHAKE_TIMEOUT
-        };
+        flush(&mut s, &mut stream, &mut out).await.map_err(|e| (s.peer_node().map(str::to_owned), e))?;
+        let deadline = if s.is_established() { last_activity + IDLE_TIMEOUT } else { started + HANDSHAKE_TIMEOUT };
         let n = match tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await {
             Err(_) => {
-                return Err((
-                    s.peer_node().map(str::to_owned),
-                    SessionError::Refused {
-                        reason: Refusal::Timeout,
-                    },
-                ));
+                return Err((s.peer_node().map(str::to_owned), SessionError::Refused { reason: Refusal::Timeout }));
             }
             Ok(Err(_)) => return Ok(()),
             Ok(Ok(0)) => {
-                return s
-                    .end_of_input()
-                    .map_err(|e| (s.peer_node().map(str::to_owned), e));
+                return s.end_of_input().map_err(|e| (s.peer_node().map(str::to_owned), e));
             }
             Ok(Ok(n)) => n,
         };
@@ -250,10 +203,7 @@ async fn serve_one(
             Ok(events) => {
                 let peer = s.peer_node().unwrap_or_default().to_owned();
                 for event in events {
-                    let _ = reports.send(Report::Session {
-                        peer_node: peer.clone(),
-                        event,
-                    });
+                    let _ = reports.send(Report::Session { peer_node: peer.clone(), event });
                 }
             }
             Err(e) => {
@@ -264,11 +214,7 @@ async fn serve_one(
     }
 }
 
-async fn flush(
-    s: &mut Session,
-    stream: &mut TcpStream,
-    out: &mut Vec<u8>,
-) -> Result<(), SessionError> {
+async fn flush(s: &mut Session, stream: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), SessionError> {
     if !s.wants_write() {
         return Ok(());
     }
@@ -277,9 +223,7 @@ async fn flush(
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.write_all(out)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(SessionError::Closed),
-        Err(_) => Err(SessionError::Refused {
-            reason: Refusal::Timeout,
-        }),
+        Err(_) => Err(SessionError::Refused { reason: Refusal::Timeout }),
     }
 }
 
@@ -334,30 +278,16 @@ async fn run_client(
             }
         }
         let fail = |reason: Refusal, error: String, pairs: Vec<(SpiffeId, SpiffeId)>| {
-            let _ = reports.send(Report::Failed {
-                addr,
-                peer_node: Some(peer.clone()),
-                reason,
-                error,
-                pairs,
-            });
+            let _ = reports.send(Report::Failed { addr, peer_node: Some(peer.clone()), reason, error, pairs });
         };
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect(node.source, addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                fail(
-                    Refusal::Timeout,
-                    format!("cannot connect: {e}"),
-                    std::mem::take(&mut carry),
-                );
+                fail(Refusal::Timeout, format!("cannot connect: {e}"), std::mem::take(&mut carry));
                 continue;
             }
             Err(_) => {
-                fail(
-                    Refusal::Timeout,
-                    "connect timed out".into(),
-                    std::mem::take(&mut carry),
-                );
+                fail(Refusal::Timeout, "connect timed out".into(), std::mem::take(&mut carry));
                 continue;
             }
         };
@@ -365,11 +295,7 @@ async fn run_client(
         let peer_id = match node.trust_domain.node_id(&peer) {
             Ok(id) => id,
             Err(e) => {
-                return fail(
-                    Refusal::NodeMismatch,
-                    e.to_string(),
-                    std::mem::take(&mut carry),
-                );
+                return fail(Refusal::NodeMismatch, e.to_string(), std::mem::take(&mut carry));
             }
         };
         let chain = node.chain.borrow().clone();
@@ -387,18 +313,11 @@ async fn run_client(
         for (l, r) in carry.drain(..) {
             forward(&reports, &peer, s.request(l, r, &d).unwrap_or_default());
         }
-        let end = drive_client(
-            &mut s, stream, &peer, &node, &chain, &dir, &mut rx, &reports, &mut carry,
-        )
-        .await;
+        let end = drive_client(&mut s, stream, &peer, &node, &chain, &dir, &mut rx, &reports, &mut carry).await;
         let pairs = s.abandon();
         match end {
             Ok(()) if pairs.is_empty() => {}
-            Ok(()) => fail(
-                Refusal::Timeout,
-                "session ended with proofs outstanding".into(),
-                pairs,
-            ),
+            Ok(()) => fail(Refusal::Timeout, "session ended with proofs outstanding".into(), pairs),
             Err(e) => {
                 tracing::info!(peer = %peer, error = %e, "handshake session ended");
                 fail(e.reason(), e.to_string(), pairs);
@@ -412,10 +331,7 @@ async fn run_client(
 
 fn forward(reports: &mpsc::UnboundedSender<Report>, peer: &str, events: Vec<Event>) {
     for event in events {
-        let _ = reports.send(Report::Session {
-            peer_node: peer.to_owned(),
-            event,
-        });
+        let _ = reports.send(Report::Session { peer_node: peer.to_owned(), event });
     }
 }
 

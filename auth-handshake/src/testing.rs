@@ -10,10 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
 use meshguard_common::svid::{BundleCell, CredentialCell, X509Bundle};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::handshake::{Directory, Event, Session, SessionError, WorkloadKey, tls};
@@ -36,10 +33,7 @@ pub struct TestNode {
 }
 
 pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn ts(unix: i64) -> time::OffsetDateTime {
@@ -54,37 +48,23 @@ impl TestCa {
         let mut p = CertificateParams::default();
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{td}").try_into().expect("uri"),
-        )];
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into().expect("uri"))];
         p.not_before = ts(now_unix() - 3600);
         p.not_after = ts(now_unix() + 86_400);
         let cert = p.self_signed(&key).expect("self-signed");
-        Self {
-            trust_domain: TrustDomain::new(td).expect("trust domain"),
-            cert: cert.der().to_vec(),
-            issuer: Issuer::new(p, key),
-        }
+        Self { trust_domain: TrustDomain::new(td).expect("trust domain"), cert: cert.der().to_vec(), issuer: Issuer::new(p, key) }
     }
 
     /// A leaf SVID for `uri` valid from `not_before` to `not_after` (unix
     /// seconds), as identity-ca issues them: its chain and PKCS#8 key.
-    pub fn leaf_between(
-        &self,
-        uri: &str,
-        not_before: i64,
-        not_after: i64,
-    ) -> (Vec<Vec<u8>>, Vec<u8>) {
+    pub fn leaf_between(&self, uri: &str, not_before: i64, not_after: i64) -> (Vec<Vec<u8>>, Vec<u8>) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let mut p = CertificateParams::default();
         p.not_before = ts(not_before);
         p.not_after = ts(not_after);
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];
         let cert = p.signed_by(&key, &self.issuer).expect("signed");
         (vec![cert.der().to_vec()], key.serialize_der())
@@ -96,11 +76,7 @@ impl TestCa {
     }
 
     pub fn bundle(&self) -> X509Bundle {
-        X509Bundle::new(
-            self.trust_domain.clone(),
-            vec![CertificateDer::from(self.cert.clone())],
-        )
-        .expect("bundle")
+        X509Bundle::new(self.trust_domain.clone(), vec![CertificateDer::from(self.cert.clone())]).expect("bundle")
     }
 
     /// The workload key of `id`, signed by this CA.
@@ -114,15 +90,7 @@ impl TestCa {
         let id = self.trust_domain.node_id(name).expect("node id");
         let (chain, key) = self.leaf(id.as_str(), 3600);
         let creds = CredentialCell::default();
-        creds
-            .set(
-                chain
-                    .iter()
-                    .map(|c| CertificateDer::from(c.clone()))
-                    .collect(),
-                &key,
-            )
-            .expect("node credential");
+        creds.set(chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), &key).expect("node credential");
         let bundle = BundleCell::new(self.bundle());
         let addr: IpAddr = addr.parse().expect("address");
         let dir = Directory {
@@ -132,23 +100,13 @@ impl TestCa {
             placement: BTreeMap::new(),
             node_addrs: [(name.to_owned(), addr)].into(),
         };
-        TestNode {
-            name: name.to_owned(),
-            addr,
-            creds,
-            chain: Arc::new(chain),
-            bundle,
-            dir,
-        }
+        TestNode { name: name.to_owned(), addr, creds, chain: Arc::new(chain), bundle, dir }
     }
 }
 
 /// `spiffe://<td>/ns/<ns>/sa/<sa>`.
 pub fn workload_id(td: &str, ns: &str, sa: &str) -> SpiffeId {
-    TrustDomain::new(td)
-        .expect("trust domain")
-        .workload_id(ns, sa)
-        .expect("id")
+    TrustDomain::new(td).expect("trust domain").workload_id(ns, sa).expect("id")
 }
 
 // === impl TestNode ===
@@ -161,11 +119,7 @@ impl TestNode {
 
     /// The cluster view places `id` on `node`.
     pub fn place(&mut self, id: &SpiffeId, node: &str) {
-        self.dir
-            .placement
-            .entry(id.clone())
-            .or_default()
-            .insert(node.to_owned());
+        self.dir.placement.entry(id.clone()).or_default().insert(node.to_owned());
     }
 
     /// Hosts `id` and holds `key` for it.
@@ -176,14 +130,12 @@ impl TestNode {
     }
 
     pub fn client_to(&self, peer: &TestNode) -> Session {
-        let cfg = tls::client_config(self.creds.clone(), self.bundle.clone(), peer_id(peer))
-            .expect("client config");
+        let cfg = tls::client_config(self.creds.clone(), self.bundle.clone(), peer_id(peer)).expect("client config");
         Session::client(cfg, &self.name, self.chain.clone(), &peer.name).expect("client session")
     }
 
     pub fn server_for(&self, from: IpAddr) -> Result<Session, SessionError> {
-        let cfg =
-            tls::server_config(self.creds.clone(), self.bundle.clone()).expect("server config");
+        let cfg = tls::server_config(self.creds.clone(), self.bundle.clone()).expect("server config");
         Session::server(cfg, &self.name, self.chain.clone(), from, &self.dir)
     }
 }
@@ -263,12 +215,5 @@ pub fn pump(
     server: &mut Session,
     server_dir: &Directory,
 ) -> Result<Exchange, (PumpError, Exchange)> {
-    pump_with(
-        client,
-        client_dir,
-        server,
-        server_dir,
-        UnixTime::now(),
-        |_, _| {},
-    )
+    pump_with(client, client_dir, server, server_dir, UnixTime::now(), |_, _| {})
 }

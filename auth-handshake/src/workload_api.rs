@@ -84,14 +84,13 @@ impl WorkloadApi {
             loop {
                 let st = rx.borrow_and_update().clone();
                 match make(&st) {
-                    Some(Ok(msg)) => {
-                        if last.as_ref() != Some(&msg) {
-                            last = Some(msg.clone());
-                            if tx.send(Ok(msg)).await.is_err() {
-                                return;
-                            }
+                    Some(Ok(msg)) if last.as_ref() != Some(&msg) => {
+                        last = Some(msg.clone());
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
                         }
                     }
+                    Some(Ok(_)) => {} // unchanged: nothing to send
                     Some(Err(status)) => {
                         let _ = tx.send(Err(status)).await;
                         return;

@@ -65,13 +65,7 @@ struct Cluster {
 
 fn svid(ca: &TestCa, id: &SpiffeId, ttl: i64) -> Svid {
     let (chain, key) = ca.leaf(id.as_str(), ttl);
-    Svid {
-        spiffe_id: id.clone(),
-        chain,
-        key_pkcs8: Arc::new(Zeroizing::new(key)),
-        issued_at: now_unix(),
-        expires_at: now_unix() + ttl,
-    }
+    Svid { spiffe_id: id.clone(), chain, key_pkcs8: Arc::new(Zeroizing::new(key)), issued_at: now_unix(), expires_at: now_unix() + ttl }
 }
 
 fn id(sa: &str) -> SpiffeId {
@@ -79,33 +73,18 @@ fn id(sa: &str) -> SpiffeId {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Cluster {
     /// Two nodes; `pods` as (service account, node index).
     fn view(pods: &[(&str, usize)], policy: Option<&str>) -> ClusterView {
-        let mut v = ClusterView {
-            trust_domain: Some(TrustDomain::new(TD).unwrap()),
-            ..Default::default()
-        };
+        let mut v = ClusterView { trust_domain: Some(TrustDomain::new(TD).unwrap()), ..Default::default() };
         for i in 1..=2u32 {
             let name = format!("node-{i}");
             let endpoint: SocketAddr = format!("127.0.0.{i}:51820").parse().unwrap();
             let key = PublicKey::from_hex(&format!("{:064x}", i)).unwrap();
-            v.nodes.insert(
-                name.clone(),
-                NodeRecord {
-                    name: name.clone(),
-                    public_key: key,
-                    endpoint,
-                    pod_cidrs: vec![],
-                },
-            );
+            v.nodes.insert(name.clone(), NodeRecord { name: name.clone(), public_key: key, endpoint, pod_cidrs: vec![] });
             v.node_ids.insert(name, i);
         }
         for (n, sa) in ["web", "api", "db"].iter().enumerate() {
@@ -149,30 +128,11 @@ impl Cluster {
                 port,
                 listen: SocketAddr::new(format!("127.0.0.{i}").parse::<IpAddr>().unwrap(), port),
             };
-            let task = tokio::spawn(mutual::run(
-                settings,
-                creds,
-                svids_rx,
-                view_rx,
-                Datapath::Memory(map.clone(), sig_rx),
-                metrics.clone(),
-            ));
-            nodes.push(Node {
-                name,
-                map,
-                signals: sig_tx,
-                svids,
-                view: view_tx,
-                metrics,
-                task,
-            });
+            let task =
+                tokio::spawn(mutual::run(settings, creds, svids_rx, view_rx, Datapath::Memory(map.clone(), sig_rx), metrics.clone()));
+            nodes.push(Node { name, map, signals: sig_tx, svids, view: view_tx, metrics, task });
         }
-        let mut c = Self {
-            ca,
-            port,
-            view,
-            nodes,
-        };
+        let mut c = Self { ca, port, view, nodes };
         c.issue_all(3600);
         c
     }
@@ -181,11 +141,7 @@ impl Cluster {
     fn issue_all(&mut self, ttl: i64) {
         for n in &self.nodes {
             let mut st = SvidState {
-                bundle: CaBundle {
-                    x509_authorities: vec![self.ca.cert.clone()],
-                    jwks: vec![],
-                    sequence: 1,
-                },
+                bundle: CaBundle { x509_authorities: vec![self.ca.cert.clone()], jwks: vec![], sequence: 1 },
                 ..Default::default()
             };
             for w in self.view.workloads.values().filter(|w| w.node == n.name) {
@@ -221,11 +177,7 @@ impl Drop for Cluster {
 }
 
 fn pair(l: u32, r: u32, node: u32) -> AuthPair {
-    AuthPair {
-        local_identity: l,
-        remote_identity: r,
-        remote_node: node,
-    }
+    AuthPair { local_identity: l, remote_identity: r, remote_node: node }
 }
 
 const WEB: u32 = 300;
@@ -235,20 +187,14 @@ const DB: u32 = 302;
 async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
     while !f() {
-        assert!(
-            t.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     t.elapsed()
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    text.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,45 +209,17 @@ async fn policy_pairs_are_proved_ahead_and_deleted_within_a_second_when_a_worklo
     assert_eq!(c.map(1).len(), 1, "{:?}", c.map(1));
     assert_eq!(c.map(2).len(), 1, "{:?}", c.map(2));
     let m2 = c.metrics(2);
-    assert_eq!(
-        metric(
-            &m2,
-            "meshguard_auth_handshakes_total{result=\"ok\",reason=\"\",role=\"initiator\"}"
-        ),
-        1.0,
-        "{m2}"
-    );
-    assert_eq!(
-        metric(
-            &c.metrics(1),
-            "meshguard_auth_handshakes_total{result=\"ok\",reason=\"\",role=\"responder\"}"
-        ),
-        1.0
-    );
+    assert_eq!(metric(&m2, "meshguard_auth_handshakes_total{result=\"ok\",reason=\"\",role=\"initiator\"}"), 1.0, "{m2}");
+    assert_eq!(metric(&c.metrics(1), "meshguard_auth_handshakes_total{result=\"ok\",reason=\"\",role=\"responder\"}"), 1.0);
     assert_eq!(metric(&m2, "meshguard_auth_handshake_seconds_count"), 1.0);
 
     // web leaves node-1: both nodes drop their entries within a second.
     let gone = Cluster::view(&[("api", 2)], Some(POLICY));
     c.set_view(gone);
-    let took = wait_for("both entries deleted", Duration::from_secs(1), || {
-        c.map(1).is_empty() && c.map(2).is_empty()
-    })
-    .await;
+    let took = wait_for("both entries deleted", Duration::from_secs(1), || c.map(1).is_empty() && c.map(2).is_empty()).await;
     eprintln!("deleted on both nodes {took:?} after the workload left");
-    assert_eq!(
-        metric(
-            &c.metrics(1),
-            "meshguard_auth_deletions_total{reason=\"workload_left\"}"
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &c.metrics(2),
-            "meshguard_auth_deletions_total{reason=\"workload_left\"}"
-        ),
-        1.0
-    );
+    assert_eq!(metric(&c.metrics(1), "meshguard_auth_deletions_total{reason=\"workload_left\"}"), 1.0);
+    assert_eq!(metric(&c.metrics(2), "meshguard_auth_deletions_total{reason=\"workload_left\"}"), 1.0);
     assert_eq!(metric(&c.metrics(2), "meshguard_auth_entries"), 0.0);
 }
 
@@ -311,13 +229,7 @@ async fn a_datapath_signal_gets_an_entry_and_is_timed() {
     // No policy: nothing is proved ahead.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(c.map(1).is_empty() && c.map(2).is_empty());
-    c.nodes[0]
-        .signals
-        .send(Signal {
-            pair: pair(WEB, DB, 2),
-            at: Instant::now(),
-        })
-        .unwrap();
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now() }).unwrap();
     let took = wait_for("the signalled entry", Duration::from_secs(5), || {
         c.map(1).contains_key(&pair(WEB, DB, 2)) && c.map(2).contains_key(&pair(DB, WEB, 1))
     })
@@ -325,10 +237,7 @@ async fn a_datapath_signal_gets_an_entry_and_is_timed() {
     eprintln!("signal to entry on both sides: {took:?}");
     // The histogram is observed just after the map write, on the agent's task.
     wait_for("the signal-to-entry time", Duration::from_secs(1), || {
-        metric(
-            &c.metrics(1),
-            "meshguard_auth_signal_to_entry_seconds_count",
-        ) == 1.0
+        metric(&c.metrics(1), "meshguard_auth_signal_to_entry_seconds_count") == 1.0
     })
     .await;
     assert_eq!(metric(&c.metrics(1), "meshguard_auth_signals_total"), 1.0);
@@ -337,32 +246,15 @@ async fn a_datapath_signal_gets_an_entry_and_is_timed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pair_the_responder_cannot_prove_gets_no_entry_on_either_side() {
     let mut c = Cluster::start(&[("web", 1), ("api", 2)], Some(POLICY)).await;
-    wait_for("the first entry", Duration::from_secs(10), || {
-        c.map(2).contains_key(&pair(API, WEB, 1))
-    })
-    .await;
+    wait_for("the first entry", Duration::from_secs(10), || c.map(2).contains_key(&pair(API, WEB, 1))).await;
     // db is placed on node-2 but node-2 holds no SVID for it.
-    c.set_view(Cluster::view(
-        &[("web", 1), ("api", 2), ("db", 2)],
-        Some(POLICY),
-    ));
-    c.nodes[0]
-        .signals
-        .send(Signal {
-            pair: pair(WEB, DB, 2),
-            at: Instant::now(),
-        })
-        .unwrap();
+    c.set_view(Cluster::view(&[("web", 1), ("api", 2), ("db", 2)], Some(POLICY)));
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now() }).unwrap();
     wait_for("the refusal to be counted", Duration::from_secs(5), || {
         metric(&c.metrics(1), "meshguard_auth_handshakes_total{result=\"refused\",reason=\"no_svid\",role=\"initiator\"}") >= 1.0
     })
     .await;
-    assert!(
-        metric(
-            &c.metrics(2),
-            "meshguard_auth_handshakes_total{result=\"refused\",reason=\"no_svid\",role=\"responder\"}"
-        ) >= 1.0
-    );
+    assert!(metric(&c.metrics(2), "meshguard_auth_handshakes_total{result=\"refused\",reason=\"no_svid\",role=\"responder\"}") >= 1.0);
     assert!(!c.map(1).contains_key(&pair(WEB, DB, 2)));
     assert!(!c.map(2).contains_key(&pair(DB, WEB, 1)));
 }
@@ -375,12 +267,7 @@ async fn same_node_pairs_are_written_both_ways_by_the_local_agent() {
     })
     .await;
     assert!(c.map(2).is_empty(), "node-2 is not involved");
-    assert!(
-        metric(
-            &c.metrics(1),
-            "meshguard_auth_handshakes_total{result=\"ok\",reason=\"\",role=\"local\"}"
-        ) >= 2.0
-    );
+    assert!(metric(&c.metrics(1), "meshguard_auth_handshakes_total{result=\"ok\",reason=\"\",role=\"local\"}") >= 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,41 +290,22 @@ async fn a_key_rotation_renews_without_a_gap_and_a_retired_authority_deletes() {
         if renewals(&c, 1) >= 1.0 && renewals(&c, 2) >= 1.0 {
             break;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "not renewed within 2 s of the key change"
-        );
+        assert!(t.elapsed() < Duration::from_secs(2), "not renewed within 2 s of the key change");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     eprintln!("re-proved on new keys after {:?}", t.elapsed());
-    assert_eq!(
-        metric(&c.metrics(2), "meshguard_auth_deletions_total"),
-        0.0,
-        "rotation deletes nothing"
-    );
+    assert_eq!(metric(&c.metrics(2), "meshguard_auth_deletions_total"), 0.0, "rotation deletes nothing");
 
     // The CA rotates to a new authority and retires the old one: every
     // entry resting on a certificate of the old one goes (node SVIDs too).
     let new = TestCa::new(TD);
     for n in &c.nodes {
         let mut st = (**n.svids.borrow()).clone();
-        st.bundle = CaBundle {
-            x509_authorities: vec![new.cert.clone()],
-            jwks: vec![],
-            sequence: 2,
-        };
+        st.bundle = CaBundle { x509_authorities: vec![new.cert.clone()], jwks: vec![], sequence: 2 };
         n.svids.send_replace(Arc::new(st));
     }
-    wait_for("retired entries deleted", Duration::from_secs(1), || {
-        c.map(1).is_empty() && c.map(2).is_empty()
-    })
-    .await;
-    assert!(
-        metric(
-            &c.metrics(2),
-            "meshguard_auth_deletions_total{reason=\"authority_retired\"}"
-        ) >= 1.0
-    );
+    wait_for("retired entries deleted", Duration::from_secs(1), || c.map(1).is_empty() && c.map(2).is_empty()).await;
+    assert!(metric(&c.metrics(2), "meshguard_auth_deletions_total{reason=\"authority_retired\"}") >= 1.0);
 }
 
 /// Connects to `port` on `to` from the address `from`.
@@ -450,10 +318,7 @@ async fn connect_from(from: &str, to: &str, port: u16) -> std::io::Result<tokio:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_abuse_is_refused_and_counted_while_legitimate_handshakes_complete() {
     let c = Cluster::start(&[("web", 1), ("api", 2), ("db", 2)], Some(POLICY)).await;
-    wait_for("the policy pair", Duration::from_secs(10), || {
-        c.map(2).contains_key(&pair(API, WEB, 1))
-    })
-    .await;
+    wait_for("the policy pair", Duration::from_secs(10), || c.map(2).contains_key(&pair(API, WEB, 1))).await;
     let port = c.port;
 
     // A flood from an address that is no node's: closed before any TLS.
@@ -472,9 +337,7 @@ async fn port_abuse_is_refused_and_counted_while_legitimate_handshakes_complete(
     }
     // Garbage from a node's address.
     let mut g = connect_from("127.0.0.1", "127.0.0.2", port).await.unwrap();
-    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
 
     // Meanwhile a legitimate new pair completes (node-1 asks node-2 for db).
     let mut st = (**c.nodes[1].svids.borrow()).clone();
@@ -482,57 +345,24 @@ async fn port_abuse_is_refused_and_counted_while_legitimate_handshakes_complete(
     c.nodes[1].svids.send_replace(Arc::new(st));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
-    c.nodes[0]
-        .signals
-        .send(Signal {
-            pair: pair(WEB, DB, 2),
-            at: Instant::now(),
-        })
-        .unwrap();
-    wait_for("the legitimate pair", Duration::from_secs(3), || {
-        c.map(1).contains_key(&pair(WEB, DB, 2))
-    })
-    .await;
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now() }).unwrap();
+    wait_for("the legitimate pair", Duration::from_secs(3), || c.map(1).contains_key(&pair(WEB, DB, 2))).await;
     eprintln!("legitimate handshake during the abuse: {:?}", t.elapsed());
 
     // The garbage connection is closed by the agent; slowloris ends at the handshake timeout.
     let mut buf = [0u8; 64];
-    let r = tokio::time::timeout(Duration::from_secs(2), g.read(&mut buf))
-        .await
-        .expect("garbage closed promptly");
+    let r = tokio::time::timeout(Duration::from_secs(2), g.read(&mut buf)).await.expect("garbage closed promptly");
     assert!(matches!(r, Ok(n) if n < buf.len()), "{r:?}");
     for mut s in slow {
-        let r = tokio::time::timeout(
-            meshguard_auth_handshake::peers::HANDSHAKE_TIMEOUT + Duration::from_secs(2),
-            s.read(&mut buf),
-        )
-        .await;
-        assert!(
-            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
-            "slow connection not closed: {r:?}"
-        );
+        let r = tokio::time::timeout(meshguard_auth_handshake::peers::HANDSHAKE_TIMEOUT + Duration::from_secs(2), s.read(&mut buf)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "slow connection not closed: {r:?}");
     }
     let m = c.metrics(2);
     assert!(
-        metric(
-            &m,
-            "meshguard_auth_handshakes_total{result=\"refused\",reason=\"unknown_address\",role=\"connection\"}"
-        ) >= 150.0,
+        metric(&m, "meshguard_auth_handshakes_total{result=\"refused\",reason=\"unknown_address\",role=\"connection\"}") >= 150.0,
         "{m}"
     );
-    assert!(
-        metric(
-            &m,
-            "meshguard_auth_handshakes_total{result=\"refused\",reason=\"tls\",role=\"connection\"}"
-        ) >= 1.0,
-        "{m}"
-    );
-    assert!(
-        metric(
-            &m,
-            "meshguard_auth_handshakes_total{result=\"refused\",reason=\"timeout\",role=\"connection\"}"
-        ) >= 3.0,
-        "{m}"
-    );
+    assert!(metric(&m, "meshguard_auth_handshakes_total{result=\"refused\",reason=\"tls\",role=\"connection\"}") >= 1.0, "{m}");
+    assert!(metric(&m, "meshguard_auth_handshakes_total{result=\"refused\",reason=\"timeout\",role=\"connection\"}") >= 3.0, "{m}");
     drop(flood);
 }

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use meshguard_auth_handshake::handshake::frame::{Frame, MAX_FRAME};
 use meshguard_auth_handshake::handshake::proof::{self, Binding};
 use meshguard_auth_handshake::handshake::{Event, Refusal, Role, SessionError, WorkloadKey};
-use meshguard_auth_handshake::testing::{
-    Exchange, PumpError, TestCa, TestNode, now_unix, pump, pump_with, workload_id,
-};
+use meshguard_auth_handshake::testing::{Exchange, PumpError, TestCa, TestNode, now_unix, pump, pump_with, workload_id};
 use meshguard_common::spiffe::SpiffeId;
 use rustls::pki_types::UnixTime;
 
@@ -39,40 +37,20 @@ fn world() -> World {
         n.place(&web, "node-1");
         n.place(&api, "node-2");
     }
-    World {
-        ca,
-        n1,
-        n2,
-        web,
-        api,
-    }
+    World { ca, n1, n2, web, api }
 }
 
 fn authenticated(events: &[Event]) -> Vec<&meshguard_auth_handshake::handshake::Authenticated> {
-    events
-        .iter()
-        .filter_map(|e| {
-            if let Event::Authenticated(a) = e {
-                Some(a)
-            } else {
-                None
-            }
-        })
-        .collect()
+    events.iter().filter_map(|e| if let Event::Authenticated(a) = e { Some(a) } else { None }).collect()
 }
 
 /// Runs one request `local` (on node-1) → `remote` (on node-2).
 fn prove(w: &World, local: &SpiffeId, remote: &SpiffeId) -> Exchange {
     let mut c = w.n1.client_to(&w.n2);
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
-    let mut ex = pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
-    ex.client_events
-        .extend(c.request(local.clone(), remote.clone(), &w.n1.dir).unwrap());
-    let more = pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
+    let mut ex = pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
+    ex.client_events.extend(c.request(local.clone(), remote.clone(), &w.n1.dir).unwrap());
+    let more = pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
     ex.client_events.extend(more.client_events);
     ex.server_events.extend(more.server_events);
     ex
@@ -80,40 +58,18 @@ fn prove(w: &World, local: &SpiffeId, remote: &SpiffeId) -> Exchange {
 
 /// The pair was refused for `reason`, reported on both sides, and nothing is to be written.
 fn assert_refused(ex: &Exchange, reason: Refusal, by_responder: bool) {
-    assert!(
-        authenticated(&ex.client_events).is_empty(),
-        "initiator must write nothing: {:?}",
-        ex.client_events
-    );
-    assert!(
-        authenticated(&ex.server_events).is_empty(),
-        "responder must write nothing: {:?}",
-        ex.server_events
-    );
+    assert!(authenticated(&ex.client_events).is_empty(), "initiator must write nothing: {:?}", ex.client_events);
+    assert!(authenticated(&ex.server_events).is_empty(), "responder must write nothing: {:?}", ex.server_events);
     let c = ex.client_events.iter().find_map(|e| match e {
-        Event::Refused {
-            reason, by_peer, ..
-        } => Some((*reason, *by_peer)),
+        Event::Refused { reason, by_peer, .. } => Some((*reason, *by_peer)),
         _ => None,
     });
-    assert_eq!(
-        c,
-        Some((reason, by_responder)),
-        "initiator's view: {:?}",
-        ex.client_events
-    );
+    assert_eq!(c, Some((reason, by_responder)), "initiator's view: {:?}", ex.client_events);
     let s = ex.server_events.iter().find_map(|e| match e {
-        Event::RefusedPeer {
-            reason, by_peer, ..
-        } => Some((*reason, *by_peer)),
+        Event::RefusedPeer { reason, by_peer, .. } => Some((*reason, *by_peer)),
         _ => None,
     });
-    assert_eq!(
-        s,
-        Some((reason, !by_responder)),
-        "responder's view: {:?}",
-        ex.server_events
-    );
+    assert_eq!(s, Some((reason, !by_responder)), "responder's view: {:?}", ex.server_events);
 }
 
 #[test]
@@ -124,30 +80,10 @@ fn a_pair_is_proved_on_both_sides_bound_to_the_nodes() {
     let s = authenticated(&ex.server_events);
     assert_eq!(c.len(), 1, "{:?}", ex.client_events);
     assert_eq!(s.len(), 1, "{:?}", ex.server_events);
-    assert_eq!(
-        (
-            &c[0].local,
-            &c[0].remote,
-            c[0].remote_node.as_str(),
-            c[0].role
-        ),
-        (&w.web, &w.api, "node-2", Role::Initiator)
-    );
-    assert_eq!(
-        (
-            &s[0].local,
-            &s[0].remote,
-            s[0].remote_node.as_str(),
-            s[0].role
-        ),
-        (&w.api, &w.web, "node-1", Role::Responder)
-    );
-    assert!(ex.client_events.contains(&Event::Established {
-        peer_node: "node-2".into()
-    }));
-    assert!(ex.server_events.contains(&Event::Established {
-        peer_node: "node-1".into()
-    }));
+    assert_eq!((&c[0].local, &c[0].remote, c[0].remote_node.as_str(), c[0].role), (&w.web, &w.api, "node-2", Role::Initiator));
+    assert_eq!((&s[0].local, &s[0].remote, s[0].remote_node.as_str(), s[0].role), (&w.api, &w.web, "node-1", Role::Responder));
+    assert!(ex.client_events.contains(&Event::Established { peer_node: "node-2".into() }));
+    assert!(ex.server_events.contains(&Event::Established { peer_node: "node-1".into() }));
 }
 
 #[test]
@@ -162,19 +98,10 @@ fn entries_expire_with_the_earliest_certificate_of_the_four() {
             _ => w.n2 = renode(&w.ca, &w.n2, short),
         }
         let ex = prove(&w, &w.web, &w.api);
-        let (c, s) = (
-            authenticated(&ex.client_events),
-            authenticated(&ex.server_events),
-        );
+        let (c, s) = (authenticated(&ex.client_events), authenticated(&ex.server_events));
         assert_eq!((c.len(), s.len()), (1, 1), "case {shortest}: {ex:?}");
-        assert_eq!(
-            c[0].expires_at, short,
-            "initiator, shortest certificate {shortest}"
-        );
-        assert_eq!(
-            s[0].expires_at, short,
-            "responder, shortest certificate {shortest}"
-        );
+        assert_eq!(c[0].expires_at, short, "initiator, shortest certificate {shortest}");
+        assert_eq!(s[0].expires_at, short, "responder, shortest certificate {shortest}");
     }
 }
 
@@ -188,10 +115,7 @@ fn renode(ca: &TestCa, n: &TestNode, not_after: i64) -> TestNode {
     let mut fresh = ca.node(&n.name, &n.addr.to_string());
     let id = ca.trust_domain.node_id(&n.name).unwrap();
     let (chain, key) = ca.leaf_between(id.as_str(), now_unix() - 60, not_after);
-    fresh
-        .creds
-        .set(chain.iter().map(|c| c.clone().into()).collect(), &key)
-        .unwrap();
+    fresh.creds.set(chain.iter().map(|c| c.clone().into()).collect(), &key).unwrap();
     fresh.chain = Arc::new(chain);
     fresh.dir = n.dir.clone();
     fresh.bundle = n.bundle.clone();
@@ -214,20 +138,11 @@ fn one_session_proves_many_pairs_pipelined() {
     for id in &ids {
         client_events.extend(c.request(id.clone(), w.api.clone(), &w.n1.dir).unwrap());
     }
-    let ex = pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
+    let ex = pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
     client_events.extend(ex.client_events);
     assert_eq!(authenticated(&client_events).len(), 300);
     assert_eq!(authenticated(&ex.server_events).len(), 300);
-    assert_eq!(
-        client_events
-            .iter()
-            .filter(|e| matches!(e, Event::Established { .. }))
-            .count(),
-        1,
-        "one TLS handshake"
-    );
+    assert_eq!(client_events.iter().filter(|e| matches!(e, Event::Established { .. })).count(), 1, "one TLS handshake");
     assert_eq!(c.outstanding(), 0);
 }
 
@@ -238,11 +153,7 @@ fn responder_refuses_an_initiator_from_another_trust_domain() {
     let foreign = workload_id("evil.example", "shop", "web");
     w.n1.host(other.workload(&foreign, 3600));
     w.n2.place(&foreign, "node-1");
-    assert_refused(
-        &prove(&w, &foreign, &w.api),
-        Refusal::WrongTrustDomain,
-        true,
-    );
+    assert_refused(&prove(&w, &foreign, &w.api), Refusal::WrongTrustDomain, true);
 }
 
 #[test]
@@ -256,11 +167,8 @@ fn responder_refuses_a_chain_from_another_ca_of_the_same_name() {
 #[test]
 fn responder_refuses_an_expired_initiator_svid() {
     let mut w = world();
-    let (chain, key) =
-        w.ca.leaf_between(w.web.as_str(), now_unix() - 7200, now_unix() - 3600);
-    w.n1.host(Arc::new(
-        WorkloadKey::new(w.web.clone(), chain, &key).unwrap(),
-    ));
+    let (chain, key) = w.ca.leaf_between(w.web.as_str(), now_unix() - 7200, now_unix() - 3600);
+    w.n1.host(Arc::new(WorkloadKey::new(w.web.clone(), chain, &key).unwrap()));
     assert_refused(&prove(&w, &w.web, &w.api), Refusal::Expired, true);
 }
 
@@ -270,9 +178,7 @@ fn responder_refuses_an_svid_for_another_spiffe_id() {
     // node-1 claims shop/web but presents (and signs with) shop/db's SVID.
     let db = workload_id(TD, "shop", "db");
     let (chain, key) = w.ca.leaf(db.as_str(), 3600);
-    w.n1.host(Arc::new(
-        WorkloadKey::new(w.web.clone(), chain, &key).unwrap(),
-    ));
+    w.n1.host(Arc::new(WorkloadKey::new(w.web.clone(), chain, &key).unwrap()));
     assert_refused(&prove(&w, &w.web, &w.api), Refusal::WrongSpiffeId, true);
 }
 
@@ -303,10 +209,7 @@ fn initiator_refuses_a_responder_proving_the_wrong_identity() {
     // node-2 answers for shop/api with shop/db's SVID.
     let db = workload_id(TD, "shop", "db");
     let (chain, key) = w.ca.leaf(db.as_str(), 3600);
-    w.n2.dir.keys.insert(
-        w.api.clone(),
-        Arc::new(WorkloadKey::new(w.api.clone(), chain, &key).unwrap()),
-    );
+    w.n2.dir.keys.insert(w.api.clone(), Arc::new(WorkloadKey::new(w.api.clone(), chain, &key).unwrap()));
     assert_refused(&prove(&w, &w.web, &w.api), Refusal::WrongSpiffeId, false);
 }
 
@@ -333,27 +236,13 @@ fn a_proof_signed_for_another_node_or_session_is_refused() {
 
     let mut c = n3.client_to(&w.n2);
     let mut s = w.n2.server_for(n3.addr).unwrap();
-    pump(&mut c, &n3.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
+    pump(&mut c, &n3.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
     let exporter = c.exporter().unwrap();
     // "shop/web on node-1", signed by node-3 with a valid web key in its own session.
-    let lie = Binding {
-        exporter: &exporter,
-        initiator: &w.web,
-        responder: &w.api,
-        initiator_node: "node-1",
-        responder_node: "node-2",
-    };
+    let lie = Binding { exporter: &exporter, initiator: &w.web, responder: &w.api, initiator_node: "node-1", responder_node: "node-2" };
     // The same statement bound to another session's exporter.
     let other = [7u8; 32];
-    let replay = Binding {
-        exporter: &other,
-        initiator: &w.web,
-        responder: &w.api,
-        initiator_node: "node-3",
-        responder_node: "node-2",
-    };
+    let replay = Binding { exporter: &other, initiator: &w.web, responder: &w.api, initiator_node: "node-3", responder_node: "node-2" };
     for (i, b) in [lie, replay].iter().enumerate() {
         let sig = web_key.sign(&proof::statement(Role::Initiator, b)).unwrap();
         let f = Frame::Prove {
@@ -374,46 +263,25 @@ fn a_proof_signed_for_another_node_or_session_is_refused() {
         Err((PumpError::Client(SessionError::Unexpected { .. }), ex)) => ex,
         Err((e, _)) => panic!("{e:?}"),
     };
-    assert!(
-        authenticated(&ex.server_events).is_empty(),
-        "{:?}",
-        ex.server_events
-    );
-    let reasons: Vec<Refusal> = ex
-        .server_events
-        .iter()
-        .filter_map(|e| {
-            if let Event::RefusedPeer { reason, .. } = e {
-                Some(*reason)
-            } else {
-                None
-            }
-        })
-        .collect();
+    assert!(authenticated(&ex.server_events).is_empty(), "{:?}", ex.server_events);
+    let reasons: Vec<Refusal> =
+        ex.server_events.iter().filter_map(|e| if let Event::RefusedPeer { reason, .. } = e { Some(*reason) } else { None }).collect();
     assert_eq!(reasons, [Refusal::BadSignature, Refusal::BadSignature]);
 
     // The honest statement, "web on node-3", is accepted, and says node-3.
     let mut c = n3.client_to(&w.n2);
     let mut s = w.n2.server_for(n3.addr).unwrap();
     c.request(w.web.clone(), w.api.clone(), &n3.dir).unwrap();
-    let ex = pump(&mut c, &n3.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
+    let ex = pump(&mut c, &n3.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
     let got = authenticated(&ex.server_events);
     assert_eq!(got.len(), 1, "{:?}", ex.server_events);
-    assert_eq!(
-        (&got[0].remote, got[0].remote_node.as_str()),
-        (&w.web, "node-3")
-    );
+    assert_eq!((&got[0].remote, got[0].remote_node.as_str()), (&w.web, "node-3"));
 }
 
 #[test]
 fn connections_from_unknown_addresses_are_refused_before_tls() {
     let w = world();
-    let err =
-        w.n2.server_for("10.9.9.9".parse().unwrap())
-            .err()
-            .expect("refused");
+    let err = w.n2.server_for("10.9.9.9".parse().unwrap()).err().expect("refused");
     assert_eq!(err.reason(), Refusal::UnknownAddress);
 }
 
@@ -426,15 +294,8 @@ fn a_node_svid_from_another_nodes_address_is_refused() {
     let mut c = n3.client_to(&w.n2);
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
     let (err, ex) = pump(&mut c, &n3.dir, &mut s, &w.n2.dir).expect_err("refused");
-    assert!(
-        matches!(err, PumpError::Server(ref e) if e.reason() == Refusal::NodeMismatch),
-        "{err:?}"
-    );
-    assert!(
-        !ex.server_events
-            .iter()
-            .any(|e| matches!(e, Event::Established { .. }))
-    );
+    assert!(matches!(err, PumpError::Server(ref e) if e.reason() == Refusal::NodeMismatch), "{err:?}");
+    assert!(!ex.server_events.iter().any(|e| matches!(e, Event::Established { .. })));
 }
 
 #[test]
@@ -448,10 +309,7 @@ fn the_initiator_refuses_a_server_that_is_not_the_node_it_dialled() {
     let mut c = w.n1.client_to(&w.n2);
     let mut s = n3b.server_for(w.n1.addr).unwrap();
     let (err, ex) = pump(&mut c, &w.n1.dir, &mut s, &n3b.dir).expect_err("refused");
-    assert!(
-        matches!(err, PumpError::Client(SessionError::Tls { .. })),
-        "{err:?}"
-    );
+    assert!(matches!(err, PumpError::Client(SessionError::Tls { .. })), "{err:?}");
     assert!(ex.client_events.is_empty());
 }
 
@@ -464,14 +322,7 @@ fn a_node_svid_of_another_trust_domain_is_refused() {
     let mut c = evil.client_to(&w.n2);
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
     let (err, ex) = pump(&mut c, &evil.dir, &mut s, &w.n2.dir).expect_err("refused");
-    assert!(
-        matches!(
-            err,
-            PumpError::Client(SessionError::Tls { .. })
-                | PumpError::Server(SessionError::Tls { .. })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, PumpError::Client(SessionError::Tls { .. }) | PumpError::Server(SessionError::Tls { .. })), "{err:?}");
     assert!(ex.server_events.is_empty() && ex.client_events.is_empty());
 }
 
@@ -479,13 +330,7 @@ fn a_node_svid_of_another_trust_domain_is_refused() {
 fn garbage_and_truncated_hellos_change_nothing() {
     let w = world();
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
-    let err = s
-        .receive(
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-            &w.n2.dir,
-            UnixTime::now(),
-        )
-        .expect_err("not TLS");
+    let err = s.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &w.n2.dir, UnixTime::now()).expect_err("not TLS");
     assert_eq!(err.reason(), Refusal::Tls);
 
     // A ClientHello cut short: nothing happens until more arrives (the driver's timeout ends it).
@@ -493,11 +338,7 @@ fn garbage_and_truncated_hellos_change_nothing() {
     let mut hello = Vec::new();
     c.transmit(&mut hello);
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
-    assert_eq!(
-        s.receive(&hello[..hello.len() / 2], &w.n2.dir, UnixTime::now())
-            .unwrap(),
-        []
-    );
+    assert_eq!(s.receive(&hello[..hello.len() / 2], &w.n2.dir, UnixTime::now()).unwrap(), []);
     assert!(!s.is_established());
     let mut out = Vec::new();
     s.transmit(&mut out);
@@ -516,12 +357,7 @@ fn bad_frames_inside_the_session_close_it_and_write_nothing() {
         }),
         ("proof sent to the responder", {
             let mut b = Vec::new();
-            Frame::Proof {
-                request: 1,
-                chain: vec![],
-                signature: vec![],
-            }
-            .encode(&mut b);
+            Frame::Proof { request: 1, chain: vec![], signature: vec![] }.encode(&mut b);
             b
         }),
         ("confirm of nothing", {
@@ -533,35 +369,19 @@ fn bad_frames_inside_the_session_close_it_and_write_nothing() {
     for (what, bytes) in cases {
         let mut c = w.n1.client_to(&w.n2);
         let mut s = w.n2.server_for(w.n1.addr).unwrap();
-        pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-            .map_err(|(e, _)| e)
-            .unwrap();
+        pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
         c.inject_plaintext(&bytes);
         let (err, ex) = pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).expect_err(what);
-        assert!(
-            matches!(err, PumpError::Server(ref e) if e.reason() == Refusal::Malformed),
-            "{what}: {err:?}"
-        );
-        assert!(
-            ex.server_events.is_empty(),
-            "{what}: {:?}",
-            ex.server_events
-        );
+        assert!(matches!(err, PumpError::Server(ref e) if e.reason() == Refusal::Malformed), "{what}: {err:?}");
+        assert!(ex.server_events.is_empty(), "{what}: {:?}", ex.server_events);
     }
     // A frame cut off by the end of the stream.
     let mut c = w.n1.client_to(&w.n2);
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
-    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
+    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
     c.inject_plaintext(&[1, 0, 0, 1, 0, 0, 0]);
-    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
-    assert!(
-        s.end_of_input().is_err(),
-        "a frame cut short at EOF is an error"
-    );
+    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
+    assert!(s.end_of_input().is_err(), "a frame cut short at EOF is an error");
 }
 
 #[test]
@@ -569,31 +389,17 @@ fn tampering_on_the_wire_is_detected_and_writes_nothing() {
     let w = world();
     let mut c = w.n1.client_to(&w.n2);
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
-    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
+    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
     c.request(w.web.clone(), w.api.clone(), &w.n1.dir).unwrap();
-    let (err, ex) = pump_with(
-        &mut c,
-        &w.n1.dir,
-        &mut s,
-        &w.n2.dir,
-        UnixTime::now(),
-        |to_server, bytes| {
-            if to_server {
-                let i = bytes.len() / 2;
-                bytes[i] ^= 0x01;
-            }
-        },
-    )
+    let (err, ex) = pump_with(&mut c, &w.n1.dir, &mut s, &w.n2.dir, UnixTime::now(), |to_server, bytes| {
+        if to_server {
+            let i = bytes.len() / 2;
+            bytes[i] ^= 0x01;
+        }
+    })
     .expect_err("tampering");
-    assert!(
-        matches!(err, PumpError::Server(SessionError::Tls { .. })),
-        "{err:?}"
-    );
-    assert!(
-        authenticated(&ex.server_events).is_empty() && authenticated(&ex.client_events).is_empty()
-    );
+    assert!(matches!(err, PumpError::Server(SessionError::Tls { .. })), "{err:?}");
+    assert!(authenticated(&ex.server_events).is_empty() && authenticated(&ex.client_events).is_empty());
 }
 
 #[test]
@@ -601,30 +407,13 @@ fn an_eavesdropper_sees_no_identity_or_certificate() {
     let w = world();
     let mut c = w.n1.client_to(&w.n2);
     let mut s = w.n2.server_for(w.n1.addr).unwrap();
-    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir)
-        .map_err(|(e, _)| e)
-        .unwrap();
+    pump(&mut c, &w.n1.dir, &mut s, &w.n2.dir).map_err(|(e, _)| e).unwrap();
     c.request(w.web.clone(), w.api.clone(), &w.n1.dir).unwrap();
     let mut seen = Vec::new();
-    pump_with(
-        &mut c,
-        &w.n1.dir,
-        &mut s,
-        &w.n2.dir,
-        UnixTime::now(),
-        |_, b| seen.extend_from_slice(b),
-    )
-    .map_err(|(e, _)| e)
-    .unwrap();
+    pump_with(&mut c, &w.n1.dir, &mut s, &w.n2.dir, UnixTime::now(), |_, b| seen.extend_from_slice(b)).map_err(|(e, _)| e).unwrap();
     let hay = String::from_utf8_lossy(&seen);
-    assert!(
-        !hay.contains("shop/web") && !hay.contains("shop/api"),
-        "identities travel encrypted"
-    );
+    assert!(!hay.contains("shop/web") && !hay.contains("shop/api"), "identities travel encrypted");
     let leaf = &w.n1.dir.keys[&w.web].chain[0];
     let tail = &leaf[leaf.len() - 40..leaf.len() - 8];
-    assert!(
-        !seen.windows(tail.len()).any(|win| win == tail),
-        "certificates travel encrypted"
-    );
+    assert!(!seen.windows(tail.len()).any(|win| win == tail), "certificates travel encrypted");
 }

@@ -67,14 +67,20 @@ async fn a_second_process_speaks_for_the_node_across_renewals() {
     let source = RegistrySource::start(registry::channel(&ca.addr.to_string(), tls.client_config()).unwrap());
     source.publish_node(&record(1)).await.unwrap();
     let mut view = source.subscribe();
-    tokio::time::timeout(Duration::from_secs(5), view.wait_for(|v| v.nodes.get("node-1") == Some(&record(1)) && v.node_ids.contains_key("node-1")))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        view.wait_for(|v| v.nodes.get("node-1") == Some(&record(1)) && v.node_ids.contains_key("node-1")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 
     // auth-handshake renews; the follower picks it up.
     let mut id = tls.identity();
-    tokio::time::timeout(Duration::from_secs(10), id.wait_for(|i| i.expires_at > first.expires_at)).await.expect("renewal picked up").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), id.wait_for(|i| i.expires_at > first.expires_at))
+        .await
+        .expect("renewal picked up")
+        .unwrap();
 
     // Once the first SVID is dead, only the renewed one opens the API.
     while now_unix() <= first.expires_at + 1 {

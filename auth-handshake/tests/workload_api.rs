@@ -15,7 +15,14 @@ use meshguard_identity_ca::server::CaServer;
 use tokio_stream::StreamExt as _;
 
 fn workload(name: &str, sa: &str, node: &str) -> Workload {
-    Workload { name: name.into(), namespace: "shop".into(), service_account: sa.into(), node: node.into(), ips: vec![], labels: Default::default() }
+    Workload {
+        name: name.into(),
+        namespace: "shop".into(),
+        service_account: sa.into(),
+        node: node.into(),
+        ips: vec![],
+        labels: Default::default(),
+    }
 }
 
 fn pem(der: &[u8]) -> String {

@@ -32,9 +32,7 @@ pub struct PublicKey(pub [u8; KEY_LEN]);
 pub struct SecretKey([u8; KEY_LEN]);
 
 fn decode_b64(s: &str) -> Result<[u8; KEY_LEN], KeyError> {
-    let mut bytes = B64
-        .decode(s.trim())
-        .map_err(|e| KeyError::Base64 { reason: e.to_string() })?;
+    let mut bytes = B64.decode(s.trim()).map_err(|e| KeyError::Base64 { reason: e.to_string() })?;
     let out = <[u8; KEY_LEN]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length { len: bytes.len() });
     bytes.zeroize();
     out

@@ -279,9 +279,7 @@ impl std::str::FromStr for Protocol {
             other => match other.parse::<u8>() {
                 Ok(n) => Self::from_number(n),
                 Err(_) => {
-                    return Err(format!(
-                        "unknown protocol {s:?}: use TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number 0-255"
-                    ));
+                    return Err(format!("unknown protocol {s:?}: use TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number 0-255"));
                 }
             },
         })
@@ -377,17 +375,14 @@ impl MeshPolicy {
         validate_segment(&self.metadata.name).map_err(|e| invalid(format!("metadata.name: {e}")))?;
         validate_segment(&self.metadata.namespace).map_err(|e| invalid(format!("metadata.namespace: {e}")))?;
         validate_selector(&self.spec.selector).map_err(|e| invalid(format!("spec.selector: {e}")))?;
-        for (dir, rules, peers_field, wrong_field) in [
-            ("ingress", &self.spec.ingress, "from", "to"),
-            ("egress", &self.spec.egress, "to", "from"),
-        ] {
+        for (dir, rules, peers_field, wrong_field) in
+            [("ingress", &self.spec.ingress, "from", "to"), ("egress", &self.spec.egress, "to", "from")]
+        {
             for (i, rule) in rules.iter().flatten().enumerate() {
                 let at = format!("spec.{dir}[{i}]");
                 let (peers, wrong) = if dir == "ingress" { (&rule.from, &rule.to) } else { (&rule.to, &rule.from) };
                 if wrong.is_some() {
-                    return Err(invalid(format!(
-                        "{at}: {dir} rules list peers under `{peers_field}`, not `{wrong_field}`"
-                    )));
+                    return Err(invalid(format!("{at}: {dir} rules list peers under `{peers_field}`, not `{wrong_field}`")));
                 }
                 for (j, peer) in peers.iter().flatten().enumerate() {
                     validate_peer(peer).map_err(|e| invalid(format!("{at}.{peers_field}[{j}]: {e}")))?;
@@ -456,9 +451,7 @@ fn validate_port(p: &PortRule) -> Result<(), String> {
         (Some(start), Some(end)) if end < start => Err(format!("endPort {end} is below port {start}")),
         (Some(_), Some(_)) if p.protocol.is_icmp() => Err("ICMP rules take a single type, not a range".into()),
         (Some(port), _) if p.protocol.is_icmp() && port > 255 => Err(format!("ICMP type {port} is above 255")),
-        (Some(_), _) if !p.protocol.has_ports() && !p.protocol.is_icmp() => {
-            Err(format!("protocol {} has no ports", p.protocol))
-        }
+        (Some(_), _) if !p.protocol.has_ports() && !p.protocol.is_icmp() => Err(format!("protocol {} has no ports", p.protocol)),
         _ => Ok(()),
     }
 }
@@ -571,9 +564,10 @@ spec:
         // A document-level mistake names the document and where it starts.
         let valid = text.replace("endPort: 9000", "endPort: 9020");
         MeshPolicy::all_from_yaml(&valid).unwrap();
-        let e = MeshPolicy::all_from_yaml(&valid.replace("kind: MeshPolicy\nmetadata: {name: b", "kind: NetworkPolicy\nmetadata: {name: b"))
-            .unwrap_err()
-            .to_string();
+        let e =
+            MeshPolicy::all_from_yaml(&valid.replace("kind: MeshPolicy\nmetadata: {name: b", "kind: NetworkPolicy\nmetadata: {name: b"))
+                .unwrap_err()
+                .to_string();
         assert!(e.starts_with("document 2 (from line 5): kind must be"), "{e}");
         // A typo'd field: the parser's path, line and column.
         let e = MeshPolicy::all_from_yaml(&text.replace("endPort", "endport")).unwrap_err().to_string();

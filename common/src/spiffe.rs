@@ -37,9 +37,7 @@ pub enum SpiffeIdError {
     EmptySegment,
     #[error("path has a '.' or '..' segment")]
     DotSegment,
-    #[error(
-        "path has invalid character {ch:?}: only letters, digits, '.', '-' and '_' are allowed (no query or fragment)"
-    )]
+    #[error("path has invalid character {ch:?}: only letters, digits, '.', '-' and '_' are allowed (no query or fragment)")]
     BadPathChar { ch: char },
 }
 
@@ -108,10 +106,7 @@ fn validate_trust_domain(td: &str) -> Result<(), SpiffeIdError> {
     if td.len() > MAX_TRUST_DOMAIN_LEN {
         return Err(SpiffeIdError::TrustDomainTooLong);
     }
-    match td
-        .chars()
-        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_'))
-    {
+    match td.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_')) {
         Some(ch) => Err(SpiffeIdError::BadTrustDomainChar { ch }),
         None => Ok(()),
     }
@@ -133,10 +128,7 @@ pub fn validate_segment(segment: &str) -> Result<(), SpiffeIdError> {
     if segment == "." || segment == ".." {
         return Err(SpiffeIdError::DotSegment);
     }
-    match segment
-        .chars()
-        .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
-    {
+    match segment.chars().find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_')) {
         Some(ch) => Err(SpiffeIdError::BadPathChar { ch }),
         None => Ok(()),
     }
@@ -148,9 +140,7 @@ impl SpiffeId {
     /// Builds an ID from a trust domain and a path that starts with `/` (or is empty).
     pub fn new(td: &TrustDomain, path: &str) -> Result<Self, SpiffeIdError> {
         if !path.is_empty() && !path.starts_with('/') {
-            return Err(SpiffeIdError::BadPathChar {
-                ch: path.chars().next().unwrap_or('/'),
-            });
+            return Err(SpiffeIdError::BadPathChar { ch: path.chars().next().unwrap_or('/') });
         }
         Self::parse(&format!("{SCHEME_PREFIX}{}{path}", td.as_str()))
     }
@@ -169,10 +159,7 @@ impl SpiffeId {
         };
         validate_trust_domain(td)?;
         validate_path(path)?;
-        Ok(Self {
-            uri: s.to_owned(),
-            path_start: SCHEME_PREFIX.len() + td.len(),
-        })
+        Ok(Self { uri: s.to_owned(), path_start: SCHEME_PREFIX.len() + td.len() })
     }
 
     pub fn as_str(&self) -> &str {

@@ -122,9 +122,8 @@ impl X509Bundle {
             if !can_sign(&cert) {
                 return Err(SvidError::BadAuthority { index, reason: "not a CA with keyCertSign".into() });
             }
-            let anchor = webpki::anchor_from_trusted_cert(der)
-                .map_err(|e| SvidError::BadAuthority { index, reason: e.to_string() })?
-                .to_owned();
+            let anchor =
+                webpki::anchor_from_trusted_cert(der).map_err(|e| SvidError::BadAuthority { index, reason: e.to_string() })?.to_owned();
             anchors.push(anchor);
         }
         Ok(Self { trust_domain, authorities, anchors })
@@ -174,10 +173,7 @@ impl X509Bundle {
 
 impl fmt::Debug for X509Bundle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("X509Bundle")
-            .field("trust_domain", &self.trust_domain)
-            .field("authorities", &self.authorities.len())
-            .finish()
+        f.debug_struct("X509Bundle").field("trust_domain", &self.trust_domain).field("authorities", &self.authorities.len()).finish()
     }
 }
 
@@ -224,10 +220,8 @@ pub fn check_leaf(der: &[u8]) -> Result<LeafInfo, SvidError> {
 
 /// The SPIFFE ID of a certificate: its one URI SAN.
 pub fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| SvidError::Parse { index: 0, reason: e.to_string() })?
-        .ok_or(SvidError::NoUriSan)?;
+    let san =
+        cert.subject_alternative_name().map_err(|e| SvidError::Parse { index: 0, reason: e.to_string() })?.ok_or(SvidError::NoUriSan)?;
     let uris: Vec<&str> = san
         .value
         .general_names
@@ -264,12 +258,7 @@ impl BundleCell {
 
 impl SpiffeVerifier {
     pub fn new(bundle: BundleCell, accept: PeerFilter) -> Self {
-        Self {
-            bundle,
-            accept,
-            client_auth_mandatory: true,
-            provider: provider(),
-        }
+        Self { bundle, accept, client_auth_mandatory: true, provider: provider() }
     }
 
     /// Accepts any SVID of the bundle's trust domain.
@@ -323,11 +312,21 @@ impl ServerCertVerifier for SpiffeVerifier {
         self.check(end_entity, intermediates, now).map(|()| ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
@@ -341,7 +340,12 @@ impl ClientCertVerifier for SpiffeVerifier {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         self.check(end_entity, intermediates, now).map(|()| ClientCertVerified::assertion())
     }
 
@@ -349,11 +353,21 @@ impl ClientCertVerifier for SpiffeVerifier {
         self.client_auth_mandatory
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 

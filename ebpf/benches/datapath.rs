@@ -73,8 +73,7 @@ fn frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16) -> Vec<u8> {
 fn measure(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> f64 {
     let fd = prog.fd().unwrap();
     let _ = test_run(fd.as_fd(), pkt, repeat.min(1000)).unwrap(); // warm up
-    let mut v: Vec<f64> =
-        (0..ROUNDS).map(|_| test_run(fd.as_fd(), pkt, repeat).unwrap().duration_ns as f64).collect();
+    let mut v: Vec<f64> = (0..ROUNDS).map(|_| test_run(fd.as_fd(), pkt, repeat).unwrap().duration_ns as f64).collect();
     v.sort_by(|a, b| a.total_cmp(b));
     eprintln!("    rounds: {v:?}");
     v[v.len() / 2]
@@ -156,7 +155,14 @@ fn run_scale(s: &Scale) -> Figures {
         key.remote_addr[..4].copy_from_slice(&ip((j.wrapping_mul(31) + 7) % s.identities).octets());
         key.local_port = (10_000 + (j / s.identities) as u16).to_be();
         key.remote_port = 443u16.to_be();
-        let entry = CtEntry { expires, policy_revision: revision, peer_identity: FIRST_ID, peer_node: 1, policy_port: 443u16.to_be(), flags: abi::MG_CT_F_EGRESS | abi::MG_CT_F_REPLY_SEEN };
+        let entry = CtEntry {
+            expires,
+            policy_revision: revision,
+            peer_identity: FIRST_ID,
+            peer_node: 1,
+            policy_port: 443u16.to_be(),
+            flags: abi::MG_CT_F_EGRESS | abi::MG_CT_F_REPLY_SEEN,
+        };
         dp.insert_conntrack(&key, &entry).unwrap();
     }
     let tracked = dp.conntrack().unwrap().len();
@@ -233,7 +239,10 @@ fn main() {
     // SAFETY: geteuid has no preconditions.
     #[allow(unsafe_code)]
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "the datapath benchmark loads eBPF programs: run it as root (sudo -E cargo bench -p meshguard-ebpf --bench datapath)");
+    assert_eq!(
+        euid, 0,
+        "the datapath benchmark loads eBPF programs: run it as root (sudo -E cargo bench -p meshguard-ebpf --bench datapath)"
+    );
     // `cargo bench` passes --bench; a `cargo test` of benches passes nothing
     // we need to honour: run anyway, it is quick enough at the small scale.
     let scales: usize = std::env::var("MESHGUARD_BENCH_SCALES").ok().and_then(|v| v.parse().ok()).unwrap_or(2);

@@ -500,13 +500,7 @@ impl IpcacheKey {
 
 impl PolicyKey {
     pub fn data(&self) -> PolicyKeyData {
-        PolicyKeyData {
-            subject: self.subject,
-            peer: self.peer,
-            direction: self.direction,
-            protocol: self.protocol,
-            port: self.port,
-        }
+        PolicyKeyData { subject: self.subject, peer: self.peer, direction: self.direction, protocol: self.protocol, port: self.port }
     }
 
     pub fn from_parts(prefixlen: u32, d: PolicyKeyData) -> Self {

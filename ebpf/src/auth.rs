@@ -70,4 +70,3 @@ impl AuthTable {
 fn auth_key(p: AuthPair) -> AuthKey {
     AuthKey { local_identity: p.local_identity, remote_identity: p.remote_identity, remote_node: p.remote_node, pad: 0 }
 }
-

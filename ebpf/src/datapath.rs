@@ -10,16 +10,16 @@ use std::time::{Duration, SystemTime};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::programs::ProgramError;
 use aya::programs::links::{FdLink, LinkOrder};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
-use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use tracing::{debug, info};
 
 use crate::abi::{
-    self, Clock, Code, Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragValue, IpcacheKeyData,
-    IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue, SubjectKey, SubjectValue,
+    self, Clock, Code, Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragValue, IpcacheKeyData, IpcacheValue, PolicyKey,
+    PolicyKeyData, PolicyValue, SubjectKey, SubjectValue,
 };
 use crate::auth::{AuthPair, AuthTable};
 use crate::events::{EventError, EventReader};
@@ -225,20 +225,11 @@ pub struct Datapath {
     applied: CompiledPolicy,
 }
 
-
 // === impl defaults ===
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self {
-            endpoints: 65536,
-            ipcache: 65536,
-            policy: 65536,
-            subjects: 16384,
-            auth: 16384,
-            conntrack: 65536,
-            fragments: 4096,
-        }
+        Self { endpoints: 65536, ipcache: 65536, policy: 65536, subjects: 16384, auth: 16384, conntrack: 65536, fragments: 4096 }
     }
 }
 
@@ -341,9 +332,7 @@ impl Datapath {
             ipcache: LpmTrie::try_from(take(&mut ebpf, abi::MAP_IPCACHE)?).map_err(map_err(abi::MAP_IPCACHE))?,
             policy: LpmTrie::try_from(take(&mut ebpf, abi::MAP_POLICY)?).map_err(map_err(abi::MAP_POLICY))?,
             subjects: HashMap::try_from(take(&mut ebpf, abi::MAP_SUBJECTS)?).map_err(map_err(abi::MAP_SUBJECTS))?,
-            auth: AuthTable {
-                map: HashMap::try_from(take(&mut ebpf, abi::MAP_AUTH)?).map_err(map_err(abi::MAP_AUTH))?,
-            },
+            auth: AuthTable { map: HashMap::try_from(take(&mut ebpf, abi::MAP_AUTH)?).map_err(map_err(abi::MAP_AUTH))? },
             ct: HashMap::try_from(take(&mut ebpf, abi::MAP_CT)?).map_err(map_err(abi::MAP_CT))?,
             frag: HashMap::try_from(take(&mut ebpf, abi::MAP_FRAG)?).map_err(map_err(abi::MAP_FRAG))?,
             counters: PerCpuArray::try_from(take(&mut ebpf, abi::MAP_COUNTERS)?).map_err(map_err(abi::MAP_COUNTERS))?,
@@ -521,12 +510,12 @@ impl Datapath {
 
     fn resolve(iface: &Interface) -> Result<(u32, String), DatapathError> {
         match iface {
-            Interface::Name(name) => sys::ifindex(name)
-                .map(|i| (i, name.clone()))
-                .map_err(|source| DatapathError::Interface { name: name.clone(), source }),
-            Interface::Index(i) => sys::ifname(*i)
-                .map(|n| (*i, n))
-                .map_err(|source| DatapathError::Interface { name: format!("#{i}"), source }),
+            Interface::Name(name) => {
+                sys::ifindex(name).map(|i| (i, name.clone())).map_err(|source| DatapathError::Interface { name: name.clone(), source })
+            }
+            Interface::Index(i) => {
+                sys::ifname(*i).map(|n| (*i, n)).map_err(|source| DatapathError::Interface { name: format!("#{i}"), source })
+            }
         }
     }
 
@@ -586,8 +575,7 @@ impl Datapath {
     /// Removes conntrack entries whose local address is one of `addrs`.
     pub fn flush_conntrack_for(&mut self, addrs: &[IpAddr]) -> Result<usize, DatapathError> {
         let keys: Vec<[u8; 16]> = addrs.iter().map(|a| addr_bytes(*a).1).collect();
-        let doomed: Vec<CtKey> =
-            self.ct.keys().filter_map(Result::ok).filter(|k| keys.contains(&k.local_addr)).collect();
+        let doomed: Vec<CtKey> = self.ct.keys().filter_map(Result::ok).filter(|k| keys.contains(&k.local_addr)).collect();
         for k in &doomed {
             let _ = self.ct.remove(k);
         }
@@ -679,11 +667,8 @@ fn program(ebpf: &mut Ebpf, pin: &PinLayout, name: &'static str) -> Result<Sched
     let path = pin.prog(name);
     let perr = |source| DatapathError::Program { name: name.to_owned(), source };
     if !path.exists() {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::BugMissing { what: "program", name: name.to_owned() })?
-            .try_into()
-            .map_err(perr)?;
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(name).ok_or(DatapathError::BugMissing { what: "program", name: name.to_owned() })?.try_into().map_err(perr)?;
         prog.load().map_err(perr)?;
         prog.pin(&path).map_err(|source| DatapathError::PinObject { path: path.display().to_string(), source })?;
     }
@@ -705,10 +690,7 @@ pub fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
 fn ipcache_key(prefix: IpNet) -> LpmKey<IpcacheKeyData> {
     let prefix = prefix.trunc();
     let (family, addr) = addr_bytes(prefix.addr());
-    LpmKey::new(
-        abi::MG_IPCACHE_PREFIX_BASE + u32::from(prefix.prefix_len()),
-        IpcacheKeyData { family, pad: [0; 3], addr },
-    )
+    LpmKey::new(abi::MG_IPCACHE_PREFIX_BASE + u32::from(prefix.prefix_len()), IpcacheKeyData { family, pad: [0; 3], addr })
 }
 
 fn policy_key(k: &PolicyKey) -> LpmKey<PolicyKeyData> {
@@ -869,8 +851,7 @@ impl DatapathApi for Datapath {
             }
         }
         let horizon = now.saturating_sub(to_jiffies(self.fragment_timeout, self.hz));
-        let old: Vec<FragKey> =
-            self.frag.iter().filter_map(Result::ok).filter(|(_, v)| v.created < horizon).map(|(k, _)| k).collect();
+        let old: Vec<FragKey> = self.frag.iter().filter_map(Result::ok).filter(|(_, v)| v.created < horizon).map(|(k, _)| k).collect();
         for k in &old {
             if self.frag.remove(k).is_ok() {
                 stats.fragments_removed += 1;
@@ -884,10 +865,7 @@ impl DatapathApi for Datapath {
         let mut out = Counters::new();
         for slot in 0..abi::MG_COUNTER_SLOTS {
             let per_cpu = self.counters.get(&slot, 0).map_err(map_err(abi::MAP_COUNTERS))?;
-            let sum = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            });
+            let sum = per_cpu.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes });
             if sum.packets == 0 {
                 continue;
             }

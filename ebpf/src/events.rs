@@ -17,8 +17,8 @@ use tokio::io::unix::AsyncFd;
 
 use crate::abi::{self, DropReason, ForwardReason, RawEvent};
 use crate::pin::PinLayout;
-use crate::ringbuf::Ring;
 use crate::policy::Direction;
+use crate::ringbuf::Ring;
 use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,10 @@ pub enum EventKind {
     /// A new flow was admitted (once per conntrack entry), and why.
     Flow(ForwardReason),
     /// A type or reason this build does not know.
-    Unknown { r#type: u16, reason: u16 },
+    Unknown {
+        r#type: u16,
+        reason: u16,
+    },
 }
 
 /// One event, decoded.

@@ -31,7 +31,6 @@ pub mod testing;
 
 pub use auth::{AuthPair, AuthTable};
 pub use datapath::{
-    Counters, CtTimeouts, Datapath, DatapathApi, DatapathConfig, DatapathError, GcStats,
-    IpcacheEntry, Interface, MapSizes, PodEndpoint,
+    Counters, CtTimeouts, Datapath, DatapathApi, DatapathConfig, DatapathError, GcStats, Interface, IpcacheEntry, MapSizes, PodEndpoint,
 };
 pub use pin::PinLayout;

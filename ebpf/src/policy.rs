@@ -56,7 +56,10 @@ pub enum Action {
 pub enum Ports {
     Any,
     /// Inclusive; a single port is `Range { first: p, last: p }`.
-    Range { first: u16, last: u16 },
+    Range {
+        first: u16,
+        last: u16,
+    },
     IcmpType(u8),
     IcmpTypeCode(u8, u8),
 }
@@ -254,10 +257,8 @@ mod tests {
     }
 
     fn covered(blocks: &[(u16, u32)]) -> Vec<u16> {
-        let mut ports: Vec<u16> = blocks
-            .iter()
-            .flat_map(|&(p, bits)| (u32::from(p)..u32::from(p) + (1u32 << (16 - bits))).map(|x| x as u16))
-            .collect();
+        let mut ports: Vec<u16> =
+            blocks.iter().flat_map(|&(p, bits)| (u32::from(p)..u32::from(p) + (1u32 << (16 - bits))).map(|x| x as u16)).collect();
         ports.sort_unstable();
         ports
     }
@@ -284,7 +285,8 @@ mod tests {
             default_deny: [(300, Direction::Ingress)].into(),
         };
         let c = set.compile().unwrap();
-        let get = |len, port: u16| c.trie[&PolicyKey { prefixlen: len, subject: 300, peer: 400, direction: 0, protocol: 6, port: port.to_be() }];
+        let get =
+            |len, port: u16| c.trie[&PolicyKey { prefixlen: len, subject: 300, peer: 400, direction: 0, protocol: 6, port: port.to_be() }];
         // The allow for 8080 sits inside the denied 8000-8191 block.
         assert_eq!(get(96, 8080).action, abi::MG_ACTION_DENY);
         assert_eq!(get(96, 8080).cookie, 2);
@@ -305,7 +307,14 @@ mod tests {
         let c = set.compile().unwrap();
         assert_eq!(c.subjects[&SubjectKey { identity: 300, direction: 0 }], abi::MG_SUBJ_F_ANY_PEER);
         assert_eq!(c.any_subject, [abi::MG_SUBJ_F_ANY_PEER, abi::MG_SUBJ_F_DEFAULT_DENY]);
-        assert!(c.trie.contains_key(&PolicyKey { prefixlen: 88, subject: 300, peer: ANY, direction: 0, protocol: 1, port: (8u16 << 8).to_be() }));
+        assert!(c.trie.contains_key(&PolicyKey {
+            prefixlen: 88,
+            subject: 300,
+            peer: ANY,
+            direction: 0,
+            protocol: 1,
+            port: (8u16 << 8).to_be()
+        }));
     }
 
     #[test]
@@ -321,7 +330,8 @@ mod tests {
 
     #[test]
     fn rejects_inconsistent_entries() {
-        let e = |protocol, ports| PolicySet { entries: vec![entry(400, protocol, ports, Action::Allow, 7)], ..Default::default() }.compile();
+        let e =
+            |protocol, ports| PolicySet { entries: vec![entry(400, protocol, ports, Action::Allow, 7)], ..Default::default() }.compile();
         assert_eq!(e(None, Ports::Range { first: 1, last: 2 }).unwrap_err(), PolicyError::PortsWithoutProtocol { cookie: 7 });
         assert_eq!(e(Some(6), Ports::Range { first: 9, last: 2 }).unwrap_err(), PolicyError::EmptyRange { cookie: 7, first: 9, last: 2 });
         assert_eq!(e(Some(6), Ports::IcmpType(8)).unwrap_err(), PolicyError::IcmpTypeOnNonIcmp { cookie: 7, protocol: 6 });

@@ -63,9 +63,7 @@ impl Ring {
     pub fn next(&mut self) -> Option<Vec<u8>> {
         // SAFETY: both positions are the first 8 bytes of their page, which
         // stay mapped while self lives; the kernel updates them atomically.
-        let (cons_pos, prod_pos) = unsafe {
-            (self.consumer.cast::<AtomicU64>().as_ref(), self.producer.cast::<AtomicU64>().as_ref())
-        };
+        let (cons_pos, prod_pos) = unsafe { (self.consumer.cast::<AtomicU64>().as_ref(), self.producer.cast::<AtomicU64>().as_ref()) };
         let mut cons = cons_pos.load(Ordering::Acquire);
         loop {
             let prod = prod_pos.load(Ordering::Acquire);

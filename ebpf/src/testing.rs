@@ -102,18 +102,12 @@ impl FakeDatapath {
     }
 
     fn resolve(&self, iface: &Interface) -> Result<(u32, String), DatapathError> {
-        let missing = |name: String| DatapathError::Interface {
-            name,
-            source: std::io::Error::from_raw_os_error(libc::ENODEV),
-        };
+        let missing = |name: String| DatapathError::Interface { name, source: std::io::Error::from_raw_os_error(libc::ENODEV) };
         match iface {
             Interface::Name(n) => self.interfaces.get(n).map(|i| (*i, n.clone())).ok_or_else(|| missing(n.clone())),
-            Interface::Index(i) => self
-                .interfaces
-                .iter()
-                .find(|(_, x)| *x == i)
-                .map(|(n, _)| (*i, n.clone()))
-                .ok_or_else(|| missing(format!("#{i}"))),
+            Interface::Index(i) => {
+                self.interfaces.iter().find(|(_, x)| *x == i).map(|(n, _)| (*i, n.clone())).ok_or_else(|| missing(format!("#{i}")))
+            }
         }
     }
 }

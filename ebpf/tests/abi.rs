@@ -37,7 +37,28 @@ fn structs_match_the_c_headers() {
         layout!("mg_ct_entry", CtEntry { expires, policy_revision, peer_identity, peer_node, policy_port, flags }),
         layout!("mg_frag_key", FragKey { saddr, daddr, id, protocol, family, pad }),
         layout!("mg_frag_value", FragValue { created, sport, dport, policy_port, protocol, pad }),
-        layout!("mg_event", RawEvent { timestamp_ns, r#type, reason, direction, family, protocol, pad, ifindex, subject_identity, peer_identity, peer_node, cookie, saddr, daddr, sport, dport, pad2 }),
+        layout!(
+            "mg_event",
+            RawEvent {
+                timestamp_ns,
+                r#type,
+                reason,
+                direction,
+                family,
+                protocol,
+                pad,
+                ifindex,
+                subject_identity,
+                peer_identity,
+                peer_node,
+                cookie,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                pad2
+            }
+        ),
         layout!("mg_counter", Counter { packets, bytes }),
         layout!("mg_clock", Clock { jiffies }),
     ];
@@ -50,12 +71,7 @@ fn structs_match_the_c_headers() {
 }
 
 fn c_enum(btf: &Btf, name: &str) -> BTreeMap<String, i64> {
-    btf.enums
-        .get(name)
-        .unwrap_or_else(|| panic!("enum {name} is not in abi.o's BTF"))
-        .iter()
-        .cloned()
-        .collect()
+    btf.enums.get(name).unwrap_or_else(|| panic!("enum {name} is not in abi.o's BTF")).iter().cloned().collect()
 }
 
 #[test]
@@ -79,34 +95,75 @@ fn constants_match_the_c_enums() {
     let btf = btf();
     let checks: Vec<(&str, Vec<(&str, i64)>)> = vec![
         ("mg_family", vec![("MG_FAMILY_IPV4", MG_FAMILY_IPV4.into()), ("MG_FAMILY_IPV6", MG_FAMILY_IPV6.into())]),
-        ("mg_direction", vec![("MG_DIR_INGRESS", MG_DIR_INGRESS.into()), ("MG_DIR_EGRESS", MG_DIR_EGRESS.into()), ("MG_DIR_MAX", MG_DIR_MAX as i64)]),
-        ("mg_reserved_identity", vec![
-            ("MG_IDENTITY_ANY", MG_IDENTITY_ANY.into()), ("MG_IDENTITY_HOST", MG_IDENTITY_HOST.into()),
-            ("MG_IDENTITY_WORLD", MG_IDENTITY_WORLD.into()), ("MG_IDENTITY_MIN_WORKLOAD", MG_IDENTITY_MIN_WORKLOAD.into()),
-        ]),
-        ("mg_ct_timeout", vec![
-            ("MG_CT_TIMEOUT_TCP_SYN", MG_CT_TIMEOUT_TCP_SYN as i64), ("MG_CT_TIMEOUT_TCP_EST", MG_CT_TIMEOUT_TCP_EST as i64),
-            ("MG_CT_TIMEOUT_TCP_CLOSE", MG_CT_TIMEOUT_TCP_CLOSE as i64), ("MG_CT_TIMEOUT_UDP", MG_CT_TIMEOUT_UDP as i64),
-            ("MG_CT_TIMEOUT_SCTP", MG_CT_TIMEOUT_SCTP as i64), ("MG_CT_TIMEOUT_ICMP", MG_CT_TIMEOUT_ICMP as i64),
-            ("MG_CT_TIMEOUT_OTHER", MG_CT_TIMEOUT_OTHER as i64), ("MG_CT_TIMEOUT_MAX", MG_CT_TIMEOUT_MAX as i64),
-        ]),
+        (
+            "mg_direction",
+            vec![("MG_DIR_INGRESS", MG_DIR_INGRESS.into()), ("MG_DIR_EGRESS", MG_DIR_EGRESS.into()), ("MG_DIR_MAX", MG_DIR_MAX as i64)],
+        ),
+        (
+            "mg_reserved_identity",
+            vec![
+                ("MG_IDENTITY_ANY", MG_IDENTITY_ANY.into()),
+                ("MG_IDENTITY_HOST", MG_IDENTITY_HOST.into()),
+                ("MG_IDENTITY_WORLD", MG_IDENTITY_WORLD.into()),
+                ("MG_IDENTITY_MIN_WORKLOAD", MG_IDENTITY_MIN_WORKLOAD.into()),
+            ],
+        ),
+        (
+            "mg_ct_timeout",
+            vec![
+                ("MG_CT_TIMEOUT_TCP_SYN", MG_CT_TIMEOUT_TCP_SYN as i64),
+                ("MG_CT_TIMEOUT_TCP_EST", MG_CT_TIMEOUT_TCP_EST as i64),
+                ("MG_CT_TIMEOUT_TCP_CLOSE", MG_CT_TIMEOUT_TCP_CLOSE as i64),
+                ("MG_CT_TIMEOUT_UDP", MG_CT_TIMEOUT_UDP as i64),
+                ("MG_CT_TIMEOUT_SCTP", MG_CT_TIMEOUT_SCTP as i64),
+                ("MG_CT_TIMEOUT_ICMP", MG_CT_TIMEOUT_ICMP as i64),
+                ("MG_CT_TIMEOUT_OTHER", MG_CT_TIMEOUT_OTHER as i64),
+                ("MG_CT_TIMEOUT_MAX", MG_CT_TIMEOUT_MAX as i64),
+            ],
+        ),
         ("mg_config_flags", vec![("MG_CFG_F_READY", MG_CFG_F_READY.into())]),
-        ("mg_subject_flags", vec![
-            ("MG_SUBJ_F_DEFAULT_DENY", MG_SUBJ_F_DEFAULT_DENY.into()), ("MG_SUBJ_F_EXACT_PEERS", MG_SUBJ_F_EXACT_PEERS.into()),
-            ("MG_SUBJ_F_ANY_PEER", MG_SUBJ_F_ANY_PEER.into()),
-        ]),
-        ("mg_endpoint_flags", vec![
-            ("MG_EP_F_VALID", MG_EP_F_VALID.into()), ("MG_EP_F_HAS_IPV4", MG_EP_F_HAS_IPV4.into()), ("MG_EP_F_HAS_IPV6", MG_EP_F_HAS_IPV6.into()),
-        ]),
-        ("mg_ct_flags", vec![
-            ("MG_CT_F_EGRESS", MG_CT_F_EGRESS.into()), ("MG_CT_F_REPLY_SEEN", MG_CT_F_REPLY_SEEN.into()),
-            ("MG_CT_F_CLOSING", MG_CT_F_CLOSING.into()), ("MG_CT_F_AUTH", MG_CT_F_AUTH.into()),
-        ]),
-        ("mg_action", vec![
-            ("MG_ACTION_NONE", MG_ACTION_NONE.into()), ("MG_ACTION_ALLOW", MG_ACTION_ALLOW.into()),
-            ("MG_ACTION_AUTH", MG_ACTION_AUTH.into()), ("MG_ACTION_DENY", MG_ACTION_DENY.into()),
-        ]),
-        ("mg_event_type", vec![("MG_EVENT_DROP", MG_EVENT_DROP.into()), ("MG_EVENT_AUTH_REQUIRED", MG_EVENT_AUTH_REQUIRED.into()), ("MG_EVENT_FLOW", MG_EVENT_FLOW.into())]),
+        (
+            "mg_subject_flags",
+            vec![
+                ("MG_SUBJ_F_DEFAULT_DENY", MG_SUBJ_F_DEFAULT_DENY.into()),
+                ("MG_SUBJ_F_EXACT_PEERS", MG_SUBJ_F_EXACT_PEERS.into()),
+                ("MG_SUBJ_F_ANY_PEER", MG_SUBJ_F_ANY_PEER.into()),
+            ],
+        ),
+        (
+            "mg_endpoint_flags",
+            vec![
+                ("MG_EP_F_VALID", MG_EP_F_VALID.into()),
+                ("MG_EP_F_HAS_IPV4", MG_EP_F_HAS_IPV4.into()),
+                ("MG_EP_F_HAS_IPV6", MG_EP_F_HAS_IPV6.into()),
+            ],
+        ),
+        (
+            "mg_ct_flags",
+            vec![
+                ("MG_CT_F_EGRESS", MG_CT_F_EGRESS.into()),
+                ("MG_CT_F_REPLY_SEEN", MG_CT_F_REPLY_SEEN.into()),
+                ("MG_CT_F_CLOSING", MG_CT_F_CLOSING.into()),
+                ("MG_CT_F_AUTH", MG_CT_F_AUTH.into()),
+            ],
+        ),
+        (
+            "mg_action",
+            vec![
+                ("MG_ACTION_NONE", MG_ACTION_NONE.into()),
+                ("MG_ACTION_ALLOW", MG_ACTION_ALLOW.into()),
+                ("MG_ACTION_AUTH", MG_ACTION_AUTH.into()),
+                ("MG_ACTION_DENY", MG_ACTION_DENY.into()),
+            ],
+        ),
+        (
+            "mg_event_type",
+            vec![
+                ("MG_EVENT_DROP", MG_EVENT_DROP.into()),
+                ("MG_EVENT_AUTH_REQUIRED", MG_EVENT_AUTH_REQUIRED.into()),
+                ("MG_EVENT_FLOW", MG_EVENT_FLOW.into()),
+            ],
+        ),
     ];
     for (name, rust) in checks {
         let rust: BTreeMap<String, i64> = rust.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();

@@ -7,10 +7,10 @@ mod support;
 
 use std::process::Command;
 
+use aya::programs::tc::{SchedClassifier, TcAttachType};
 use meshguard_ebpf::abi::ForwardReason as F;
 use meshguard_ebpf::policy::{Action, Direction, PolicyEntry, PolicySet, Ports};
 use meshguard_ebpf::{Datapath, DatapathApi, Interface, PodEndpoint};
-use aya::programs::tc::{SchedClassifier, TcAttachType};
 use support::*;
 
 #[test]

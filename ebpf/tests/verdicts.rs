@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use meshguard_ebpf::abi::{DropReason as D, ForwardReason as F};
 use meshguard_ebpf::events::EventKind;
-use meshguard_ebpf::policy::{Action, Direction, PolicyEntry, PolicySet, Ports, ANY};
+use meshguard_ebpf::policy::{ANY, Action, Direction, PolicyEntry, PolicySet, Ports};
 use meshguard_ebpf::{AuthPair, DatapathApi, IpcacheEntry};
 use support::*;
 
@@ -42,7 +42,9 @@ fn unselected_pod_is_open_and_tracks_replies() {
 #[test]
 fn a_new_flow_is_reported_once_and_its_packets_never() {
     let mut h = Harness::new("flow-events").with_pod();
-    h.dp().replace_policy(&policy(vec![rule(Direction::Ingress, PEER_ID, Some(TCP), port(8080), Action::Allow)], &[Direction::Ingress])).unwrap();
+    h.dp()
+        .replace_policy(&policy(vec![rule(Direction::Ingress, PEER_ID, Some(TCP), port(8080), Action::Allow)], &[Direction::Ingress]))
+        .unwrap();
     let mut events = h.dp().events().unwrap();
     events.drain();
     assert_eq!(h.ingress(&to_pod_v4().tcp(4444, 8080, SYN)), fwd(F::PolicyAllow));
@@ -285,26 +287,91 @@ fn malformed_packets_are_dropped_and_counted() {
     edit("ipv4 ihl 4", &tcp4, &|b| b[ip4] = 0x44, D::InvalidIpv4);
     edit("ipv4 total length past the frame", &tcp4, &|b| b[ip4 + 2..ip4 + 4].copy_from_slice(&200u16.to_be_bytes()), D::InvalidIpv4);
     edit("ipv4 total length below ihl", &tcp4, &|b| b[ip4 + 2..ip4 + 4].copy_from_slice(&10u16.to_be_bytes()), D::InvalidIpv4);
-    edit("ipv4 options past the frame", &tcp4, &|b| { b[ip4] = 0x4f; b.truncate(ip4 + 40) }, D::InvalidIpv4);
-    edit("tcp cut", &tcp4, &|b| { b.truncate(l4_4 + 10); let n = (b.len() - ip4) as u16; b[ip4 + 2..ip4 + 4].copy_from_slice(&n.to_be_bytes()) }, D::TruncatedL4);
+    edit(
+        "ipv4 options past the frame",
+        &tcp4,
+        &|b| {
+            b[ip4] = 0x4f;
+            b.truncate(ip4 + 40)
+        },
+        D::InvalidIpv4,
+    );
+    edit(
+        "tcp cut",
+        &tcp4,
+        &|b| {
+            b.truncate(l4_4 + 10);
+            let n = (b.len() - ip4) as u16;
+            b[ip4 + 2..ip4 + 4].copy_from_slice(&n.to_be_bytes())
+        },
+        D::TruncatedL4,
+    );
     edit("tcp data offset 4", &tcp4, &|b| b[l4_4 + 12] = 4 << 4, D::InvalidL4);
     edit("tcp data offset past the packet", &tcp4, &|b| b[l4_4 + 12] = 15 << 4, D::TruncatedL4);
     edit("ipv6 header cut", &tcp6, &|b| b.truncate(ip6 + 30), D::TruncatedIpv6);
     edit("ipv6 version 4", &tcp6, &|b| b[ip6] = 0x40, D::InvalidIpv6);
     edit("ipv6 payload length past the frame", &tcp6, &|b| b[ip6 + 4..ip6 + 6].copy_from_slice(&300u16.to_be_bytes()), D::InvalidIpv6);
     edit("ipv6 jumbo payload length 0", &tcp6, &|b| b[ip6 + 4..ip6 + 6].copy_from_slice(&0u16.to_be_bytes()), D::InvalidIpv6);
-    edit("tcp6 cut", &tcp6, &|b| { b.truncate(l4_6 + 8); b[ip6 + 4..ip6 + 6].copy_from_slice(&8u16.to_be_bytes()) }, D::TruncatedL4);
+    edit(
+        "tcp6 cut",
+        &tcp6,
+        &|b| {
+            b.truncate(l4_6 + 8);
+            b[ip6 + 4..ip6 + 6].copy_from_slice(&8u16.to_be_bytes())
+        },
+        D::TruncatedL4,
+    );
     let udp4 = from_pod_v4().udp(1, 53).build();
     edit("udp length 7", &udp4, &|b| b[l4_4 + 4..l4_4 + 6].copy_from_slice(&7u16.to_be_bytes()), D::InvalidL4);
-    edit("udp cut", &udp4, &|b| { b.truncate(l4_4 + 4); b[ip4 + 2..ip4 + 4].copy_from_slice(&24u16.to_be_bytes()) }, D::TruncatedL4);
+    edit(
+        "udp cut",
+        &udp4,
+        &|b| {
+            b.truncate(l4_4 + 4);
+            b[ip4 + 2..ip4 + 4].copy_from_slice(&24u16.to_be_bytes())
+        },
+        D::TruncatedL4,
+    );
     let sctp4 = from_pod_v4().sctp(1, 9000).build();
-    edit("sctp cut", &sctp4, &|b| { b.truncate(l4_4 + 8); b[ip4 + 2..ip4 + 4].copy_from_slice(&28u16.to_be_bytes()) }, D::TruncatedL4);
+    edit(
+        "sctp cut",
+        &sctp4,
+        &|b| {
+            b.truncate(l4_4 + 8);
+            b[ip4 + 2..ip4 + 4].copy_from_slice(&28u16.to_be_bytes())
+        },
+        D::TruncatedL4,
+    );
     let icmp4 = from_pod_v4().icmp(8, 0, 1).build();
-    edit("icmp cut", &icmp4, &|b| { b.truncate(l4_4 + 4); b[ip4 + 2..ip4 + 4].copy_from_slice(&24u16.to_be_bytes()) }, D::TruncatedL4);
+    edit(
+        "icmp cut",
+        &icmp4,
+        &|b| {
+            b.truncate(l4_4 + 4);
+            b[ip4 + 2..ip4 + 4].copy_from_slice(&24u16.to_be_bytes())
+        },
+        D::TruncatedL4,
+    );
     let icmp6 = from_pod_v6().icmp(128, 0, 1).build();
-    edit("icmpv6 cut", &icmp6, &|b| { b.truncate(l4_6 + 4); b[ip6 + 4..ip6 + 6].copy_from_slice(&4u16.to_be_bytes()) }, D::TruncatedL4);
+    edit(
+        "icmpv6 cut",
+        &icmp6,
+        &|b| {
+            b.truncate(l4_6 + 4);
+            b[ip6 + 4..ip6 + 6].copy_from_slice(&4u16.to_be_bytes())
+        },
+        D::TruncatedL4,
+    );
     let ext6 = from_pod_v6().ext6(0).udp(1, 53).build();
-    edit("ipv6 extension header cut", &ext6, &|b| { b.truncate(l4_6 + 4); b[ip6 + 4..ip6 + 6].copy_from_slice(&4u16.to_be_bytes()) }, D::TruncatedExthdr);
+    edit(
+        "ipv6 extension header cut",
+        &ext6,
+        &|b| {
+            b.truncate(l4_6 + 4);
+            b[ip6 + 4..ip6 + 6].copy_from_slice(&4u16.to_be_bytes())
+        },
+        D::TruncatedExthdr,
+    );
     edit("ipv6 extension header longer than the packet", &ext6, &|b| b[l4_6 + 1] = 200, D::TruncatedExthdr);
     let mut many = from_pod_v6();
     for _ in 0..9 {
@@ -408,7 +475,11 @@ fn fragments_follow_their_first_fragment() {
         // A first fragment too short to hold the UDP header.
         assert_eq!(h.ingress(&to_pod.clone().proto(UDP, &[0; 4]).fragment(14, 0, true)), drop_(D::FragInvalid), "{label}");
         // ICMP echo split in fragments.
-        assert_eq!(h.ingress(&to_pod.clone().icmp(if label == "v4" { 8 } else { 128 }, 0, 5).payload(40).fragment(15, 0, true)), if label == "v4" { fwd(F::PolicyAllow) } else { drop_(D::PolicyDefault) }, "{label} echo");
+        assert_eq!(
+            h.ingress(&to_pod.clone().icmp(if label == "v4" { 8 } else { 128 }, 0, 5).payload(40).fragment(15, 0, true)),
+            if label == "v4" { fwd(F::PolicyAllow) } else { drop_(D::PolicyDefault) },
+            "{label} echo"
+        );
     }
     // Tiny offset (RFC 1858): IPv4 fragment at offset 8 bytes overlapping the TCP header.
     assert_eq!(h.ingress(&to_pod_v4().proto(TCP, &[0; 16]).fragment(20, 1, true)), drop_(D::FragInvalid));

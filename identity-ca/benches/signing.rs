@@ -34,7 +34,12 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let td = TrustDomain::new("cluster.local").expect("td");
     let store = Store::open(dir.path(), "bench.redb", td.as_str()).expect("store");
-    let lifetimes = Lifetimes { svid: Duration::from_secs(3600), node_svid: Duration::from_secs(3600), ca: Duration::from_secs(86400 * 365), jwt_svid: Duration::from_secs(300) };
+    let lifetimes = Lifetimes {
+        svid: Duration::from_secs(3600),
+        node_svid: Duration::from_secs(3600),
+        ca: Duration::from_secs(86400 * 365),
+        jwt_svid: Duration::from_secs(300),
+    };
     let ca = Arc::new(Ca::open(td.clone(), store.clone(), lifetimes).expect("ca"));
 
     // CSRs are made by nodes, not the CA: prepare them outside the clock (as DER).

@@ -95,13 +95,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 
 #[tonic::async_trait]
 impl AdminApi for AdminService {
-    async fn create_join_token(&self, req: Request<proto::CreateJoinTokenRequest>) -> Result<Response<proto::CreateJoinTokenResponse>, Status> {
+    async fn create_join_token(
+        &self,
+        req: Request<proto::CreateJoinTokenRequest>,
+    ) -> Result<Response<proto::CreateJoinTokenResponse>, Status> {
         let r = req.into_inner();
         validate_segment(&r.node_name).map_err(|e| Status::invalid_argument(format!("node name {:?}: {e}", r.node_name)))?;
         let ttl = if r.ttl_seconds <= 0 { self.state.config.join_token_ttl } else { Duration::from_secs(r.ttl_seconds as u64) };
         let st = self.state.clone();
         let node = r.node_name.clone();
-        let (token, expires_at) = blocking(move || st.tokens.create(&r.node_name, ttl).map_err(|e| Status::internal(e.to_string()))).await?;
+        let (token, expires_at) =
+            blocking(move || st.tokens.create(&r.node_name, ttl).map_err(|e| Status::internal(e.to_string()))).await?;
         tracing::info!(%node, expires_at, "created a join token");
         Ok(Response::new(proto::CreateJoinTokenResponse { token, expires_at }))
     }
@@ -129,14 +133,21 @@ impl AdminApi for AdminService {
         Ok(Response::new(proto::ListNodesResponse { nodes }))
     }
 
-    async fn list_identities(&self, _req: Request<proto::ListIdentitiesRequest>) -> Result<Response<proto::ListIdentitiesResponse>, Status> {
+    async fn list_identities(
+        &self,
+        _req: Request<proto::ListIdentitiesRequest>,
+    ) -> Result<Response<proto::ListIdentitiesResponse>, Status> {
         let td = self.state.ca.trust_domain().clone();
         let mut by_id: std::collections::BTreeMap<String, proto::IdentityInfo> = Default::default();
         let view = self.state.registry.view();
         for w in view.workloads.values() {
             let Ok(id) = w.spiffe_id(&td) else { continue };
             let number = view.identities.get(&id).copied().unwrap_or(0);
-            let e = by_id.entry(id.to_string()).or_insert_with(|| proto::IdentityInfo { spiffe_id: id.to_string(), number, ..Default::default() });
+            let e = by_id.entry(id.to_string()).or_insert_with(|| proto::IdentityInfo {
+                spiffe_id: id.to_string(),
+                number,
+                ..Default::default()
+            });
             if !e.nodes.contains(&w.node) {
                 e.nodes.push(w.node.clone());
             }
@@ -167,7 +178,10 @@ impl AdminApi for AdminService {
         Ok(Response::new(bundle_to_proto(&self.state.ca.bundle())))
     }
 
-    async fn list_authorities(&self, _req: Request<proto::ListAuthoritiesRequest>) -> Result<Response<proto::ListAuthoritiesResponse>, Status> {
+    async fn list_authorities(
+        &self,
+        _req: Request<proto::ListAuthoritiesRequest>,
+    ) -> Result<Response<proto::ListAuthoritiesResponse>, Status> {
         Ok(Response::new(proto::ListAuthoritiesResponse { authorities: self.state.ca.list().iter().map(|a| authority_info(a)).collect() }))
     }
 

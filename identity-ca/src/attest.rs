@@ -89,12 +89,7 @@ impl JoinTokens {
         rand::rngs::OsRng.fill_bytes(&mut raw);
         let token = B64URL.encode(raw);
         let now = now_unix();
-        let rec = TokenRecord {
-            node: node.to_owned(),
-            created_at: now,
-            expires_at: now + ttl.as_secs() as i64,
-            used_at: None,
-        };
+        let rec = TokenRecord { node: node.to_owned(), created_at: now, expires_at: now + ttl.as_secs() as i64, used_at: None };
         let tx = self.store.write()?;
         {
             let mut t = tx.open_table(JOIN_TOKENS).map_err(store::err("open table"))?;

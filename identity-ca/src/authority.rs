@@ -159,12 +159,7 @@ impl Ca {
             list.push(Arc::new(Authority::from_record(rec)?));
         }
         let sequence = store.meta_u64(BUNDLE_SEQUENCE_KEY)?;
-        let bundle = Arc::new(Bundle {
-            trust_domain: trust_domain.clone(),
-            x509_authorities: Vec::new(),
-            jwks: Vec::new(),
-            sequence,
-        });
+        let bundle = Arc::new(Bundle { trust_domain: trust_domain.clone(), x509_authorities: Vec::new(), jwks: Vec::new(), sequence });
         let (bundle_tx, _) = watch::channel(bundle);
         let ca = Self { trust_domain, store, lifetimes, authorities: RwLock::new(list), bundle_tx };
         if !ca.list().iter().any(|a| a.state == AuthorityState::Active) {
@@ -232,14 +227,7 @@ impl Ca {
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let cert = p.self_signed(&key).map_err(sign)?;
         let mut pkcs8 = key.serialize_der();
-        let rec = AuthorityRecord {
-            id,
-            state,
-            cert_der: B64.encode(cert.der()),
-            key_pkcs8: B64.encode(&pkcs8),
-            not_before,
-            not_after,
-        };
+        let rec = AuthorityRecord { id, state, cert_der: B64.encode(cert.der()), key_pkcs8: B64.encode(&pkcs8), not_before, not_after };
         pkcs8.zeroize();
         Authority::from_record(rec)
     }
@@ -365,7 +353,8 @@ impl Ca {
                     expires_at: s.expires_at,
                     authority_id: active.id.clone(),
                 };
-                t.insert(store::serial_key(s.expires_at, signed_at, &s.serial).as_slice(), store::encode(&rec).as_slice()).map_err(store::err("write"))?;
+                t.insert(store::serial_key(s.expires_at, signed_at, &s.serial).as_slice(), store::encode(&rec).as_slice())
+                    .map_err(store::err("write"))?;
             }
         }
         Store::commit(tx)?;
@@ -507,12 +496,7 @@ impl Authority {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         let cert = p.signed_by(key, &self.issuer).map_err(sign)?;
-        Ok(IssuedSvid {
-            spiffe_id: id.clone(),
-            chain: vec![cert.der().clone()],
-            serial,
-            expires_at,
-        })
+        Ok(IssuedSvid { spiffe_id: id.clone(), chain: vec![cert.der().clone()], serial, expires_at })
     }
 }
 
@@ -525,7 +509,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("td").unwrap();
         let store = Store::open(dir.path(), "db", "td").unwrap();
-        let lifetimes = Lifetimes { svid: Duration::from_secs(3600), node_svid: Duration::from_secs(3600), ca: Duration::from_secs(86400), jwt_svid: Duration::from_secs(60) };
+        let lifetimes = Lifetimes {
+            svid: Duration::from_secs(3600),
+            node_svid: Duration::from_secs(3600),
+            ca: Duration::from_secs(86400),
+            jwt_svid: Duration::from_secs(60),
+        };
         let ca = Ca::open(td.clone(), store, lifetimes).unwrap();
         let id = td.workload_id("shop", "web").unwrap();
         let key = || CsrKey::parse(&crate::csr::generate().unwrap().1).unwrap();

@@ -187,11 +187,7 @@ mod tests {
         assert_eq!(cfg.listen_addr, DEFAULT_LISTEN_ADDR.parse().unwrap());
         let bad = construct_config(ConfigFile { trust_domain: "Bad".into(), ..Default::default() });
         assert!(matches!(bad, Err(ConfigError::Invalid { key: "trustDomain", .. })));
-        let bad = construct_config(ConfigFile {
-            trust_domain: "td".into(),
-            svid_ttl: Some("1s".into()),
-            ..Default::default()
-        });
+        let bad = construct_config(ConfigFile { trust_domain: "td".into(), svid_ttl: Some("1s".into()), ..Default::default() });
         assert!(matches!(bad, Err(ConfigError::Invalid { key: "svidTtl", .. })));
         let yaml = "trustDomain: td\nbogus: 1\n";
         assert!(serde_yaml::from_str::<ConfigFile>(yaml).is_err());

@@ -88,7 +88,9 @@ enum TokenCmd {
 enum NodeCmd {
     List,
     /// Forget a node: its SVID stops working and its record leaves the registry.
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -147,7 +149,9 @@ enum WorkloadCmd {
         labels: Vec<String>,
     },
     /// NAMESPACE/NAME
-    Delete { key: String },
+    Delete {
+        key: String,
+    },
     List,
 }
 
@@ -159,7 +163,9 @@ enum PolicyCmd {
         file: PathBuf,
     },
     /// NAMESPACE/NAME
-    Delete { key: String },
+    Delete {
+        key: String,
+    },
     List,
 }
 
@@ -208,9 +214,9 @@ async fn main() -> Result<()> {
             .await;
         return Ok(());
     }
-    let mut c = admin::connect(&cli.admin_socket)
-        .await
-        .with_context(|| format!("cannot reach identity-ca's admin socket {} (is it running, and are you root?)", cli.admin_socket.display()))?;
+    let mut c = admin::connect(&cli.admin_socket).await.with_context(|| {
+        format!("cannot reach identity-ca's admin socket {} (is it running, and are you root?)", cli.admin_socket.display())
+    })?;
     let json = cli.json;
     let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cli.cmd {
@@ -252,7 +258,15 @@ async fn main() -> Result<()> {
                 println!("{:<20} {:>7} {:<22} {:<22} {:<22} POD CIDRS", "NODE", "NODE ID", "ATTESTED", "SVID EXPIRES", "ENDPOINT");
                 for n in r.nodes {
                     let (ep, cidrs) = n.record.map(|r| (r.endpoint, r.pod_cidrs.join(","))).unwrap_or_default();
-                    println!("{:<20} {:>7} {:<22} {:<22} {:<22} {}", n.name, n.node_id, time(n.attested_at), time(n.svid_expires_at), ep, cidrs);
+                    println!(
+                        "{:<20} {:>7} {:<22} {:<22} {:<22} {}",
+                        n.name,
+                        n.node_id,
+                        time(n.attested_at),
+                        time(n.svid_expires_at),
+                        ep,
+                        cidrs
+                    );
                 }
             }
         }

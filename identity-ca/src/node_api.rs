@@ -98,10 +98,7 @@ impl NodeService {
 
     async fn sign(&self, pairs: Vec<(SpiffeId, CsrKey)>, ttl: Duration, node: String) -> Result<Vec<IssuedSvid>, Status> {
         let ca = self.state.clone();
-        tokio::task::spawn_blocking(move || ca.ca.sign_x509(&pairs, ttl, &node))
-            .await
-            .map_err(internal)?
-            .map_err(internal)
+        tokio::task::spawn_blocking(move || ca.ca.sign_x509(&pairs, ttl, &node)).await.map_err(internal)?.map_err(internal)
     }
 }
 
@@ -162,7 +159,10 @@ impl NodeApi for NodeService {
         Ok(Response::new(proto::RenewNodeSvidResponse { svid: Some(svid_to_proto(&svid)) }))
     }
 
-    async fn sign_workload_svids(&self, req: Request<proto::SignWorkloadSvidsRequest>) -> Result<Response<proto::SignWorkloadSvidsResponse>, Status> {
+    async fn sign_workload_svids(
+        &self,
+        req: Request<proto::SignWorkloadSvidsRequest>,
+    ) -> Result<Response<proto::SignWorkloadSvidsResponse>, Status> {
         let node = self.caller(&req)?;
         let reqs = req.into_inner().requests;
         if reqs.is_empty() {
@@ -219,7 +219,12 @@ impl NodeApi for NodeService {
         let rec = req.into_inner().node.ok_or_else(|| Status::invalid_argument("node record is missing"))?;
         let rec = convert::node_from_proto(rec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if rec.name != node {
-            return Err(self.deny(&node, &rec.name, "other_node", format!("node {node} may publish only its own record, not {}", rec.name)));
+            return Err(self.deny(
+                &node,
+                &rec.name,
+                "other_node",
+                format!("node {node} may publish only its own record, not {}", rec.name),
+            ));
         }
         self.state.registry.put_node(rec).map_err(internal)?;
         Ok(Response::new(proto::PublishNodeResponse {}))

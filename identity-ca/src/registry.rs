@@ -271,7 +271,8 @@ impl Registry {
             return Ok(());
         }
         for n in &nodes {
-            meshguard_common::spiffe::validate_segment(n).map_err(|e| RegistryError::Invalid { what: "node name", reason: e.to_string() })?;
+            meshguard_common::spiffe::validate_segment(n)
+                .map_err(|e| RegistryError::Invalid { what: "node name", reason: e.to_string() })?;
         }
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         let delta = self.commit(&mut st, &[], &nodes, |_| Ok(()))?;

@@ -100,12 +100,8 @@ impl CaState {
     pub fn open(config: Config, shutdown: watch::Receiver<bool>) -> Result<Self, ServerError> {
         let td = config.trust_domain.clone();
         let store = Store::open(&config.state_dir, DB_FILE, td.as_str())?;
-        let lifetimes = Lifetimes {
-            svid: config.svid_ttl,
-            node_svid: config.node_svid_ttl,
-            ca: config.ca_ttl,
-            jwt_svid: config.jwt_svid_ttl,
-        };
+        let lifetimes =
+            Lifetimes { svid: config.svid_ttl, node_svid: config.node_svid_ttl, ca: config.ca_ttl, jwt_svid: config.jwt_svid_ttl };
         let ca = Ca::open(td.clone(), store.clone(), lifetimes)?;
         let registry = Registry::open(store.clone(), td)?;
         let tokens = JoinTokens::new(store.clone());
@@ -165,7 +161,8 @@ impl CaState {
     fn server_svid(&self) -> Result<(Vec<rustls::pki_types::CertificateDer<'static>>, Vec<u8>, i64), ServerError> {
         let (key, csr) = crate::csr::generate().map_err(|source| CaError::Sign { source })?;
         let csr = crate::csr::CsrKey::parse(&csr).map_err(|e| CaError::BadAuthority { id: "server".into(), reason: e.to_string() })?;
-        let id = SpiffeId::new(self.ca.trust_domain(), CA_SERVER_PATH).map_err(|e| CaError::BadAuthority { id: "server".into(), reason: e.to_string() })?;
+        let id = SpiffeId::new(self.ca.trust_domain(), CA_SERVER_PATH)
+            .map_err(|e| CaError::BadAuthority { id: "server".into(), reason: e.to_string() })?;
         let svid = self.ca.sign_x509(&[(id, csr)], self.config.svid_ttl, "identity-ca")?.remove(0);
         self.metrics.issued("server", 1);
         Ok((svid.chain, key.serialize_der(), svid.expires_at))

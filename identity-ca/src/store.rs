@@ -71,14 +71,7 @@ impl Store {
         DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         let path = dir.join(file);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io)?;
         // An existing file keeps whatever mode it had: force it.
         f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         let db = Database::builder().create_file(f).map_err(db_err("open"))?;
@@ -267,7 +260,11 @@ mod tests {
         let tx = store.read().unwrap();
         assert!(!tx.list_tables().unwrap().any(|t| t.name() == "serials"), "the old table is gone");
         let t = tx.open_table(SERIALS).unwrap();
-        let got: Vec<(Vec<u8>, Vec<u8>)> = t.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (serial_of_key(k.value()).to_vec(), v.value().to_vec())).collect();
-        assert_eq!(got, vec![(vec![3u8; 16], br#"{"expires_at":100}"#.to_vec()), (vec![7u8; 16], br#"{"expires_at":200,"other":"kept"}"#.to_vec())]);
+        let got: Vec<(Vec<u8>, Vec<u8>)> =
+            t.iter().unwrap().map(|e| e.unwrap()).map(|(k, v)| (serial_of_key(k.value()).to_vec(), v.value().to_vec())).collect();
+        assert_eq!(
+            got,
+            vec![(vec![3u8; 16], br#"{"expires_at":100}"#.to_vec()), (vec![7u8; 16], br#"{"expires_at":200,"other":"kept"}"#.to_vec())]
+        );
     }
 }

@@ -20,7 +20,14 @@ fn td() -> TrustDomain {
 }
 
 fn workload(name: &str, sa: &str, node: &str) -> Workload {
-    Workload { name: name.into(), namespace: "shop".into(), service_account: sa.into(), node: node.into(), ips: vec![], labels: Default::default() }
+    Workload {
+        name: name.into(),
+        namespace: "shop".into(),
+        service_account: sa.into(),
+        node: node.into(),
+        ips: vec![],
+        labels: Default::default(),
+    }
 }
 
 fn bundle_of(ca: &CaServer) -> X509Bundle {
@@ -150,7 +157,10 @@ async fn verifier_refuses_expired_foreign_and_misused_certificates() {
     // Wrong usage: a CA certificate presented as a leaf, and a leaf without digitalSignature.
     let (ca_cert, ca_key) = rcgen_ca();
     let misuse = X509Bundle::new(td(), vec![ca_cert.clone()]).unwrap();
-    assert!(matches!(misuse.verify(std::slice::from_ref(&ca_cert), UnixTime::now()), Err(SvidError::LeafIsCa | SvidError::EmptyPath { .. })));
+    assert!(matches!(
+        misuse.verify(std::slice::from_ref(&ca_cert), UnixTime::now()),
+        Err(SvidError::LeafIsCa | SvidError::EmptyPath { .. })
+    ));
     let no_ds = rcgen_leaf(&ca_cert, &ca_key, vec![rcgen::KeyUsagePurpose::KeyEncipherment]);
     assert_eq!(misuse.verify(&[no_ds], UnixTime::now()).unwrap_err(), SvidError::LeafMissingDigitalSignature);
     let signer = rcgen_leaf(&ca_cert, &ca_key, vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyCertSign]);
@@ -205,11 +215,8 @@ async fn attestation_and_authorization_refuse_what_they_must() {
     // node-1 gets web's SVID, not db's (hosted on node-2), nor a foreign or node identity.
     n1.sign(&["spiffe://cluster.local/ns/shop/sa/web"]).await.unwrap();
     let before = issued(&ca);
-    for id in [
-        "spiffe://cluster.local/ns/shop/sa/db",
-        "spiffe://other.org/ns/shop/sa/web",
-        "spiffe://cluster.local/meshguard/node/node-2",
-    ] {
+    for id in ["spiffe://cluster.local/ns/shop/sa/db", "spiffe://other.org/ns/shop/sa/web", "spiffe://cluster.local/meshguard/node/node-2"]
+    {
         assert_eq!(n1.sign(&[id]).await.unwrap_err().code(), tonic::Code::PermissionDenied, "{id}");
     }
     // A batch with one forbidden identity issues nothing.
@@ -220,7 +227,10 @@ async fn attestation_and_authorization_refuse_what_they_must() {
 
     // Publishing another node's record is refused.
     let rec = proto::Node { name: "node-2".into(), public_key: vec![1; 32], endpoint: "192.168.1.2:51820".into(), pod_cidrs: vec![] };
-    assert_eq!(n1.client.publish_node(proto::PublishNodeRequest { node: Some(rec) }).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        n1.client.publish_node(proto::PublishNodeRequest { node: Some(rec) }).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
     // A removed node's SVID stops working.
     ca.state.remove_node("node-1").unwrap();
     assert_eq!(n1.sign(&["spiffe://cluster.local/ns/shop/sa/web"]).await.unwrap_err().code(), tonic::Code::PermissionDenied);
@@ -237,7 +247,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let t = token(&ca, "node-1", Duration::from_secs(60));
     let e = n
         .client
-        .attest_node(proto::AttestNodeRequest { csr: b"junk".to_vec(), evidence: Some(proto::attest_node_request::Evidence::JoinToken(t.clone())) })
+        .attest_node(proto::AttestNodeRequest {
+            csr: b"junk".to_vec(),
+            evidence: Some(proto::attest_node_request::Evidence::JoinToken(t.clone())),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -263,7 +276,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_ne!(e.code(), tonic::Code::Ok);
     // Too many in one batch.
     let many: Vec<_> = (0..1001).map(|_| proto::WorkloadSvidRequest { spiffe_id: web.clone(), csr: vec![] }).collect();
-    assert_eq!(n.client.sign_workload_svids(proto::SignWorkloadSvidsRequest { requests: many }).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        n.client.sign_workload_svids(proto::SignWorkloadSvidsRequest { requests: many }).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
     assert_eq!(issued(&ca), before);
     // State intact: the next good request works.
     n.sign(&[&web]).await.unwrap();
@@ -359,7 +375,10 @@ async fn registry_watch_sees_changes_within_100ms() {
     tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.nodes.get("node-1") == Some(&rec))).await.unwrap().unwrap();
     let start = std::time::Instant::now();
     ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
-    tokio::time::timeout(Duration::from_millis(100), rx.wait_for(|v| v.workloads.contains_key("shop/web"))).await.expect("seen within 100 ms").unwrap();
+    tokio::time::timeout(Duration::from_millis(100), rx.wait_for(|v| v.workloads.contains_key("shop/web")))
+        .await
+        .expect("seen within 100 ms")
+        .unwrap();
     eprintln!("workload change seen after {:?}", start.elapsed());
     ca.state.registry.delete_workload("shop/web").unwrap();
     tokio::time::timeout(Duration::from_millis(100), rx.wait_for(|v| v.workloads.is_empty())).await.expect("seen within 100 ms").unwrap();
@@ -409,8 +428,14 @@ async fn registry_numbers_are_shared_stable_and_never_reused() {
     .unwrap();
     ca.state.registry.put_policy(policy).unwrap();
     let report = SpiffeId::parse("spiffe://cluster.local/ns/batch/sa/report").unwrap();
-    tokio::time::timeout(Duration::from_millis(100), rx1.wait_for(|v| v.identities.contains_key(&report))).await.expect("seen within 100 ms").unwrap();
-    tokio::time::timeout(Duration::from_millis(100), rx2.wait_for(|v| v.identities.contains_key(&report))).await.expect("seen within 100 ms").unwrap();
+    tokio::time::timeout(Duration::from_millis(100), rx1.wait_for(|v| v.identities.contains_key(&report)))
+        .await
+        .expect("seen within 100 ms")
+        .unwrap();
+    tokio::time::timeout(Duration::from_millis(100), rx2.wait_for(|v| v.identities.contains_key(&report)))
+        .await
+        .expect("seen within 100 ms")
+        .unwrap();
 
     // Removal frees nothing: the next identity gets a fresh number.
     ca.state.registry.delete_workload("shop/web").unwrap();

@@ -101,7 +101,9 @@ pub enum Cmd {
         cmd: PolicyCmd,
     },
     /// Follow every node's datapath events live: new flows, drops and auth signals, with identities.
-    #[command(after_help = "Examples:\n  meshctl observe\n  meshctl observe --pod shop/api --verdict dropped -o json\n  meshctl observe --identity spiffe://cluster.local/ns/shop/sa/web --protocol UDP")]
+    #[command(
+        after_help = "Examples:\n  meshctl observe\n  meshctl observe --pod shop/api --verdict dropped -o json\n  meshctl observe --identity spiffe://cluster.local/ns/shop/sa/web --protocol UDP"
+    )]
     Observe(ObserveArgs),
 }
 

@@ -39,8 +39,12 @@ fn allocations(c: &Cluster) -> Allocations {
 fn root_authentication_required_admits_only_pairs_with_a_live_auth_entry() {
     let c = cluster()
         .nodes(2)
-        .pod("shop/web").label("app", "web").on("node-1")
-        .pod("shop/api").label("app", "api").on("node-2")
+        .pod("shop/web")
+        .label("app", "web")
+        .on("node-1")
+        .pod("shop/api")
+        .label("app", "api")
+        .on("node-2")
         .policy(POLICY)
         .build()
         .unwrap();
@@ -96,11 +100,20 @@ spec:
 fn authenticated_cluster() -> Cluster {
     cluster()
         .nodes(2)
-        .pod("shop/web").label("app", "web").on("node-1")
-        .pod("shop/api").label("app", "api").on("node-2")
-        .pod("shop/near").service_account("web").label("app", "web").on("node-2")
+        .pod("shop/web")
+        .label("app", "web")
+        .on("node-1")
+        .pod("shop/api")
+        .label("app", "api")
+        .on("node-2")
+        .pod("shop/near")
+        .service_account("web")
+        .label("app", "web")
+        .on("node-2")
         // No policy selects db: the same path with authentication off.
-        .pod("shop/db").label("app", "db").on("node-2")
+        .pod("shop/db")
+        .label("app", "db")
+        .on("node-2")
         .build()
         .unwrap()
 }
@@ -124,9 +137,14 @@ fn numbers(id: &meshguard_meshctl::sim::identity::Identity<'_>, sa: &str, node: 
     let want = format!("spiffe://cluster.local/ns/shop/sa/{sa}");
     let field = |v: &serde_yaml::Value, k: &str| v.get(k).cloned().unwrap_or_default();
     let ids: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "identity", "list"]).unwrap()).unwrap();
-    let number = ids.iter().find(|i| field(i, "spiffeId").as_str() == Some(want.as_str())).and_then(|i| field(i, "number").as_u64()).expect("identity number");
+    let number = ids
+        .iter()
+        .find(|i| field(i, "spiffeId").as_str() == Some(want.as_str()))
+        .and_then(|i| field(i, "number").as_u64())
+        .expect("identity number");
     let nodes: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "node", "list"]).unwrap()).unwrap();
-    let node_id = nodes.iter().find(|n| field(n, "name").as_str() == Some(node)).and_then(|n| field(n, "nodeId").as_u64()).expect("node id");
+    let node_id =
+        nodes.iter().find(|n| field(n, "name").as_str() == Some(node)).and_then(|n| field(n, "nodeId").as_u64()).expect("node id");
     (number as u32, node_id as u32)
 }
 
@@ -151,12 +169,21 @@ fn root_auth_handshake_proves_policy_pairs_ahead_so_every_protocol_passes_first_
             && p.contains(&AuthPair { local_identity: api, remote_identity: web, remote_node: n2 })
     })
     .unwrap();
-    assert!(live_pairs(&c, "node-1").contains(&AuthPair { local_identity: web, remote_identity: api, remote_node: n2 }), "the responder wrote its side");
+    assert!(
+        live_pairs(&c, "node-1").contains(&AuthPair { local_identity: web, remote_identity: api, remote_node: n2 }),
+        "the responder wrote its side"
+    );
 
     let api_ip = c.pod("shop/api").ip.to_string();
     for from in ["shop/web", "shop/near"] {
         // First connect: no SYN retransmission (the initial RTO is 1 s).
-        let out = c.exec(from, meshguard_meshctl::sim::bins::bin_path("mg-probe").to_str().unwrap(), &["--timing", "tcp", &format!("{api_ip}:7000"), "first", "--timeout", "3"]).unwrap();
+        let out = c
+            .exec(
+                from,
+                meshguard_meshctl::sim::bins::bin_path("mg-probe").to_str().unwrap(),
+                &["--timing", "tcp", &format!("{api_ip}:7000"), "first", "--timeout", "3"],
+            )
+            .unwrap();
         assert!(out.status.success(), "{from} -> api TCP: {}", String::from_utf8_lossy(&out.stderr));
         let ttfb: f64 = String::from_utf8_lossy(&out.stderr)
             .split_whitespace()
@@ -176,7 +203,10 @@ fn root_auth_handshake_proves_policy_pairs_ahead_so_every_protocol_passes_first_
     let mut off = ttfbs(&c, "shop/web", &c.pod("shop/db").ip.to_string(), 30);
     let (r50, r99) = percentiles(&mut required);
     let (o50, o99) = percentiles(&mut off);
-    eprintln!("TCP connect+echo across nodes: auth required p50 {r50:.3} ms p99 {r99:.3} ms; auth off p50 {o50:.3} ms p99 {o99:.3} ms; ratio p50 {:.2}", r50 / o50);
+    eprintln!(
+        "TCP connect+echo across nodes: auth required p50 {r50:.3} ms p99 {r99:.3} ms; auth off p50 {o50:.3} ms p99 {o99:.3} ms; ratio p50 {:.2}",
+        r50 / o50
+    );
     assert!(r99 < 10.0, "auth-required connect p99 {r99} ms");
 }
 
@@ -186,7 +216,10 @@ fn ttfbs(c: &Cluster, from: &str, ip: &str, n: usize) -> Vec<f64> {
         .map(|_| {
             let out = c.exec(from, probe.to_str().unwrap(), &["--timing", "tcp", &format!("{ip}:7000"), "x", "--timeout", "3"]).unwrap();
             assert!(out.status.success(), "{from} -> {ip}");
-            String::from_utf8_lossy(&out.stderr).split_whitespace().find_map(|w| w.strip_prefix("ttfb_ms=").and_then(|v| v.parse().ok())).unwrap()
+            String::from_utf8_lossy(&out.stderr)
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("ttfb_ms=").and_then(|v| v.parse().ok()))
+                .unwrap()
         })
         .collect()
 }
@@ -205,11 +238,18 @@ fn root_a_removed_workload_loses_its_entries_on_both_nodes_within_a_second() {
     let (api, _) = numbers(&id, "api", "node-2");
     let (web, n1) = numbers(&id, "web", "node-1");
     let pair = AuthPair { local_identity: api, remote_identity: web, remote_node: n1 };
-    wait_until("the auth entries", Duration::from_secs(20), || live_pairs(&c, "node-2").contains(&pair) && live_pairs(&c, "node-1").iter().any(|p| p.local_identity == web)).unwrap();
+    wait_until("the auth entries", Duration::from_secs(20), || {
+        live_pairs(&c, "node-2").contains(&pair) && live_pairs(&c, "node-1").iter().any(|p| p.local_identity == web)
+    })
+    .unwrap();
     // A live flow: a ping every 50 ms.
     let api_ip = c.pod("shop/api").ip.to_string();
-    let (_, log) = c.background_in_pod("shop/web", std::path::Path::new("ping"), &["-D", "-i", "0.05", "-W", "1", &api_ip], "ping.log").unwrap();
-    wait_until("the ping flow", Duration::from_secs(5), || std::fs::read_to_string(&log).is_ok_and(|l| l.matches("bytes from").count() >= 5)).unwrap();
+    let (_, log) =
+        c.background_in_pod("shop/web", std::path::Path::new("ping"), &["-D", "-i", "0.05", "-W", "1", &api_ip], "ping.log").unwrap();
+    wait_until("the ping flow", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.matches("bytes from").count() >= 5)
+    })
+    .unwrap();
 
     let t = std::time::Instant::now();
     id.admin(&["workload", "delete", "shop/web"]).unwrap();

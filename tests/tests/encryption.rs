@@ -29,18 +29,21 @@ fn udp_ok(c: &Cluster, from: &str, to: &str, msg: &str) -> bool {
 }
 
 fn ping_ok(c: &Cluster, from: &str, to: &str) -> bool {
-    c.exec(from, "ping", &["-c", "2", "-W", "2", "-i", "0.2", &c.pod(to).ip.to_string()])
-        .is_ok_and(|o| o.status.success())
+    c.exec(from, "ping", &["-c", "2", "-W", "2", "-i", "0.2", &c.pod(to).ip.to_string()]).is_ok_and(|o| o.status.success())
 }
 
 #[test]
 fn root_three_nodes_pod_traffic_crosses_the_underlay_only_as_wireguard() {
     let c = cluster()
         .nodes(3)
-        .pod("shop/web").on("node-1")
-        .pod("shop/cache").on("node-1")
-        .pod("shop/api").on("node-2")
-        .pod("shop/db").on("node-3")
+        .pod("shop/web")
+        .on("node-1")
+        .pod("shop/cache")
+        .on("node-1")
+        .pod("shop/api")
+        .on("node-2")
+        .pod("shop/db")
+        .on("node-3")
         .build()
         .unwrap();
     c.start_agents().unwrap();
@@ -133,10 +136,8 @@ fn root_restart_keeps_the_node_key_and_a_rotated_key_is_picked_up_live() {
     assert!(out.status.success(), "rotate-key: {}", String::from_utf8_lossy(&out.stderr));
     let new_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert_ne!(new_key, key);
-    wait_until("node-2 to publish its new key", Duration::from_secs(10), || {
-        c.node_public_key("node-2").is_ok_and(|k| k == new_key)
-    })
-    .unwrap();
+    wait_until("node-2 to publish its new key", Duration::from_secs(10), || c.node_public_key("node-2").is_ok_and(|k| k == new_key))
+        .unwrap();
     wait_until("node-1 to replace its peer", Duration::from_secs(10), || {
         c.wg("node-1").is_ok_and(|d| d.peers.len() == 1 && d.peers[0].public_key_hex == hex_of(&new_key))
     })

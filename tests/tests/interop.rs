@@ -28,11 +28,7 @@ fn genkey(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);
     std::fs::write(&path, &key).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("wg pubkey < {}", path.display()))
-        .output()
-        .unwrap();
+    let out = std::process::Command::new("sh").arg("-c").arg(format!("wg pubkey < {}", path.display())).output().unwrap();
     assert!(out.status.success());
     (path, String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
@@ -53,8 +49,7 @@ fn setup() -> Pair {
     let n1 = c.node("node-1").netns.clone();
     let n2 = c.node("node-2").netns.clone();
     let ours_pid = c.spawn_in(&n1, &bin_path("wg-agent"), &["device", &ours], &[], "wg-agent.log").unwrap();
-    c.spawn_in(&n2, Path::new("wireguard-go"), &["-f", &theirs], &[("LOG_LEVEL", "error")], "wireguard-go.log")
-        .unwrap();
+    c.spawn_in(&n2, Path::new("wireguard-go"), &["-f", &theirs], &[("LOG_LEVEL", "error")], "wireguard-go.log").unwrap();
     for s in [sock(&ours), sock(&theirs)] {
         wait_until(&format!("{} to answer", s.display()), Duration::from_secs(10), || uapi::get(&s).is_ok()).unwrap();
     }
@@ -62,14 +57,42 @@ fn setup() -> Pair {
     let (k2, theirs_pub) = genkey(&c.dir, "theirs.key");
     let k1 = k1.to_str().unwrap().to_owned();
     let k2 = k2.to_str().unwrap().to_owned();
-    wg(&c, "node-1", &[
-        "set", &ours, "private-key", &k1, "listen-port", "51820", "peer", &theirs_pub, "allowed-ips", "10.9.0.2/32",
-        "endpoint", "192.168.100.2:51821",
-    ]);
-    wg(&c, "node-2", &[
-        "set", &theirs, "private-key", &k2, "listen-port", "51821", "peer", &ours_pub, "allowed-ips", "10.9.0.1/32",
-        "endpoint", "192.168.100.1:51820",
-    ]);
+    wg(
+        &c,
+        "node-1",
+        &[
+            "set",
+            &ours,
+            "private-key",
+            &k1,
+            "listen-port",
+            "51820",
+            "peer",
+            &theirs_pub,
+            "allowed-ips",
+            "10.9.0.2/32",
+            "endpoint",
+            "192.168.100.2:51821",
+        ],
+    );
+    wg(
+        &c,
+        "node-2",
+        &[
+            "set",
+            &theirs,
+            "private-key",
+            &k2,
+            "listen-port",
+            "51821",
+            "peer",
+            &ours_pub,
+            "allowed-ips",
+            "10.9.0.1/32",
+            "endpoint",
+            "192.168.100.1:51820",
+        ],
+    );
     for (node, ifname, addr) in [("node-1", &ours, "10.9.0.1/24"), ("node-2", &theirs, "10.9.0.2/24")] {
         let ns = &c.node(node).netns;
         ip_in(ns, &["addr", "add", addr, "dev", ifname]).unwrap();
@@ -179,9 +202,11 @@ fn root_interop_bad_input_changes_nothing() {
     // Garbage on the WireGuard port from the other node: dropped, no panic, session intact.
     let probe = bin_path("mg-probe");
     for len in ["1", "4", "32", "92", "148", "1400"] {
-        let out = in_ns_output(&c.node("node-2").netns, probe.to_str().unwrap(), &[
-            "spray", "192.168.100.1:51820", "--count", "200", "--len", len,
-        ])
+        let out = in_ns_output(
+            &c.node("node-2").netns,
+            probe.to_str().unwrap(),
+            &["spray", "192.168.100.1:51820", "--count", "200", "--len", len],
+        )
         .unwrap();
         assert!(out.status.success());
     }

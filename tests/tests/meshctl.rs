@@ -107,7 +107,11 @@ fn root_meshctl_demo_prints_a_matrix_that_matches_the_policy() {
     );
     // Removed unless --keep.
     assert!(!state.0.join("cluster.json").exists());
-    assert_eq!(std::fs::read_dir(&state.0).unwrap().filter_map(Result::ok).filter(|e| e.path().is_dir()).count(), 0, "nothing left in the state dir");
+    assert_eq!(
+        std::fs::read_dir(&state.0).unwrap().filter_map(Result::ok).filter(|e| e.path().is_dir()).count(),
+        0,
+        "nothing left in the state dir"
+    );
 }
 
 const SPEC: &str = "\
@@ -224,7 +228,11 @@ fn root_meshctl_cluster_lifecycle() {
     let got = state.ok(&["policy", "get", "shop/api-ingress", "-o", "yaml"]);
     assert!(got.contains("serviceAccount: web"), "{got}");
     let bad = state.0.join("bad.yaml");
-    std::fs::write(&bad, format!("{ONLY_WEB}---\n{}", ONLY_WEB.replace("api-ingress", "second").replace("port: 7000", "port: 7000, endPort: 10"))).unwrap();
+    std::fs::write(
+        &bad,
+        format!("{ONLY_WEB}---\n{}", ONLY_WEB.replace("api-ingress", "second").replace("port: 7000", "port: 7000, endPort: 10")),
+    )
+    .unwrap();
     state.fails(&["policy", "apply", "-f", bad.to_str().unwrap()], 2, "endPort 10 is below port 7000");
     let all = state.ok(&["policy", "get", "-o", "json"]);
     assert!(!all.contains("\"second\""), "the valid first document was not applied either: {all}");
@@ -273,11 +281,11 @@ fn root_meshctl_refuses_bad_input_and_changes_nothing() {
     }
     state.fails(&["up", "--spec", "/nonexistent/spec.yaml"], 2, "cannot read");
     let entries: Vec<_> = std::fs::read_dir(&state.0).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
-    assert!(
-        entries.iter().all(|e| e == "spec.yaml" || e == "lock"),
-        "a refused spec builds nothing: {entries:?}"
+    assert!(entries.iter().all(|e| e == "spec.yaml" || e == "lock"), "a refused spec builds nothing: {entries:?}");
+    let f = write(
+        "p.yaml",
+        "apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: x}\nspec: {ingress: [{ports: [{protocol: TCPX}]}]}\n",
     );
-    let f = write("p.yaml", "apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: x}\nspec: {ingress: [{ports: [{protocol: TCPX}]}]}\n");
     state.fails(&["policy", "apply", "-f", &f], 2, "unknown protocol \"TCPX\"");
     let empty = write("empty.yaml", "# nothing here\n");
     state.fails(&["policy", "apply", "-f", &empty], 2, "no MeshPolicy");

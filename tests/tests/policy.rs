@@ -48,10 +48,17 @@ spec:
 fn build() -> Cluster {
     let c = cluster()
         .nodes(2)
-        .pod("shop/web").label("app", "web").on("node-1")
-        .pod("shop/cache").label("app", "cache").on("node-1")
-        .pod("shop/api").label("app", "api").on("node-2")
-        .pod("ops/probe").on("node-2")
+        .pod("shop/web")
+        .label("app", "web")
+        .on("node-1")
+        .pod("shop/cache")
+        .label("app", "cache")
+        .on("node-1")
+        .pod("shop/api")
+        .label("app", "api")
+        .on("node-2")
+        .pod("ops/probe")
+        .on("node-2")
         .policy(POLICIES)
         .build()
         .unwrap();
@@ -115,8 +122,7 @@ fn root_policy_allows_and_denies_every_protocol_on_the_same_node_and_across_node
     })
     .unwrap();
     let series = "meshguard_datapath_packets_total{direction=\"ingress\",reason=\"DROP_POLICY_DEFAULT\"}";
-    wait_until("default-deny drops to be counted", Duration::from_secs(5), || c.metric("node-2", series).is_ok_and(|n| n > 0.0))
-        .unwrap();
+    wait_until("default-deny drops to be counted", Duration::from_secs(5), || c.metric("node-2", series).is_ok_and(|n| n > 0.0)).unwrap();
 }
 
 #[test]
@@ -124,7 +130,12 @@ fn root_policy_change_takes_effect_on_live_traffic_within_a_second() {
     let c = build();
     // A live ICMP flow web -> api, one echo every 50 ms, with timestamps.
     let (pid, log) = c
-        .background_in_pod("shop/web", std::path::Path::new("ping"), &["-D", "-i", "0.05", "-W", "1", &c.pod("shop/api").ip.to_string()], "ping.log")
+        .background_in_pod(
+            "shop/web",
+            std::path::Path::new("ping"),
+            &["-D", "-i", "0.05", "-W", "1", &c.pod("shop/api").ip.to_string()],
+            "ping.log",
+        )
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
 
@@ -152,7 +163,11 @@ fn root_policy_change_takes_effect_on_live_traffic_within_a_second() {
     let last_before = replies.iter().copied().filter(|t| *t < restored_at).fold(0.0, f64::max);
     assert!(last_before - cut_at < 1.0, "the removed permission cut the live flow {:.3}s after the change", last_before - cut_at);
     let first_after = replies.iter().copied().filter(|t| *t >= restored_at).fold(f64::MAX, f64::min);
-    assert!(first_after - restored_at < 1.0, "the restored permission let the flow resume within a second ({:.3}s)", first_after - restored_at);
+    assert!(
+        first_after - restored_at < 1.0,
+        "the restored permission let the flow resume within a second ({:.3}s)",
+        first_after - restored_at
+    );
 }
 
 #[test]
@@ -189,8 +204,7 @@ fn root_enforcement_and_flows_survive_an_agent_restart() {
     let c = build();
     let probe_bin = bin_path("mg-probe");
     let stream = |from: &str, to: &str, log: &str| {
-        c.background_in_pod(from, &probe_bin, &["stream", &format!("{}:{STREAM}", c.pod(to).ip), "--seconds", "10"], log)
-            .unwrap()
+        c.background_in_pod(from, &probe_bin, &["stream", &format!("{}:{STREAM}", c.pod(to).ip), "--seconds", "10"], log).unwrap()
     };
     let same_node = stream("shop/web", "shop/cache", "same-node.log");
     let cross_node = stream("shop/web", "shop/api", "cross-node.log");
@@ -248,9 +262,7 @@ fn root_a_pod_cannot_send_with_another_address_or_mac() {
     }
     let counted = |reason: &str, at_least: f64| {
         let series = format!("meshguard_datapath_packets_total{{direction=\"egress\",reason=\"{reason}\"}}");
-        wait_until(&format!("{reason} >= {at_least}"), Duration::from_secs(5), || {
-            c.metric("node-1", &series).is_ok_and(|n| n >= at_least)
-        })
+        wait_until(&format!("{reason} >= {at_least}"), Duration::from_secs(5), || c.metric("node-1", &series).is_ok_and(|n| n >= at_least))
     };
     counted("DROP_SPOOFED_IP", 2.0).expect("spoofed source addresses are dropped and counted");
 

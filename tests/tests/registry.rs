@@ -22,9 +22,14 @@ spec:
 fn root_node_agents_mesh_and_enforce_through_the_registry() {
     let c = cluster()
         .nodes(2)
-        .pod("shop/web").label("app", "web").on("node-1")
-        .pod("shop/api").label("app", "api").on("node-2")
-        .pod("ops/probe").on("node-1")
+        .pod("shop/web")
+        .label("app", "web")
+        .on("node-1")
+        .pod("shop/api")
+        .label("app", "api")
+        .on("node-2")
+        .pod("ops/probe")
+        .on("node-1")
         .build()
         .unwrap();
     let id = c.identity().start().unwrap();

@@ -19,9 +19,13 @@ use meshguard_meshctl::sim::identity::{Outcome, SvidReport, parse_pem_certs};
 fn shop() -> Cluster {
     cluster()
         .nodes(2)
-        .pod("shop/web").service_account("frontend").on("node-1")
-        .pod("shop/cart").on("node-1")
-        .pod("shop/db").on("node-2")
+        .pod("shop/web")
+        .service_account("frontend")
+        .on("node-1")
+        .pod("shop/cart")
+        .on("node-1")
+        .pod("shop/db")
+        .on("node-2")
         .build()
         .unwrap()
 }
@@ -130,10 +134,8 @@ fn root_pod_cannot_get_another_pods_identity() {
 
     // Once cart leaves the registry its namespace gets nothing; web is unaffected.
     id.admin(&["workload", "delete", "shop/cart"]).unwrap();
-    wait_until("shop/cart's identity to be withdrawn", Duration::from_secs(10), || {
-        id.fetch("shop/cart").is_ok_and(|o| o.is_refused())
-    })
-    .unwrap();
+    wait_until("shop/cart's identity to be withdrawn", Duration::from_secs(10), || id.fetch("shop/cart").is_ok_and(|o| o.is_refused()))
+        .unwrap();
     assert_eq!(svid("shop/web", id.fetch("shop/web").unwrap()).spiffe_id, web);
 }
 

@@ -104,11 +104,7 @@ impl Device {
             epoch: Instant::now(),
         });
         let mut threads = Vec::new();
-        for (name, f) in [
-            ("wg-tun-rx", loops::tun_loop as fn(&Shared)),
-            ("wg-net-rx", loops::net_loop),
-            ("wg-timers", loops::timer_loop),
-        ] {
+        for (name, f) in [("wg-tun-rx", loops::tun_loop as fn(&Shared)), ("wg-net-rx", loops::net_loop), ("wg-timers", loops::timer_loop)] {
             let s = shared.clone();
             let t = std::thread::Builder::new().name(name.into()).spawn(move || f(&s));
             match t {

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use meshguard_common::logging;
 use meshguard_wg_agent::device::Device;
 use meshguard_wg_agent::io::tun::LinuxTun;
 use meshguard_wg_agent::io::udp::HostNetwork;
-use meshguard_wg_agent::uapi::server::{Access, DEFAULT_SOCKET_DIR, UapiServer};
-use meshguard_common::logging;
 use meshguard_wg_agent::managed;
+use meshguard_wg_agent::uapi::server::{Access, DEFAULT_SOCKET_DIR, UapiServer};
 
 #[derive(Parser)]
 #[command(name = "wg-agent", version, about = "meshguard node agent: userspace WireGuard and node-to-node encryption")]
@@ -87,10 +87,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Uninstall { config } => {
             let cfg = managed::config::load(&config)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
             let removed = rt.block_on(managed::uninstall::uninstall(&cfg))?;
             println!(
                 "removed: routes {}, datapath {}, interface {}",

@@ -67,8 +67,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let source: Box<dyn ClusterSource> = match &cfg.source {
         SourceConfig::Dir { path, poll } => Box::new(FileSource::start(path, *poll)?),
         SourceConfig::Registry { address, node_credentials, trust_bundle, trust_domain, bundle_refresh } => {
-            let (source, tls) =
-                registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
+            let (source, tls) = registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
             node_tls = Some(tls);
             source
         }
@@ -266,8 +265,7 @@ impl Agent {
             tracing::error!(%error, "cannot apply peers");
             return;
         }
-        let added: Vec<&String> =
-            p.peers.values().filter(|n| !self.applied.contains_key(&n.public_key)).map(|n| &n.name).collect();
+        let added: Vec<&String> = p.peers.values().filter(|n| !self.applied.contains_key(&n.public_key)).map(|n| &n.name).collect();
         if !added.is_empty() {
             tracing::info!(peers = ?added, "peers added");
             self.device.initiate_handshakes();

@@ -11,9 +11,7 @@ const IPV6_HEADER_LEN: usize = 40;
 #[inline]
 pub fn dst_addr(pkt: &[u8]) -> Option<IpAddr> {
     match pkt.first()? >> 4 {
-        4 if pkt.len() >= IPV4_HEADER_MIN => {
-            Some(IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19])))
-        }
+        4 if pkt.len() >= IPV4_HEADER_MIN => Some(IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]))),
         6 if pkt.len() >= IPV6_HEADER_LEN => {
             let b: [u8; 16] = pkt[24..40].try_into().ok()?;
             Some(IpAddr::V6(Ipv6Addr::from(b)))
@@ -26,9 +24,7 @@ pub fn dst_addr(pkt: &[u8]) -> Option<IpAddr> {
 #[inline]
 pub fn src_addr(pkt: &[u8]) -> Option<IpAddr> {
     match pkt.first()? >> 4 {
-        4 if pkt.len() >= IPV4_HEADER_MIN => {
-            Some(IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15])))
-        }
+        4 if pkt.len() >= IPV4_HEADER_MIN => Some(IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]))),
         6 if pkt.len() >= IPV6_HEADER_LEN => {
             let b: [u8; 16] = pkt[8..24].try_into().ok()?;
             Some(IpAddr::V6(Ipv6Addr::from(b)))
@@ -69,9 +65,6 @@ mod tests {
         assert_eq!(dst_addr(&v6), Some("::1".parse().unwrap()));
         assert_eq!(dst_addr(&[]), None);
         assert_eq!(dst_addr(&[0x50; 40]), None);
-        assert_eq!(
-            unmap("[::ffff:1.2.3.4]:5".parse().unwrap()),
-            "1.2.3.4:5".parse().unwrap()
-        );
+        assert_eq!(unmap("[::ffff:1.2.3.4]:5".parse().unwrap()), "1.2.3.4:5".parse().unwrap());
     }
 }

@@ -65,11 +65,7 @@ pub fn parse_operation(line: &str) -> Result<Operation, UapiError> {
 }
 
 fn parse_bool_true(key: &str, value: &str) -> Result<(), UapiError> {
-    if value == "true" {
-        Ok(())
-    } else {
-        Err(UapiError::invalid(format!("{key} only takes the value true, got {value:?}")))
-    }
+    if value == "true" { Ok(()) } else { Err(UapiError::invalid(format!("{key} only takes the value true, got {value:?}"))) }
 }
 
 fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, UapiError> {
@@ -88,9 +84,8 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<DeviceU
     let mut update = DeviceUpdate::default();
     let mut peer: Option<PeerUpdate> = None;
     for line in lines {
-        let (key, value) = line
-            .split_once('=')
-            .ok_or_else(|| UapiError::protocol(format!("malformed line {line:?}: expected key=value")))?;
+        let (key, value) =
+            line.split_once('=').ok_or_else(|| UapiError::protocol(format!("malformed line {line:?}: expected key=value")))?;
         if key == "public_key" {
             if let Some(p) = peer.take() {
                 update.peers.push(p);
@@ -172,10 +167,8 @@ pub fn format_get(s: &DeviceSnapshot) -> String {
         if let Some(ep) = p.endpoint {
             let _ = writeln!(out, "endpoint={ep}");
         }
-        let (sec, nsec) = p
-            .last_handshake
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
+        let (sec, nsec) =
+            p.last_handshake.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
         let _ = writeln!(out, "last_handshake_time_sec={sec}");
         let _ = writeln!(out, "last_handshake_time_nsec={nsec}");
         let _ = writeln!(out, "tx_bytes={}", p.tx_bytes);

@@ -219,11 +219,7 @@ fn a_failed_update_changes_nothing() {
     // Port in use: the whole update, peers included, must be refused.
     let err = b
         .device
-        .apply(&DeviceUpdate {
-            listen_port: Some(51820),
-            peers: vec![peer(&a, "10.99.1.0/24", true)],
-            ..Default::default()
-        })
+        .apply(&DeviceUpdate { listen_port: Some(51820), peers: vec![peer(&a, "10.99.1.0/24", true)], ..Default::default() })
         .unwrap_err();
     assert!(err.to_string().contains("51820"), "{err}");
     let after = b.device.snapshot();

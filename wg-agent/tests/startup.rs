@@ -100,9 +100,8 @@ fn with_agent<T: Send + 'static>(
             while Instant::now() < deadline && !(programs && blackhole) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 assert!(!agent.is_finished(), "the agent stopped");
-                programs = [meshguard_ebpf::abi::PROG_FROM_POD, meshguard_ebpf::abi::PROG_TO_POD]
-                    .iter()
-                    .all(|p| pin.link(ifindex, p).exists());
+                programs =
+                    [meshguard_ebpf::abi::PROG_FROM_POD, meshguard_ebpf::abi::PROG_TO_POD].iter().all(|p| pin.link(ifindex, p).exists());
                 blackhole = ip(&["route", "show", "proto", "201"]).contains("blackhole 10.244.0.0/16");
             }
             agent.abort();

@@ -36,24 +36,14 @@ const KIND_CONFIRM: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error(
-        "frame of {len} bytes is over the {MAX_FRAME}-byte limit: the peer is not speaking meshguard-auth/1"
-    )]
+    #[error("frame of {len} bytes is over the {MAX_FRAME}-byte limit: the peer is not speaking meshguard-auth/1")]
     Oversized { len: usize },
     #[error("unknown frame kind {kind}: the peer speaks another protocol version")]
     UnknownKind { kind: u8 },
     #[error("frame {what} is truncated: the peer sent {have} of {need} bytes")]
-    Truncated {
-        what: &'static str,
-        have: usize,
-        need: usize,
-    },
+    Truncated { what: &'static str, have: usize, need: usize },
     #[error("frame {what} is over its limit ({len} > {max})")]
-    FieldTooLong {
-        what: &'static str,
-        len: usize,
-        max: usize,
-    },
+    FieldTooLong { what: &'static str, len: usize, max: usize },
     #[error("frame has {extra} bytes after its last field")]
     Trailing { extra: usize },
     #[error("frame field {what} is not UTF-8")]
@@ -67,25 +57,10 @@ pub enum FrameError {
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Prove {
-        request: u32,
-        initiator: String,
-        responder: String,
-        chain: Vec<Vec<u8>>,
-        signature: Vec<u8>,
-    },
-    Proof {
-        request: u32,
-        chain: Vec<Vec<u8>>,
-        signature: Vec<u8>,
-    },
-    Refuse {
-        request: u32,
-        reason: Refusal,
-    },
-    Confirm {
-        request: u32,
-    },
+    Prove { request: u32, initiator: String, responder: String, chain: Vec<Vec<u8>>, signature: Vec<u8> },
+    Proof { request: u32, chain: Vec<Vec<u8>>, signature: Vec<u8> },
+    Refuse { request: u32, reason: Refusal },
+    Confirm { request: u32 },
 }
 
 // === impl Frame ===
@@ -98,24 +73,14 @@ impl Frame {
         out.push(self.kind());
         out.extend_from_slice(&[0; 4]);
         match self {
-            Self::Prove {
-                request,
-                initiator,
-                responder,
-                chain,
-                signature,
-            } => {
+            Self::Prove { request, initiator, responder, chain, signature } => {
                 out.extend_from_slice(&request.to_be_bytes());
                 put_bytes16(out, initiator.as_bytes());
                 put_bytes16(out, responder.as_bytes());
                 put_chain(out, chain);
                 put_bytes16(out, signature);
             }
-            Self::Proof {
-                request,
-                chain,
-                signature,
-            } => {
+            Self::Proof { request, chain, signature } => {
                 out.extend_from_slice(&request.to_be_bytes());
                 put_chain(out, chain);
                 put_bytes16(out, signature);
@@ -142,10 +107,9 @@ impl Frame {
     /// The request id the frame is about.
     pub fn request(&self) -> u32 {
         match self {
-            Self::Prove { request, .. }
-            | Self::Proof { request, .. }
-            | Self::Refuse { request, .. }
-            | Self::Confirm { request } => *request,
+            Self::Prove { request, .. } | Self::Proof { request, .. } | Self::Refuse { request, .. } | Self::Confirm { request } => {
+                *request
+            }
         }
     }
 
@@ -168,9 +132,7 @@ impl Frame {
         if buf.len() < HEADER + len {
             return Ok(None);
         }
-        let mut r = Reader {
-            buf: &buf[HEADER..HEADER + len],
-        };
+        let mut r = Reader { buf: &buf[HEADER..HEADER + len] };
         let request = r.u32("request")?;
         let frame = match kind {
             KIND_PROVE => Self::Prove {
@@ -180,17 +142,10 @@ impl Frame {
                 chain: r.chain()?,
                 signature: r.bytes16("signature", MAX_SIGNATURE)?,
             },
-            KIND_PROOF => Self::Proof {
-                request,
-                chain: r.chain()?,
-                signature: r.bytes16("signature", MAX_SIGNATURE)?,
-            },
+            KIND_PROOF => Self::Proof { request, chain: r.chain()?, signature: r.bytes16("signature", MAX_SIGNATURE)? },
             KIND_REFUSE => {
                 let code = r.u8("reason")?;
-                Self::Refuse {
-                    request,
-                    reason: Refusal::from_code(code).ok_or(FrameError::UnknownReason { code })?,
-                }
+                Self::Refuse { request, reason: Refusal::from_code(code).ok_or(FrameError::UnknownReason { code })? }
             }
             _ => Self::Confirm { request },
         };
@@ -220,11 +175,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, what: &'static str, n: usize) -> Result<&'a [u8], FrameError> {
         if self.buf.len() < n {
-            return Err(FrameError::Truncated {
-                what,
-                have: self.buf.len(),
-                need: n,
-            });
+            return Err(FrameError::Truncated { what, have: self.buf.len(), need: n });
         }
         let (head, rest) = self.buf.split_at(n);
         self.buf = rest;
@@ -257,15 +208,9 @@ impl<'a> Reader<'a> {
     fn chain(&mut self) -> Result<Vec<Vec<u8>>, FrameError> {
         let count = self.u8("chain length")? as usize;
         if count > MAX_CHAIN {
-            return Err(FrameError::FieldTooLong {
-                what: "chain",
-                len: count,
-                max: MAX_CHAIN,
-            });
+            return Err(FrameError::FieldTooLong { what: "chain", len: count, max: MAX_CHAIN });
         }
-        (0..count)
-            .map(|_| self.bytes16("certificate", MAX_CERT))
-            .collect()
+        (0..count).map(|_| self.bytes16("certificate", MAX_CERT)).collect()
     }
 }
 
@@ -282,15 +227,8 @@ mod tests {
                 chain: vec![vec![1; 300], vec![2; 10]],
                 signature: vec![9; 72],
             },
-            Frame::Proof {
-                request: u32::MAX,
-                chain: vec![vec![3; 5]],
-                signature: vec![4; 64],
-            },
-            Frame::Refuse {
-                request: 1,
-                reason: Refusal::WrongSpiffeId,
-            },
+            Frame::Proof { request: u32::MAX, chain: vec![vec![3; 5]], signature: vec![4; 64] },
+            Frame::Refuse { request: 1, reason: Refusal::WrongSpiffeId },
             Frame::Confirm { request: 0 },
         ]
     }
@@ -314,54 +252,24 @@ mod tests {
         // Oversized: refused from the header alone.
         let mut h = vec![KIND_PROVE];
         h.extend_from_slice(&((MAX_FRAME + 1) as u32).to_be_bytes());
-        assert_eq!(
-            Frame::decode(&h),
-            Err(FrameError::Oversized { len: MAX_FRAME + 1 })
-        );
-        assert_eq!(
-            Frame::decode(&[0x16, 3, 1, 0, 5]),
-            Err(FrameError::UnknownKind { kind: 0x16 })
-        );
+        assert_eq!(Frame::decode(&h), Err(FrameError::Oversized { len: MAX_FRAME + 1 }));
+        assert_eq!(Frame::decode(&[0x16, 3, 1, 0, 5]), Err(FrameError::UnknownKind { kind: 0x16 }));
         // A length field that promises more than the frame holds.
         let mut b = vec![KIND_PROOF, 0, 0, 0, 7];
         b.extend_from_slice(&[0, 0, 0, 1, 1, 0xff, 0xff]);
-        assert!(matches!(
-            Frame::decode(&b),
-            Err(FrameError::FieldTooLong {
-                what: "certificate",
-                ..
-            })
-        ));
+        assert!(matches!(Frame::decode(&b), Err(FrameError::FieldTooLong { what: "certificate", .. })));
         let mut b = vec![KIND_PROOF, 0, 0, 0, 8];
         b.extend_from_slice(&[0, 0, 0, 1, 1, 0, 9, 0]);
-        assert!(matches!(
-            Frame::decode(&b),
-            Err(FrameError::Truncated {
-                what: "certificate",
-                ..
-            })
-        ));
+        assert!(matches!(Frame::decode(&b), Err(FrameError::Truncated { what: "certificate", .. })));
         // Too many certificates.
         let mut b = vec![KIND_PROOF, 0, 0, 0, 5];
         b.extend_from_slice(&[0, 0, 0, 1, (MAX_CHAIN + 1) as u8]);
-        assert!(matches!(
-            Frame::decode(&b),
-            Err(FrameError::FieldTooLong { what: "chain", .. })
-        ));
+        assert!(matches!(Frame::decode(&b), Err(FrameError::FieldTooLong { what: "chain", .. })));
         // Trailing bytes, unknown reasons, bad UTF-8.
-        assert_eq!(
-            Frame::decode(&[KIND_CONFIRM, 0, 0, 0, 5, 0, 0, 0, 1, 0]),
-            Err(FrameError::Trailing { extra: 1 })
-        );
-        assert_eq!(
-            Frame::decode(&[KIND_REFUSE, 0, 0, 0, 5, 0, 0, 0, 1, 250]),
-            Err(FrameError::UnknownReason { code: 250 })
-        );
+        assert_eq!(Frame::decode(&[KIND_CONFIRM, 0, 0, 0, 5, 0, 0, 0, 1, 0]), Err(FrameError::Trailing { extra: 1 }));
+        assert_eq!(Frame::decode(&[KIND_REFUSE, 0, 0, 0, 5, 0, 0, 0, 1, 250]), Err(FrameError::UnknownReason { code: 250 }));
         let b = [KIND_PROVE, 0, 0, 0, 8, 0, 0, 0, 1, 0, 2, 0xc3, 0x28];
-        assert_eq!(
-            Frame::decode(&b),
-            Err(FrameError::NotUtf8 { what: "initiator" })
-        );
+        assert_eq!(Frame::decode(&b), Err(FrameError::NotUtf8 { what: "initiator" }));
     }
 
     #[test]

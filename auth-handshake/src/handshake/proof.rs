@@ -28,11 +28,8 @@ pub const EXPORTER_LEN: usize = 32;
 pub const CONTEXT: &[u8] = b"meshguard auth-handshake v1 identity proof\0";
 
 /// Signature schemes a workload key may sign with, in preference order.
-const SCHEMES: &[SignatureScheme] = &[
-    SignatureScheme::ECDSA_NISTP256_SHA256,
-    SignatureScheme::ECDSA_NISTP384_SHA384,
-    SignatureScheme::ED25519,
-];
+const SCHEMES: &[SignatureScheme] =
+    &[SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::ECDSA_NISTP384_SHA384, SignatureScheme::ED25519];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProofError {
@@ -90,40 +87,20 @@ pub struct Binding<'a> {
 impl WorkloadKey {
     /// `chain` DER leaf first; `key_pkcs8` the leaf's private key.
     pub fn new(id: SpiffeId, chain: Vec<Vec<u8>>, key_pkcs8: &[u8]) -> Result<Self, ProofError> {
-        let bad = |reason: String| ProofError::Key {
-            id: id.to_string(),
-            reason,
-        };
+        let bad = |reason: String| ProofError::Key { id: id.to_string(), reason };
         let key = PrivateKeyDer::Pkcs8(key_pkcs8.to_vec().into());
-        let signer = meshguard_common::svid::provider()
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| bad(e.to_string()))?;
+        let signer = meshguard_common::svid::provider().key_provider.load_private_key(key).map_err(|e| bad(e.to_string()))?;
         if signer.choose_scheme(SCHEMES).is_none() {
-            return Err(bad(format!(
-                "key algorithm {:?} is not one of {SCHEMES:?}",
-                signer.algorithm()
-            )));
+            return Err(bad(format!("key algorithm {:?} is not one of {SCHEMES:?}", signer.algorithm())));
         }
         let not_after = chain_not_after(&chain).map_err(|e| bad(e.to_string()))?;
-        Ok(Self {
-            id,
-            chain: Arc::new(chain),
-            not_after,
-            signer,
-        })
+        Ok(Self { id, chain: Arc::new(chain), not_after, signer })
     }
 
     /// Signs `msg`: two bytes of signature scheme, then the signature.
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, ProofError> {
-        let bad = |reason: String| ProofError::Sign {
-            id: self.id.to_string(),
-            reason,
-        };
-        let signer = self
-            .signer
-            .choose_scheme(SCHEMES)
-            .ok_or_else(|| bad("no usable scheme".into()))?;
+        let bad = |reason: String| ProofError::Sign { id: self.id.to_string(), reason };
+        let signer = self.signer.choose_scheme(SCHEMES).ok_or_else(|| bad("no usable scheme".into()))?;
         let mut out = u16::from(signer.scheme()).to_be_bytes().to_vec();
         out.extend(signer.sign(msg).map_err(|e| bad(e.to_string()))?);
         Ok(out)
@@ -132,10 +109,7 @@ impl WorkloadKey {
 
 impl std::fmt::Debug for WorkloadKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkloadKey")
-            .field("id", &self.id)
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
+        f.debug_struct("WorkloadKey").field("id", &self.id).field("not_after", &self.not_after).finish_non_exhaustive()
     }
 }
 
@@ -149,10 +123,7 @@ impl Directory {
 
     /// The node whose address is `ip`.
     pub fn node_at(&self, ip: IpAddr) -> Option<&str> {
-        self.node_addrs
-            .iter()
-            .find(|(_, a)| **a == ip)
-            .map(|(n, _)| n.as_str())
+        self.node_addrs.iter().find(|(_, a)| **a == ip).map(|(n, _)| n.as_str())
     }
 }
 
@@ -167,12 +138,7 @@ pub fn statement(role: Role, b: &Binding<'_>) -> Vec<u8> {
         Role::Responder => 2,
     });
     m.extend_from_slice(b.exporter);
-    for part in [
-        b.initiator.as_str(),
-        b.responder.as_str(),
-        b.initiator_node,
-        b.responder_node,
-    ] {
+    for part in [b.initiator.as_str(), b.responder.as_str(), b.initiator_node, b.responder_node] {
         // Length-prefixed, so no two different tuples give the same bytes.
         m.extend_from_slice(&(part.len() as u32).to_be_bytes());
         m.extend_from_slice(part.as_bytes());
@@ -191,10 +157,7 @@ pub fn verify(
     signature: &[u8],
     now: UnixTime,
 ) -> Result<Verified, Refusal> {
-    let ders: Vec<CertificateDer<'_>> = chain
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
+    let ders: Vec<CertificateDer<'_>> = chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
     let leaf = bundle.verify(&ders, now).map_err(refusal_of)?;
     if leaf.spiffe_id != *expected {
         return Err(Refusal::WrongSpiffeId);
@@ -210,26 +173,16 @@ pub fn verify(
             _ => return Err(Refusal::BadSignature),
         };
     let ee = webpki::EndEntityCert::try_from(&ders[0]).map_err(|_| Refusal::InvalidSvid)?;
-    ee.verify_signature(alg, msg, &signature[2..])
-        .map_err(|_| Refusal::BadSignature)?;
+    ee.verify_signature(alg, msg, &signature[2..]).map_err(|_| Refusal::BadSignature)?;
     let not_after = chain_not_after(chain).map_err(|_| Refusal::InvalidSvid)?;
-    Ok(Verified {
-        id: leaf.spiffe_id,
-        not_after,
-    })
+    Ok(Verified { id: leaf.spiffe_id, not_after })
 }
 
 fn refusal_of(e: SvidError) -> Refusal {
     match e {
         SvidError::WrongTrustDomain { .. } => Refusal::WrongTrustDomain,
-        SvidError::Chain { reason }
-            if reason.contains("Expired") || reason.contains("NotValidYet") =>
-        {
-            Refusal::Expired
-        }
-        SvidError::Chain { .. }
-        | SvidError::SignerCannotSign { .. }
-        | SvidError::BadAuthority { .. } => Refusal::UntrustedChain,
+        SvidError::Chain { reason } if reason.contains("Expired") || reason.contains("NotValidYet") => Refusal::Expired,
+        SvidError::Chain { .. } | SvidError::SignerCannotSign { .. } | SvidError::BadAuthority { .. } => Refusal::UntrustedChain,
         SvidError::UnexpectedPeer { .. } => Refusal::WrongSpiffeId,
         SvidError::EmptyChain
         | SvidError::Parse { .. }
@@ -248,10 +201,7 @@ pub fn chain_not_after(chain: &[Vec<u8>]) -> Result<i64, SvidError> {
     let first = chain.first().ok_or(SvidError::EmptyChain)?;
     let mut min = check_leaf(first)?.not_after;
     for (index, der) in chain.iter().enumerate().skip(1) {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Parse {
-            index,
-            reason: e.to_string(),
-        })?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Parse { index, reason: e.to_string() })?;
         min = min.min(cert.validity().not_after.timestamp());
     }
     Ok(min)

@@ -84,19 +84,9 @@ pub enum Event {
     Authenticated(Authenticated),
     /// A pair this node asked for was not proved: the peer refused
     /// (`by_peer`), or this node refused the peer's proof.
-    Refused {
-        local: SpiffeId,
-        remote: SpiffeId,
-        reason: Refusal,
-        by_peer: bool,
-    },
+    Refused { local: SpiffeId, remote: SpiffeId, reason: Refusal, by_peer: bool },
     /// This node refused a peer's request, or the peer refused this node's answer.
-    RefusedPeer {
-        initiator: String,
-        responder: String,
-        reason: Refusal,
-        by_peer: bool,
-    },
+    RefusedPeer { initiator: String, responder: String, reason: Refusal, by_peer: bool },
 }
 
 struct Pending {
@@ -140,16 +130,8 @@ impl Session {
     ) -> Result<Self, SessionError> {
         // The name is not checked (peers are named by SPIFFE ID); it must only parse.
         let name = ServerName::try_from("meshguard-auth.invalid").expect("a valid DNS name");
-        let tls = rustls::ClientConnection::new(config, name)
-            .map_err(|source| SessionError::Tls { source })?;
-        Ok(Self::new(
-            tls.into(),
-            Role::Initiator,
-            local_node,
-            local_node_chain,
-            Some(peer_node.to_owned()),
-            None,
-        ))
+        let tls = rustls::ClientConnection::new(config, name).map_err(|source| SessionError::Tls { source })?;
+        Ok(Self::new(tls.into(), Role::Initiator, local_node, local_node_chain, Some(peer_node.to_owned()), None))
     }
 
     /// The accepting side, for a connection from `peer_addr`. A connection
@@ -162,20 +144,10 @@ impl Session {
         dir: &Directory,
     ) -> Result<Self, SessionError> {
         if dir.node_at(peer_addr).is_none() {
-            return Err(SessionError::Refused {
-                reason: Refusal::UnknownAddress,
-            });
+            return Err(SessionError::Refused { reason: Refusal::UnknownAddress });
         }
-        let tls =
-            rustls::ServerConnection::new(config).map_err(|source| SessionError::Tls { source })?;
-        Ok(Self::new(
-            tls.into(),
-            Role::Responder,
-            local_node,
-            local_node_chain,
-            None,
-            Some(peer_addr),
-        ))
+        let tls = rustls::ServerConnection::new(config).map_err(|source| SessionError::Tls { source })?;
+        Ok(Self::new(tls.into(), Role::Responder, local_node, local_node_chain, None, Some(peer_addr)))
     }
 
     fn new(
@@ -223,10 +195,7 @@ impl Session {
 
     /// The earliest `notAfter` of the two node chains (0 before the handshake).
     pub fn node_not_after(&self) -> i64 {
-        match (
-            proof::chain_not_after(&self.local_node_chain),
-            proof::chain_not_after(&self.peer_node_chain),
-        ) {
+        match (proof::chain_not_after(&self.local_node_chain), proof::chain_not_after(&self.peer_node_chain)) {
             (Ok(a), Ok(b)) => a.min(b),
             _ => 0,
         }
@@ -234,22 +203,12 @@ impl Session {
 
     /// Asks the peer to prove `remote` to this node's `local` (client only).
     /// Sent once the session is established; events report the outcome.
-    pub fn request(
-        &mut self,
-        local: SpiffeId,
-        remote: SpiffeId,
-        dir: &Directory,
-    ) -> Result<Vec<Event>, SessionError> {
+    pub fn request(&mut self, local: SpiffeId, remote: SpiffeId, dir: &Directory) -> Result<Vec<Event>, SessionError> {
         if self.role != Role::Initiator || self.closed {
             return Err(SessionError::Closed);
         }
         if self.queued.len() >= MAX_QUEUED {
-            return Ok(vec![Event::Refused {
-                local,
-                remote,
-                reason: Refusal::Busy,
-                by_peer: false,
-            }]);
+            return Ok(vec![Event::Refused { local, remote, reason: Refusal::Busy, by_peer: false }]);
         }
         self.queued.push_back(Pending { local, remote });
         Ok(self.send_queued(dir))
@@ -260,48 +219,29 @@ impl Session {
     pub fn abandon(&mut self) -> Vec<(SpiffeId, SpiffeId)> {
         self.closed = true;
         let in_flight = std::mem::take(&mut self.in_flight).into_values();
-        in_flight
-            .chain(self.queued.drain(..))
-            .map(|p| (p.local, p.remote))
-            .collect()
+        in_flight.chain(self.queued.drain(..)).map(|p| (p.local, p.remote)).collect()
     }
 
     /// Feeds received TLS bytes; returns what happened. An error is fatal:
     /// close the connection (after [`Session::transmit`], to send any alert).
-    pub fn receive(
-        &mut self,
-        mut bytes: &[u8],
-        dir: &Directory,
-        now: UnixTime,
-    ) -> Result<Vec<Event>, SessionError> {
+    pub fn receive(&mut self, mut bytes: &[u8], dir: &Directory, now: UnixTime) -> Result<Vec<Event>, SessionError> {
         let mut events = Vec::new();
         while !bytes.is_empty() {
-            let n = self
-                .tls
-                .read_tls(&mut bytes)
-                .map_err(|_| SessionError::Closed)?;
+            let n = self.tls.read_tls(&mut bytes).map_err(|_| SessionError::Closed)?;
             if n == 0 {
                 // rustls took nothing: its buffer holds a record it could
                 // not process, which this reports; never spin.
-                self.tls
-                    .process_new_packets()
-                    .map_err(|source| SessionError::Tls { source })?;
+                self.tls.process_new_packets().map_err(|source| SessionError::Tls { source })?;
                 return Err(SessionError::Closed);
             }
-            let state = self
-                .tls
-                .process_new_packets()
-                .map_err(|source| SessionError::Tls { source })?;
+            let state = self.tls.process_new_packets().map_err(|source| SessionError::Tls { source })?;
             if !self.tls.is_handshaking() && self.exporter.is_none() {
                 events.push(self.established(dir)?);
                 events.extend(self.send_queued(dir));
             }
             if state.plaintext_bytes_to_read() > 0 {
                 let mut buf = vec![0u8; state.plaintext_bytes_to_read()];
-                self.tls
-                    .reader()
-                    .read_exact(&mut buf)
-                    .map_err(|_| SessionError::Closed)?;
+                self.tls.reader().read_exact(&mut buf).map_err(|_| SessionError::Closed)?;
                 self.plain.extend_from_slice(&buf);
                 self.frames(dir, now, &mut events)?;
             }
@@ -317,10 +257,7 @@ impl Session {
     pub fn end_of_input(&mut self) -> Result<(), SessionError> {
         self.closed = true;
         if !self.plain.is_empty() {
-            return Err(FrameError::EndedMidFrame {
-                have: self.plain.len(),
-            }
-            .into());
+            return Err(FrameError::EndedMidFrame { have: self.plain.len() }.into());
         }
         Ok(())
     }
@@ -349,42 +286,24 @@ impl Session {
         if self.tls.alpn_protocol() != Some(tls::ALPN) {
             return Err(SessionError::Alpn);
         }
-        let certs = self.tls.peer_certificates().ok_or(SessionError::Refused {
-            reason: Refusal::Tls,
-        })?;
+        let certs = self.tls.peer_certificates().ok_or(SessionError::Refused { reason: Refusal::Tls })?;
         let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
-        let leaf =
-            check_leaf(chain.first().map(Vec::as_slice).unwrap_or_default()).map_err(|_| {
-                SessionError::Refused {
-                    reason: Refusal::InvalidSvid,
-                }
-            })?;
-        let node = leaf
-            .spiffe_id
-            .node_name()
-            .ok_or(SessionError::Refused {
-                reason: Refusal::NodeMismatch,
-            })?
-            .to_owned();
+        let leaf = check_leaf(chain.first().map(Vec::as_slice).unwrap_or_default())
+            .map_err(|_| SessionError::Refused { reason: Refusal::InvalidSvid })?;
+        let node = leaf.spiffe_id.node_name().ok_or(SessionError::Refused { reason: Refusal::NodeMismatch })?.to_owned();
         match (&self.peer_node, self.peer_addr) {
             // The client's verifier accepted exactly the node it dialled.
             (Some(want), _) if *want != node => {
-                return Err(SessionError::Refused {
-                    reason: Refusal::NodeMismatch,
-                });
+                return Err(SessionError::Refused { reason: Refusal::NodeMismatch });
             }
             // The server: the node SVID must be the connecting address's node.
             (None, Some(addr)) if dir.node_addrs.get(&node) != Some(&addr) => {
-                return Err(SessionError::Refused {
-                    reason: Refusal::NodeMismatch,
-                });
+                return Err(SessionError::Refused { reason: Refusal::NodeMismatch });
             }
             _ => {}
         }
         let mut exporter = [0u8; EXPORTER_LEN];
-        self.tls
-            .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
-            .map_err(|source| SessionError::Exporter { source })?;
+        self.tls.export_keying_material(&mut exporter, EXPORTER_LABEL, None).map_err(|source| SessionError::Exporter { source })?;
         self.exporter = Some(exporter);
         self.peer_node = Some(node.clone());
         self.peer_node_chain = Arc::new(chain);
@@ -402,12 +321,7 @@ impl Session {
                 break;
             };
             let Some(key) = dir.keys.get(&p.local) else {
-                events.push(Event::Refused {
-                    local: p.local,
-                    remote: p.remote,
-                    reason: Refusal::NoSvid,
-                    by_peer: false,
-                });
+                events.push(Event::Refused { local: p.local, remote: p.remote, reason: Refusal::NoSvid, by_peer: false });
                 continue;
             };
             let b = Binding {
@@ -421,12 +335,7 @@ impl Session {
                 Ok(s) => s,
                 Err(error) => {
                     tracing::error!(%error, "cannot sign a proof");
-                    events.push(Event::Refused {
-                        local: p.local,
-                        remote: p.remote,
-                        reason: Refusal::NoSvid,
-                        by_peer: false,
-                    });
+                    events.push(Event::Refused { local: p.local, remote: p.remote, reason: Refusal::NoSvid, by_peer: false });
                     continue;
                 }
             };
@@ -452,12 +361,7 @@ impl Session {
         let _ = self.tls.writer().write_all(&b);
     }
 
-    fn frames(
-        &mut self,
-        dir: &Directory,
-        now: UnixTime,
-        events: &mut Vec<Event>,
-    ) -> Result<(), SessionError> {
+    fn frames(&mut self, dir: &Directory, now: UnixTime, events: &mut Vec<Event>) -> Result<(), SessionError> {
         let mut used = 0;
         while let Some((frame, n)) = Frame::decode(&self.plain[used..])? {
             used += n;
@@ -468,71 +372,31 @@ impl Session {
         Ok(())
     }
 
-    fn on_frame(
-        &mut self,
-        frame: Frame,
-        dir: &Directory,
-        now: UnixTime,
-        events: &mut Vec<Event>,
-    ) -> Result<(), SessionError> {
-        let exporter = self.exporter.ok_or(SessionError::Unexpected {
-            what: "frame before the handshake",
-            request: frame.request(),
-        })?;
+    fn on_frame(&mut self, frame: Frame, dir: &Directory, now: UnixTime, events: &mut Vec<Event>) -> Result<(), SessionError> {
+        let exporter = self.exporter.ok_or(SessionError::Unexpected { what: "frame before the handshake", request: frame.request() })?;
         let peer = self.peer_node.clone().unwrap_or_default();
         match (self.role, frame) {
-            (
-                Role::Responder,
-                Frame::Prove {
-                    request,
-                    initiator,
-                    responder,
-                    chain,
-                    signature,
-                },
-            ) => {
+            (Role::Responder, Frame::Prove { request, initiator, responder, chain, signature }) => {
                 if self.answered.contains_key(&request) {
-                    return Err(SessionError::Unexpected {
-                        what: "repeated request id",
-                        request,
-                    });
+                    return Err(SessionError::Unexpected { what: "repeated request id", request });
                 }
-                match self.answer(
-                    request, dir, now, &exporter, &peer, &initiator, &responder, &chain, &signature,
-                ) {
+                match self.answer(request, dir, now, &exporter, &peer, &initiator, &responder, &chain, &signature) {
                     Ok((proof_frame, entry)) => {
                         self.send(&proof_frame);
                         self.answered.insert(request, Answered { entry });
                     }
                     Err(reason) => {
                         self.send(&Frame::Refuse { request, reason });
-                        events.push(Event::RefusedPeer {
-                            initiator,
-                            responder,
-                            reason,
-                            by_peer: false,
-                        });
+                        events.push(Event::RefusedPeer { initiator, responder, reason, by_peer: false });
                     }
                 }
             }
             (Role::Responder, Frame::Confirm { request }) => {
-                let a = self
-                    .answered
-                    .remove(&request)
-                    .ok_or(SessionError::Unexpected {
-                        what: "confirm",
-                        request,
-                    })?;
+                let a = self.answered.remove(&request).ok_or(SessionError::Unexpected { what: "confirm", request })?;
                 events.push(Event::Authenticated(a.entry));
             }
             (Role::Responder, Frame::Refuse { request, reason }) => {
-                let a = self
-                    .answered
-                    .remove(&request)
-                    .ok_or(SessionError::Unexpected {
-                        what: "refuse",
-                        request,
-                    })?;
+                let a = self.answered.remove(&request).ok_or(SessionError::Unexpected { what: "refuse", request })?;
                 events.push(Event::RefusedPeer {
                     initiator: a.entry.remote.to_string(),
                     responder: a.entry.local.to_string(),
@@ -540,21 +404,8 @@ impl Session {
                     by_peer: true,
                 });
             }
-            (
-                Role::Initiator,
-                Frame::Proof {
-                    request,
-                    chain,
-                    signature,
-                },
-            ) => {
-                let p = self
-                    .in_flight
-                    .remove(&request)
-                    .ok_or(SessionError::Unexpected {
-                        what: "proof",
-                        request,
-                    })?;
+            (Role::Initiator, Frame::Proof { request, chain, signature }) => {
+                let p = self.in_flight.remove(&request).ok_or(SessionError::Unexpected { what: "proof", request })?;
                 let checked = if !dir.places(&p.remote, &peer) {
                     Err(Refusal::NotPlacedOnPeer)
                 } else {
@@ -565,30 +416,13 @@ impl Session {
                         initiator_node: &self.local_node,
                         responder_node: &peer,
                     };
-                    proof::verify(
-                        &dir.bundle,
-                        &chain,
-                        &p.remote,
-                        &proof::statement(Role::Responder, &b),
-                        &signature,
-                        now,
-                    )
+                    proof::verify(&dir.bundle, &chain, &p.remote, &proof::statement(Role::Responder, &b), &signature, now)
                 };
-                match checked.and_then(|v| {
-                    dir.keys
-                        .get(&p.local)
-                        .map(|k| (v, k.clone()))
-                        .ok_or(Refusal::NoSvid)
-                }) {
+                match checked.and_then(|v| dir.keys.get(&p.local).map(|k| (v, k.clone())).ok_or(Refusal::NoSvid)) {
                     Ok((v, key)) => {
                         self.send(&Frame::Confirm { request });
                         let expires_at = v.not_after.min(key.not_after).min(self.node_not_after());
-                        let chains = [
-                            key.chain.clone(),
-                            Arc::new(chain),
-                            self.local_node_chain.clone(),
-                            self.peer_node_chain.clone(),
-                        ];
+                        let chains = [key.chain.clone(), Arc::new(chain), self.local_node_chain.clone(), self.peer_node_chain.clone()];
                         events.push(Event::Authenticated(Authenticated {
                             local: p.local,
                             remote: p.remote,
@@ -600,30 +434,14 @@ impl Session {
                     }
                     Err(reason) => {
                         self.send(&Frame::Refuse { request, reason });
-                        events.push(Event::Refused {
-                            local: p.local,
-                            remote: p.remote,
-                            reason,
-                            by_peer: false,
-                        });
+                        events.push(Event::Refused { local: p.local, remote: p.remote, reason, by_peer: false });
                     }
                 }
                 events.extend(self.send_queued(dir));
             }
             (Role::Initiator, Frame::Refuse { request, reason }) => {
-                let p = self
-                    .in_flight
-                    .remove(&request)
-                    .ok_or(SessionError::Unexpected {
-                        what: "refuse",
-                        request,
-                    })?;
-                events.push(Event::Refused {
-                    local: p.local,
-                    remote: p.remote,
-                    reason,
-                    by_peer: true,
-                });
+                let p = self.in_flight.remove(&request).ok_or(SessionError::Unexpected { what: "refuse", request })?;
+                events.push(Event::Refused { local: p.local, remote: p.remote, reason, by_peer: true });
                 events.extend(self.send_queued(dir));
             }
             (_, f) => {
@@ -633,10 +451,7 @@ impl Session {
                     Frame::Refuse { .. } => "refuse",
                     Frame::Confirm { .. } => "confirm",
                 };
-                return Err(SessionError::Unexpected {
-                    what,
-                    request: f.request(),
-                });
+                return Err(SessionError::Unexpected { what, request: f.request() });
             }
         }
         Ok(())
@@ -665,27 +480,12 @@ impl Session {
         if !dir.places(&initiator, peer) {
             return Err(Refusal::NotPlacedOnPeer);
         }
-        let b = Binding {
-            exporter,
-            initiator: &initiator,
-            responder: &responder,
-            initiator_node: peer,
-            responder_node: &self.local_node,
-        };
-        let v = proof::verify(
-            &dir.bundle,
-            chain,
-            &initiator,
-            &proof::statement(Role::Initiator, &b),
-            signature,
-            now,
-        )?;
-        let signature = key
-            .sign(&proof::statement(Role::Responder, &b))
-            .map_err(|error| {
-                tracing::error!(%error, "cannot sign a proof");
-                Refusal::NoSvid
-            })?;
+        let b = Binding { exporter, initiator: &initiator, responder: &responder, initiator_node: peer, responder_node: &self.local_node };
+        let v = proof::verify(&dir.bundle, chain, &initiator, &proof::statement(Role::Initiator, &b), signature, now)?;
+        let signature = key.sign(&proof::statement(Role::Responder, &b)).map_err(|error| {
+            tracing::error!(%error, "cannot sign a proof");
+            Refusal::NoSvid
+        })?;
         let expires_at = v.not_after.min(key.not_after).min(self.node_not_after());
         let entry = Authenticated {
             local: responder,
@@ -693,21 +493,9 @@ impl Session {
             remote_node: peer.to_owned(),
             expires_at,
             role: Role::Responder,
-            chains: [
-                key.chain.clone(),
-                Arc::new(chain.to_vec()),
-                self.local_node_chain.clone(),
-                self.peer_node_chain.clone(),
-            ],
+            chains: [key.chain.clone(), Arc::new(chain.to_vec()), self.local_node_chain.clone(), self.peer_node_chain.clone()],
         };
-        Ok((
-            Frame::Proof {
-                request,
-                chain: key.chain.to_vec(),
-                signature,
-            },
-            entry,
-        ))
+        Ok((Frame::Proof { request, chain: key.chain.to_vec(), signature }, entry))
     }
 }
 

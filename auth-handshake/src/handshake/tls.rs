@@ -16,10 +16,7 @@ pub fn client_config(
     bundle: BundleCell,
     peer_node_id: SpiffeId,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let mut cfg = svid::client_config(
-        node_creds,
-        Arc::new(SpiffeVerifier::exactly(bundle, peer_node_id)),
-    )?;
+    let mut cfg = svid::client_config(node_creds, Arc::new(SpiffeVerifier::exactly(bundle, peer_node_id)))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -27,10 +24,7 @@ pub fn client_config(
 /// The server side: any node SVID of the trust domain completes the TLS
 /// handshake; the session then checks that it is the node at the connecting
 /// address.
-pub fn server_config(
-    node_creds: CredentialCell,
-    bundle: BundleCell,
-) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+pub fn server_config(node_creds: CredentialCell, bundle: BundleCell) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let verifier = SpiffeVerifier::new(bundle, Arc::new(|id: &SpiffeId| id.node_name().is_some()));
     let mut cfg = svid::server_config(node_creds, Arc::new(verifier))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];

@@ -119,10 +119,8 @@ impl ClusterSource for FileSource {
     fn publish_node<'a>(&'a self, node: &'a NodeRecord) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
             let path = self.dir.join(NODES_DIR).join(format!("{}.yaml", node.name));
-            let text = serde_yaml::to_string(node).map_err(|e| SourceError::Invalid {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            let text = serde_yaml::to_string(node)
+                .map_err(|e| SourceError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
             write_atomic(&path, text.as_bytes()).await
         })
     }
@@ -289,8 +287,7 @@ pub fn parse_cluster_file(bytes: &[u8]) -> Result<ClusterFile, String> {
     let mut keys = std::collections::BTreeSet::new();
     for w in &c.workloads {
         crate::spiffe::validate_segment(&w.namespace).map_err(|e| format!("workload {}: namespace: {e}", w.key()))?;
-        crate::spiffe::validate_segment(&w.service_account)
-            .map_err(|e| format!("workload {}: serviceAccount: {e}", w.key()))?;
+        crate::spiffe::validate_segment(&w.service_account).map_err(|e| format!("workload {}: serviceAccount: {e}", w.key()))?;
         if !keys.insert(w.key()) {
             return Err(format!("workload {} is listed twice", w.key()));
         }
@@ -319,11 +316,8 @@ mod tests {
         let b = FileSource::start(dir.path(), Duration::from_millis(10)).unwrap();
         let mut rx = b.subscribe();
         a.publish_node(&node("node-1", 1)).await.unwrap();
-        let view = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.nodes.contains_key("node-1")))
-            .await
-            .unwrap()
-            .unwrap()
-            .clone();
+        let view =
+            tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| v.nodes.contains_key("node-1"))).await.unwrap().unwrap().clone();
         assert_eq!(view.nodes["node-1"], node("node-1", 1));
 
         // A garbage write keeps the last good record.

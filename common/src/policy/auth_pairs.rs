@@ -46,34 +46,20 @@ impl PeerSelector {
         }
         let ns = self.namespace.as_deref().unwrap_or(policy_ns);
         w.namespace == ns
-            && self
-                .service_account
-                .as_deref()
-                .is_none_or(|sa| w.service_account == sa)
-            && self
-                .pod_selector
-                .as_ref()
-                .is_none_or(|s| s.matches(&w.labels))
+            && self.service_account.as_deref().is_none_or(|sa| w.service_account == sa)
+            && self.pod_selector.as_ref().is_none_or(|s| s.matches(&w.labels))
     }
 }
 
 /// Every pair `node` needs proved, from the view's policies and placements.
 pub fn needed_pairs(view: &ClusterView, node: &str) -> BTreeSet<NeededPair> {
     let td = view.trust_domain_or_default();
-    let placed: Vec<(&Workload, SpiffeId)> = view
-        .workloads
-        .values()
-        .filter_map(|w| Some((w, w.spiffe_id(&td).ok()?)))
-        .collect();
+    let placed: Vec<(&Workload, SpiffeId)> = view.workloads.values().filter_map(|w| Some((w, w.spiffe_id(&td).ok()?))).collect();
     let mut out = BTreeSet::new();
     for policy in view.policies.values() {
         let subjects: Vec<&(&Workload, SpiffeId)> = placed
             .iter()
-            .filter(|(w, _)| {
-                w.node == node
-                    && w.namespace == policy.metadata.namespace
-                    && policy.spec.selector.matches(&w.labels)
-            })
+            .filter(|(w, _)| w.node == node && w.namespace == policy.metadata.namespace && policy.spec.selector.matches(&w.labels))
             .collect();
         if subjects.is_empty() {
             continue;
@@ -82,19 +68,13 @@ pub fn needed_pairs(view: &ClusterView, node: &str) -> BTreeSet<NeededPair> {
             for (w, id) in &placed {
                 let admitted = match peers {
                     None => true,
-                    Some(list) => list
-                        .iter()
-                        .any(|p| p.matches(&policy.metadata.namespace, w, id)),
+                    Some(list) => list.iter().any(|p| p.matches(&policy.metadata.namespace, w, id)),
                 };
                 if !admitted {
                     continue;
                 }
                 for (_, subject) in &subjects {
-                    out.insert(NeededPair {
-                        local: subject.clone(),
-                        remote: id.clone(),
-                        remote_node: w.node.clone(),
-                    });
+                    out.insert(NeededPair { local: subject.clone(), remote: id.clone(), remote_node: w.node.clone() });
                 }
             }
         }
@@ -105,18 +85,8 @@ pub fn needed_pairs(view: &ClusterView, node: &str) -> BTreeSet<NeededPair> {
 /// The peer lists of a policy's Allow rules with `authentication: required`
 /// (either direction); `None` = every peer.
 fn auth_rule_peers(policy: &MeshPolicy) -> Vec<Option<&Vec<PeerSelector>>> {
-    let ingress = policy
-        .spec
-        .ingress
-        .iter()
-        .flatten()
-        .map(|r| (r, r.from.as_ref()));
-    let egress = policy
-        .spec
-        .egress
-        .iter()
-        .flatten()
-        .map(|r| (r, r.to.as_ref()));
+    let ingress = policy.spec.ingress.iter().flatten().map(|r| (r, r.from.as_ref()));
+    let egress = policy.spec.egress.iter().flatten().map(|r| (r, r.to.as_ref()));
     ingress
         .chain(egress)
         .filter(|(r, _)| r.action == Action::Allow && r.authentication == Authentication::Required)
@@ -126,11 +96,7 @@ fn auth_rule_peers(policy: &MeshPolicy) -> Vec<Option<&Vec<PeerSelector>>> {
 
 /// The SPIFFE ID of every workload `view` places on `node`.
 pub fn hosted_on(view: &ClusterView, td: &TrustDomain, node: &str) -> BTreeSet<SpiffeId> {
-    view.workloads
-        .values()
-        .filter(|w| w.node == node)
-        .filter_map(|w| w.spiffe_id(td).ok())
-        .collect()
+    view.workloads.values().filter(|w| w.node == node).filter_map(|w| w.spiffe_id(td).ok()).collect()
 }
 
 #[cfg(test)]
@@ -166,11 +132,7 @@ mod tests {
     }
 
     fn pair(l: &str, r: &str, n: &str) -> NeededPair {
-        NeededPair {
-            local: id(l),
-            remote: id(r),
-            remote_node: n.into(),
-        }
+        NeededPair { local: id(l), remote: id(r), remote_node: n.into() }
     }
 
     const API: &str = r#"
@@ -189,10 +151,7 @@ spec:
     #[test]
     fn the_subjects_node_needs_one_pair_per_placed_peer_and_node() {
         let v = view(API);
-        assert_eq!(
-            needed_pairs(&v, "node-2"),
-            [pair("api", "web", "node-1"), pair("api", "web", "node-3")].into()
-        );
+        assert_eq!(needed_pairs(&v, "node-2"), [pair("api", "web", "node-1"), pair("api", "web", "node-3")].into());
         // The peers' nodes need nothing: the check is at the subject's interface.
         assert!(needed_pairs(&v, "node-1").is_empty());
         assert!(needed_pairs(&v, "node-3").is_empty());
@@ -200,12 +159,12 @@ spec:
 
     #[test]
     fn an_empty_peer_list_means_every_placed_workload_and_deny_rules_need_nothing() {
-        let v = view(&API.replace("from: [{serviceAccount: web}]", "from: []").replace("    - from: [{serviceAccount: db}]\n", "    - action: Deny\n      from: [{serviceAccount: db}]\n      authentication: required\n"));
+        let v = view(&API.replace("from: [{serviceAccount: web}]", "from: []").replace(
+            "    - from: [{serviceAccount: db}]\n",
+            "    - action: Deny\n      from: [{serviceAccount: db}]\n      authentication: required\n",
+        ));
         let got = needed_pairs(&v, "node-2");
-        assert!(
-            got.contains(&pair("api", "db", "node-2")),
-            "same-node pairs too: {got:?}"
-        );
+        assert!(got.contains(&pair("api", "db", "node-2")), "same-node pairs too: {got:?}");
         assert!(got.contains(&pair("api", "api", "node-2")));
         assert_eq!(got.len(), 4, "{got:?}");
     }
@@ -215,13 +174,7 @@ spec:
         let v = view(
             "apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  egress:\n    - to: [{spiffeId: \"spiffe://cluster.local/ns/shop/sa/db\"}]\n      authentication: required\n",
         );
-        assert_eq!(
-            needed_pairs(&v, "node-1"),
-            [pair("web", "db", "node-2")].into()
-        );
-        assert_eq!(
-            needed_pairs(&v, "node-3"),
-            [pair("web", "db", "node-2")].into()
-        );
+        assert_eq!(needed_pairs(&v, "node-1"), [pair("web", "db", "node-2")].into());
+        assert_eq!(needed_pairs(&v, "node-3"), [pair("web", "db", "node-2")].into());
     }
 }

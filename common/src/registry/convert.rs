@@ -38,11 +38,7 @@ pub fn node_from_proto(n: proto::Node) -> Result<NodeRecord, RegistryError> {
     validate_segment(&n.name).map_err(|e| invalid("node name", e))?;
     let key: [u8; 32] = n.public_key.as_slice().try_into().map_err(|_| invalid("node public key", "must be 32 bytes"))?;
     let endpoint: SocketAddr = n.endpoint.parse().map_err(|e| invalid("node endpoint", e))?;
-    let pod_cidrs = n
-        .pod_cidrs
-        .iter()
-        .map(|c| c.parse::<IpNet>().map_err(|e| invalid("node pod CIDR", e)))
-        .collect::<Result<_, _>>()?;
+    let pod_cidrs = n.pod_cidrs.iter().map(|c| c.parse::<IpNet>().map_err(|e| invalid("node pod CIDR", e))).collect::<Result<_, _>>()?;
     Ok(NodeRecord { name: n.name, public_key: PublicKey(key), endpoint, pod_cidrs })
 }
 
@@ -62,11 +58,7 @@ pub fn workload_from_proto(w: proto::Workload) -> Result<Workload, RegistryError
     validate_segment(&w.namespace).map_err(|e| invalid("workload namespace", e))?;
     validate_segment(&w.service_account).map_err(|e| invalid("workload service account", e))?;
     validate_segment(&w.node).map_err(|e| invalid("workload node", e))?;
-    let ips = w
-        .ips
-        .iter()
-        .map(|ip| ip.parse::<IpAddr>().map_err(|e| invalid("workload IP", e)))
-        .collect::<Result<_, _>>()?;
+    let ips = w.ips.iter().map(|ip| ip.parse::<IpAddr>().map_err(|e| invalid("workload IP", e))).collect::<Result<_, _>>()?;
     Ok(Workload {
         name: w.name,
         namespace: w.namespace,
@@ -331,12 +323,12 @@ mod tests {
         view.node_ids.insert("node-1".into(), 1);
         let before = view.clone();
         let bad = [
-            numbers(&[("spiffe://td/ns/shop/sa/web", 300)], &[]),     // a number changed
-            numbers(&[("spiffe://td/ns/shop/sa/api", 256)], &[]),     // another's number
-            numbers(&[("spiffe://td/ns/shop/sa/api", 2)], &[]),       // reserved
-            numbers(&[("not a spiffe id", 400)], &[]),                 // garbage
-            numbers(&[], &[("node-2", 1)]),                            // another node's id
-            numbers(&[], &[("node-2", 0)]),                            // reserved
+            numbers(&[("spiffe://td/ns/shop/sa/web", 300)], &[]), // a number changed
+            numbers(&[("spiffe://td/ns/shop/sa/api", 256)], &[]), // another's number
+            numbers(&[("spiffe://td/ns/shop/sa/api", 2)], &[]),   // reserved
+            numbers(&[("not a spiffe id", 400)], &[]),            // garbage
+            numbers(&[], &[("node-2", 1)]),                       // another node's id
+            numbers(&[], &[("node-2", 0)]),                       // reserved
             numbers(&[("spiffe://td/ns/a/sa/a", 500), ("spiffe://td/ns/b/sa/b", 500)], &[]), // twice
         ];
         for n in bad {

@@ -157,7 +157,8 @@ pub fn save(path: &Path, cred: &NodeCredential) -> Result<(), NodeFileError> {
     // would leave an unzeroized copy behind).
     let size = 256 + f.spiffe_id.len() + f.key_pkcs8.len() + f.chain.iter().map(|c| c.len() + 4).sum::<usize>();
     let mut bytes = Zeroizing::new(Vec::with_capacity(size));
-    serde_json::to_writer(&mut *bytes, &f).map_err(|e| NodeFileError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
+    serde_json::to_writer(&mut *bytes, &f)
+        .map_err(|e| NodeFileError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
     write_private_atomic(path, &bytes)
 }
 

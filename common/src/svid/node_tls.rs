@@ -120,15 +120,14 @@ impl NodeTls {
     /// missing, malformed, not a node identity of `trust_domain`, expired,
     /// or its key does not match its certificate.
     pub fn load(credentials: &Path, trust_bundle: &Path, trust_domain: &TrustDomain) -> Result<Self, NodeTlsError> {
-        let files = Files { credentials: credentials.to_owned(), trust_bundle: trust_bundle.to_owned(), trust_domain: trust_domain.clone() };
+        let files =
+            Files { credentials: credentials.to_owned(), trust_bundle: trust_bundle.to_owned(), trust_domain: trust_domain.clone() };
         let bundle = BundleCell::new(files.read_bundle()?);
         let cred = files.read_credential()?;
         let creds = CredentialCell::default();
         let identity = files.install(&creds, &cred)?;
-        let ca_id = SpiffeId::new(trust_domain, CA_SERVER_PATH).map_err(|e| NodeTlsError::Bundle {
-            path: trust_bundle.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let ca_id = SpiffeId::new(trust_domain, CA_SERVER_PATH)
+            .map_err(|e| NodeTlsError::Bundle { path: trust_bundle.display().to_string(), reason: e.to_string() })?;
         let verifier = Arc::new(SpiffeVerifier::exactly(bundle.clone(), ca_id));
         let config = super::client_config(creds.clone(), verifier).map_err(|source| NodeTlsError::Tls { source })?;
         let (_, rx) = watch::channel(identity);
@@ -143,7 +142,8 @@ impl NodeTls {
         // The versions before reading, so a change made meanwhile is not missed.
         let seen = (version(credentials), version(trust_bundle));
         let mut this = Self::load(credentials, trust_bundle, trust_domain)?;
-        let files = Files { credentials: credentials.to_owned(), trust_bundle: trust_bundle.to_owned(), trust_domain: trust_domain.clone() };
+        let files =
+            Files { credentials: credentials.to_owned(), trust_bundle: trust_bundle.to_owned(), trust_domain: trust_domain.clone() };
         let (tx, rx) = watch::channel(this.identity.borrow().clone());
         this.identity = rx;
         this.task = Some(tokio::spawn(follow(files, seen, this.creds.clone(), this.bundle.clone(), tx, poll)));
@@ -178,7 +178,8 @@ impl NodeTls {
     /// Replaces the trust bundle's authorities.
     pub fn set_bundle(&self, authorities: Vec<CertificateDer<'static>>) -> Result<(), NodeTlsError> {
         let td = self.bundle.get().trust_domain().clone();
-        let b = X509Bundle::new(td, authorities).map_err(|e| NodeTlsError::Bundle { path: "<identity-ca>".into(), reason: e.to_string() })?;
+        let b =
+            X509Bundle::new(td, authorities).map_err(|e| NodeTlsError::Bundle { path: "<identity-ca>".into(), reason: e.to_string() })?;
         self.bundle.set(b);
         Ok(())
     }
@@ -194,7 +195,10 @@ impl NodeTls {
             .map_err(|s| NodeTlsError::Refused { message: s.message().to_owned() })?
             .into_inner();
         if b.trust_domain != self.bundle.get().trust_domain().as_str() {
-            return Err(NodeTlsError::Bundle { path: "<identity-ca>".into(), reason: format!("it is for trust domain {:?}", b.trust_domain) });
+            return Err(NodeTlsError::Bundle {
+                path: "<identity-ca>".into(),
+                reason: format!("it is for trust domain {:?}", b.trust_domain),
+            });
         }
         self.set_bundle(b.x509_authorities.into_iter().map(CertificateDer::from).collect())?;
         Ok(b.sequence)
@@ -233,7 +237,11 @@ impl Files {
         let path = || self.credentials.display().to_string();
         let cred = node_file::load(&self.credentials)?;
         if cred.spiffe_id.node_name().is_none() || !cred.spiffe_id.is_member_of(&self.trust_domain) {
-            return Err(NodeTlsError::NotANodeIdentity { path: path(), id: cred.spiffe_id.to_string(), trust_domain: self.trust_domain.to_string() });
+            return Err(NodeTlsError::NotANodeIdentity {
+                path: path(),
+                id: cred.spiffe_id.to_string(),
+                trust_domain: self.trust_domain.to_string(),
+            });
         }
         if cred.expires_at <= now_unix() {
             return Err(NodeTlsError::Expired { path: path(), expires_at: cred.expires_at });
@@ -354,8 +362,10 @@ mod tests {
         let server = crate::svid::server_config(creds, Arc::new(SpiffeVerifier::any_in_trust_domain(bundle))).unwrap();
         let (c, s) = tokio::io::duplex(64 * 1024);
         let name = rustls::pki_types::ServerName::try_from(registry::TLS_SERVER_NAME).unwrap();
-        let (client, server) =
-            tokio::join!(tokio_rustls::TlsConnector::from(tls).connect(name, c), tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(s));
+        let (client, server) = tokio::join!(
+            tokio_rustls::TlsConnector::from(tls).connect(name, c),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(s)
+        );
         let (_client, server) = (client.unwrap(), server.unwrap());
         server.get_ref().1.peer_certificates().unwrap()[0].to_vec()
     }
@@ -405,7 +415,13 @@ mod tests {
         let workload = {
             let id = s.ca.trust_domain.workload_id("shop", "web").unwrap();
             let (chain, key, expires_at) = s.ca.leaf(&id, 3600);
-            NodeCredential { spiffe_id: id, chain: chain.into_iter().map(|c| c.to_vec()).collect(), key_pkcs8: key, issued_at: 0, expires_at }
+            NodeCredential {
+                spiffe_id: id,
+                chain: chain.into_iter().map(|c| c.to_vec()).collect(),
+                key_pkcs8: key,
+                issued_at: 0,
+                expires_at,
+            }
         };
         save(&s.cred, &workload).unwrap();
         assert!(matches!(err(&s.cred, &s.bundle), NodeTlsError::NotANodeIdentity { .. }));

@@ -59,27 +59,14 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh pin root: whatever a crashed run with the same pid left is removed.
 pub fn test_pin(name: &str) -> PinLayout {
-    let pin = PinLayout::new(format!(
-        "/sys/fs/bpf/meshguard-test/{}-{}-{}",
-        name,
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let pin = PinLayout::new(format!("/sys/fs/bpf/meshguard-test/{}-{}-{}", name, std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
     let _ = pin.remove();
     pin
 }
 
 pub fn small_config(pin: PinLayout) -> DatapathConfig {
     let mut cfg = DatapathConfig::new(pin, 1);
-    cfg.sizes = MapSizes {
-        endpoints: 64,
-        ipcache: 1024,
-        policy: 4096,
-        subjects: 1024,
-        auth: 1024,
-        conntrack: 4096,
-        fragments: 256,
-    };
+    cfg.sizes = MapSizes { endpoints: 64, ipcache: 1024, policy: 4096, subjects: 1024, auth: 1024, conntrack: 4096, fragments: 256 };
     cfg
 }
 
@@ -139,9 +126,7 @@ impl Harness {
         let changed: Vec<Code> = after
             .iter()
             .filter(|((d, c), v)| {
-                *d == dir
-                    && !matches!(c, Code::Forward(f) if f.code() >= 100)
-                    && before.get(&(*d, *c)).map_or(0, |b| b.packets) < v.packets
+                *d == dir && !matches!(c, Code::Forward(f) if f.code() >= 100) && before.get(&(*d, *c)).map_or(0, |b| b.packets) < v.packets
             })
             .map(|((_, c), _)| *c)
             .collect();

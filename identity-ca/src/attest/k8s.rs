@@ -42,11 +42,7 @@ pub struct K8sAttestor<R> {
 
 impl<R: TokenReviewer> K8sAttestor<R> {
     pub fn new(reviewer: R, audience: impl Into<String>, agent_namespace: &str, agent_service_account: &str) -> Self {
-        Self {
-            reviewer,
-            audience: audience.into(),
-            agent: (agent_namespace.to_owned(), agent_service_account.to_owned()),
-        }
+        Self { reviewer, audience: audience.into(), agent: (agent_namespace.to_owned(), agent_service_account.to_owned()) }
     }
 
     async fn attest_token(&self, token: &str) -> Result<AttestedNode, AttestError> {

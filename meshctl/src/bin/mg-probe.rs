@@ -374,10 +374,7 @@ mod stream {
                         }
                     }
                 }
-                let report = format!(
-                    "{{\"received\": {total}, \"pattern_ok\": {ok}, \"max_gap_ms\": {}}}\n",
-                    max_gap.as_millis()
-                );
+                let report = format!("{{\"received\": {total}, \"pattern_ok\": {ok}, \"max_gap_ms\": {}}}\n", max_gap.as_millis());
                 let _ = s.write_all(report.as_bytes());
             });
         }

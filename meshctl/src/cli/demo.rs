@@ -169,7 +169,10 @@ pub fn run(dir: &Path, keep: bool) -> Result<ExitCode, CliError> {
         .iter()
         .flat_map(|n| {
             n.auth_entries.iter().map(move |a| {
-                format!("  on {}: {} with {} on {} (expires in {}s)", n.name, a.local_identity, a.remote_identity, a.remote_node, a.expires_in_seconds)
+                format!(
+                    "  on {}: {} with {} on {} (expires in {}s)",
+                    n.name, a.local_identity, a.remote_identity, a.remote_node, a.expires_in_seconds
+                )
             })
         })
         .collect();

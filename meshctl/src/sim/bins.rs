@@ -24,9 +24,7 @@ pub fn bin_path(name: &str) -> PathBuf {
             return c.clone();
         }
     }
-    panic!(
-        "binary {name:?} not found (looked in {candidates:?}); build it with `cargo build --workspace` or set {BIN_DIR_ENV}"
-    );
+    panic!("binary {name:?} not found (looked in {candidates:?}); build it with `cargo build --workspace` or set {BIN_DIR_ENV}");
 }
 
 /// Fails loudly — never skips — when the test cannot do what it is for.
@@ -38,10 +36,7 @@ pub fn require_root() {
          (euid is {euid}); run the suite with `sudo ./scripts/test.sh`"
     );
     for tool in ["ip", "tcpdump"] {
-        assert!(
-            crate::sim::cmd::output(tool, &["-V"]).is_ok(),
-            "this test needs `{tool}`; install the packages with ./scripts/setup.sh"
-        );
+        assert!(crate::sim::cmd::output(tool, &["-V"]).is_ok(), "this test needs `{tool}`; install the packages with ./scripts/setup.sh");
     }
 }
 

@@ -175,14 +175,12 @@ pub fn judge_with(frames: &[Vec<u8>], wg_port: u16, markers: &[&[u8]], control: 
                 }
             }
             (Some(TransportSlice::Icmpv6(_)), NetSlice::Ipv6(v6))
-                if v6.header().source_addr().segments()[0] & 0xffc0 == 0xfe80
-                    || v6.header().source_addr().is_unspecified() =>
+                if v6.header().source_addr().segments()[0] & 0xffc0 == 0xfe80 || v6.header().source_addr().is_unspecified() =>
             {
                 r.link_control += 1;
             }
             (_, NetSlice::Ipv4(v4))
-                if v4.header().protocol() == etherparse::IpNumber::IGMP
-                    && v4.header().destination()[..3] == [224, 0, 0] =>
+                if v4.header().protocol() == etherparse::IpNumber::IGMP && v4.header().destination()[..3] == [224, 0, 0] =>
             {
                 r.link_control += 1;
             }

@@ -688,10 +688,7 @@ impl Cluster {
         loop {
             {
                 let mut children = self.children.lock().expect("children lock");
-                let child = children
-                    .iter_mut()
-                    .find(|c| c.id() == pid)
-                    .ok_or_else(|| ClusterError::Invalid(format!("no child {pid}")))?;
+                let child = children.iter_mut().find(|c| c.id() == pid).ok_or_else(|| ClusterError::Invalid(format!("no child {pid}")))?;
                 if let Some(status) = child.try_wait()? {
                     return Ok(status);
                 }
@@ -730,11 +727,11 @@ impl Cluster {
 
     /// GET on the node agent's metrics port; an error unless 200.
     pub fn http_get(&self, node: &str, path: &str) -> Result<String> {
-        let out = self.exec_node(node, bin_path("mg-probe").to_str().expect("utf-8 path"), &[
-            "http-get",
-            &format!("127.0.0.1:{METRICS_PORT}"),
-            path,
-        ])?;
+        let out = self.exec_node(
+            node,
+            bin_path("mg-probe").to_str().expect("utf-8 path"),
+            &["http-get", &format!("127.0.0.1:{METRICS_PORT}"), path],
+        )?;
         if !out.status.success() {
             return Err(ClusterError::Invalid(String::from_utf8_lossy(&out.stderr).into_owned()));
         }
@@ -820,10 +817,7 @@ fn signal(pid: u32, sig: i32) {
 fn link_mac(ns: &str, ifname: &str) -> Result<String> {
     let out = ip_in(ns, &["-j", "link", "show", ifname])?;
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| ClusterError::Invalid(e.to_string()))?;
-    v[0]["address"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| ClusterError::Invalid(format!("no MAC for {ifname} in {ns}")))
+    v[0]["address"].as_str().map(str::to_owned).ok_or_else(|| ClusterError::Invalid(format!("no MAC for {ifname} in {ns}")))
 }
 
 /// The last `lines` lines of a log file (empty if it cannot be read).
@@ -1004,8 +998,7 @@ impl Cluster {
     pub fn node_public_key(&self, node: &str) -> Result<String> {
         let path = self.cluster_dir().join("nodes").join(format!("{node}.yaml"));
         let text = std::fs::read_to_string(&path)?;
-        let rec: meshguard_common::cluster::NodeRecord =
-            serde_yaml::from_str(&text).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let rec: meshguard_common::cluster::NodeRecord = serde_yaml::from_str(&text).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         Ok(rec.public_key.to_base64())
     }
 }

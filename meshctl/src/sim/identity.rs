@@ -69,12 +69,19 @@ pub enum Outcome {
     Svid(SvidReport),
     Jwt(JwtReport),
     /// `validate`: the Workload API accepted the token, issued to `spiffe_id`.
-    Valid { spiffe_id: String },
+    Valid {
+        spiffe_id: String,
+    },
     /// `validate`: the Workload API rejected the token (InvalidArgument).
-    Invalid { message: String },
+    Invalid {
+        message: String,
+    },
     /// The Workload API refused (gRPC PermissionDenied): `reason` is
     /// `no_identity_issued` or `permission_denied`.
-    Refused { reason: String, message: String },
+    Refused {
+        reason: String,
+        message: String,
+    },
 }
 
 /// A JWT-SVID as a standard client received it.
@@ -233,7 +240,8 @@ impl<'c> IdentityBuilder<'c> {
                 node = self.node_svid_ttl.as_secs(),
             ),
         )?;
-        let ca_pid = c.spawn_in(&c.underlay_ns, &bin_path("identity-ca"), &["run", "--config", path_str(&config)], &log_env(), "identity/ca.log")?;
+        let ca_pid =
+            c.spawn_in(&c.underlay_ns, &bin_path("identity-ca"), &["run", "--config", path_str(&config)], &log_env(), "identity/ca.log")?;
         let mut id = Identity {
             cluster: c,
             bundle_file: dir.join("bundle.pem"),
@@ -253,8 +261,18 @@ impl<'c> IdentityBuilder<'c> {
         for p in &c.pods {
             let ip = p.ip.to_string();
             let mut args = vec![
-                "workload", "put", "--name", &p.name, "--namespace", &p.namespace, "--service-account", &p.service_account, "--node",
-                &p.node, "--ip", &ip,
+                "workload",
+                "put",
+                "--name",
+                &p.name,
+                "--namespace",
+                &p.namespace,
+                "--service-account",
+                &p.service_account,
+                "--node",
+                &p.node,
+                "--ip",
+                &ip,
             ];
             let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             for l in &labels {
@@ -332,7 +350,8 @@ impl Identity<'_> {
     /// auth-handshake's Prometheus text on `node`.
     pub fn auth_metrics(&self, node: &str) -> Result<String> {
         let c = self.cluster;
-        let out = c.exec_node(node, path_str(&bin_path("mg-probe")), &["http-get", &format!("127.0.0.1:{AUTH_METRICS_PORT}"), "/metrics"])?;
+        let out =
+            c.exec_node(node, path_str(&bin_path("mg-probe")), &["http-get", &format!("127.0.0.1:{AUTH_METRICS_PORT}"), "/metrics"])?;
         if !out.status.success() {
             return Err(ClusterError::Invalid(String::from_utf8_lossy(&out.stderr).into_owned()));
         }
@@ -465,7 +484,12 @@ impl Identity<'_> {
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
         let mut logs = vec![("identity-ca".to_owned(), self.cluster.dir.join("identity/ca.log"))];
-        logs.extend(self.cluster.nodes.iter().map(|n| (format!("{} auth-handshake", n.name), self.cluster.dir.join(format!("identity/{}.log", n.name)))));
+        logs.extend(
+            self.cluster
+                .nodes
+                .iter()
+                .map(|n| (format!("{} auth-handshake", n.name), self.cluster.dir.join(format!("identity/{}.log", n.name)))),
+        );
         for (what, path) in logs {
             out.push_str(&format!("--- {what} log (tail) ---\n{}\n", log_tail(&path, lines)));
         }
@@ -567,17 +591,9 @@ impl SvidReport {
         let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("leaf unusable: {e:?}"))?;
         let intermediates: Vec<CertificateDer<'_>> = intermediates.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
         let at = UnixTime::since_unix_epoch(at.duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?);
-        ee.verify_for_usage(
-            &[webpki::ring::ECDSA_P256_SHA256],
-            &anchors,
-            &intermediates,
-            at,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map(|_| ())
-        .map_err(|e| format!("chain does not verify: {e:?}"))
+        ee.verify_for_usage(&[webpki::ring::ECDSA_P256_SHA256], &anchors, &intermediates, at, webpki::KeyUsage::client_auth(), None, None)
+            .map(|_| ())
+            .map_err(|e| format!("chain does not verify: {e:?}"))
     }
 }
 
@@ -617,11 +633,7 @@ fn one_outcome(out: &Output) -> Result<Outcome> {
     let mut all = outcomes(out)?;
     match (all.len(), out.status.code()) {
         (1, Some(0 | 2)) => Ok(all.remove(0)),
-        _ => Err(ClusterError::Invalid(format!(
-            "mg-spiffe failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))),
+        _ => Err(ClusterError::Invalid(format!("mg-spiffe failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))),
     }
 }
 

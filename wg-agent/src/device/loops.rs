@@ -266,9 +266,9 @@ pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr
     // Cryptokey routing: the peer may only speak for its own allowed IPs.
     let allowed = shared.state.read().routes.lookup(src).is_some_and(|p| Arc::ptr_eq(p, &peer));
     if !allowed {
-        shared.stats.drop(DropReason::SourceNotAllowed, || {
-            format!("peer {} sent a packet from {src}, outside its allowed IPs", peer.public_key)
-        });
+        shared
+            .stats
+            .drop(DropReason::SourceNotAllowed, || format!("peer {} sent a packet from {src}, outside its allowed IPs", peer.public_key));
         return;
     }
     if let Err(e) = shared.tun.send(inner) {

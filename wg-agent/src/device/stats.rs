@@ -91,9 +91,7 @@ impl DropReason {
             E::WrongIndex => Self::UnknownIndex,
             E::NoCurrentSession | E::ConnectionExpired => Self::NoSession,
             E::UnderLoad => Self::UnderLoad,
-            E::InvalidPacket | E::IncorrectPacketLength | E::WrongPacketType | E::UnexpectedPacket => {
-                Self::MalformedDatagram
-            }
+            E::InvalidPacket | E::IncorrectPacketLength | E::WrongPacketType | E::UnexpectedPacket => Self::MalformedDatagram,
             E::InvalidAeadTag | E::WrongKey | E::InvalidTai64nTimestamp => Self::DecryptFailed,
             E::DestinationBufferTooSmall | E::LockFailed => Self::IoError,
         }
@@ -118,12 +116,7 @@ pub struct Stats {
 
 impl Default for Stats {
     fn default() -> Self {
-        Self {
-            drops: Default::default(),
-            last_log_ms: Default::default(),
-            epoch: Instant::now(),
-            handshakes_completed: AtomicU64::new(0),
-        }
+        Self { drops: Default::default(), last_log_ms: Default::default(), epoch: Instant::now(), handshakes_completed: AtomicU64::new(0) }
     }
 }
 

@@ -99,7 +99,11 @@ impl Ctx<'_> {
                 continue;
             }
             let ns = p.namespace.clone().unwrap_or_else(|| policy.metadata.namespace.clone());
-            let by_sa = p.service_account.as_deref().and_then(|sa| self.td.workload_id(&ns, sa).ok()).and_then(|id| self.view.identities.get(&id).copied());
+            let by_sa = p
+                .service_account
+                .as_deref()
+                .and_then(|sa| self.td.workload_id(&ns, sa).ok())
+                .and_then(|id| self.view.identities.get(&id).copied());
             // The same selection auth-handshake uses for the pairs it proves ahead.
             let matched = self.identities_of(what, |w| p.matches_workload(&policy.metadata.namespace, w));
             out.extend(matched);
@@ -138,8 +142,7 @@ pub fn compile(view: &ClusterView) -> Compiled {
         let key = policy.key();
         let ns = policy.metadata.namespace.clone();
         let selector = policy.spec.selector.clone();
-        let subjects =
-            ctx.identities_of(&format!("policy {key} selector"), |w| w.namespace == ns && selector.matches(&w.labels));
+        let subjects = ctx.identities_of(&format!("policy {key} selector"), |w| w.namespace == ns && selector.matches(&w.labels));
         if subjects.is_empty() {
             continue;
         }

@@ -20,8 +20,7 @@ pub struct EndpointFile {
 
 /// Reads `<dir>/*.yaml`, sorted by file name.
 pub fn read_endpoints(dir: &Path) -> Result<Vec<EndpointFile>, EnforceError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|source| EnforceError::Endpoints { dir: dir.display().to_string(), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| EnforceError::Endpoints { dir: dir.display().to_string(), source })?;
     let mut out = Vec::new();
     for e in entries {
         let e = e.map_err(|source| EnforceError::Endpoints { dir: dir.display().to_string(), source })?;
@@ -34,11 +33,7 @@ pub fn read_endpoints(dir: &Path) -> Result<Vec<EndpointFile>, EnforceError> {
             .map_err(|e| format!("cannot read: {e}"))
             .and_then(|text| serde_yaml::from_str::<LocalEndpoint>(&text).map_err(|e| format!("invalid: {e}")))
             .and_then(|ep| {
-                if ep.file_name() == file {
-                    Ok(ep)
-                } else {
-                    Err(format!("describes pod {} but is not named {}", ep.key(), ep.file_name()))
-                }
+                if ep.file_name() == file { Ok(ep) } else { Err(format!("describes pod {} but is not named {}", ep.key(), ep.file_name())) }
             });
         out.push(EndpointFile { file, endpoint });
     }

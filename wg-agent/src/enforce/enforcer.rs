@@ -186,12 +186,7 @@ impl<D: DatapathApi> Enforcer<D> {
         let policy_changed = !self.policy_applied || self.state.lock().compiled.set != compiled.set;
         if policy_changed {
             let revision = self.dp.replace_policy(&compiled.set)?;
-            tracing::info!(
-                revision,
-                entries = compiled.set.entries.len(),
-                isolated = compiled.set.default_deny.len(),
-                "policy applied"
-            );
+            tracing::info!(revision, entries = compiled.set.entries.len(), isolated = compiled.set.default_deny.len(), "policy applied");
             for w in &compiled.warnings {
                 tracing::warn!(warning = %w, "policy");
             }
@@ -217,8 +212,7 @@ impl<D: DatapathApi> Enforcer<D> {
         }
         for (iface, want) in &plan.interfaces {
             let settled = self.pods.get(iface).is_some_and(|p| {
-                p.want == *want
-                    && !matches!(p.state, PodState::Failed { .. } | PodState::Closed { reason: HoldReason::AttachFailed, .. })
+                p.want == *want && !matches!(p.state, PodState::Failed { .. } | PodState::Closed { reason: HoldReason::AttachFailed, .. })
             });
             if settled {
                 continue;
@@ -339,7 +333,6 @@ impl<D: DatapathApi> Enforcer<D> {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -100,16 +100,16 @@ pub fn plan(files: &[EndpointFile], view: &ClusterView, node: &str, known_files:
                             }),
                         })
                         .ok_or_else(|| {
-                            (HoldReason::UnknownWorkload, format!("the cluster view names no workload {} on {node} with an identity", ep.key()))
+                            (
+                                HoldReason::UnknownWorkload,
+                                format!("the cluster view names no workload {} on {node} with an identity", ep.key()),
+                            )
                         }),
                 };
                 (ep.interface.clone(), Want { pod: ep.key(), target })
             }
             Err(error) => match known_files.get(&f.file) {
-                Some(iface) => (
-                    iface.clone(),
-                    Want { pod: f.file.clone(), target: Err((HoldReason::UnreadableEndpoint, error.clone())) },
-                ),
+                Some(iface) => (iface.clone(), Want { pod: f.file.clone(), target: Err((HoldReason::UnreadableEndpoint, error.clone())) }),
                 None => {
                     out.unreadable.insert(f.file.clone(), error.clone());
                     continue;

@@ -61,11 +61,7 @@ impl HostUdp {
         if fwmark != 0 {
             socket.set_mark(fwmark)?;
         }
-        let port = socket
-            .local_addr()?
-            .as_socket()
-            .map(|a| a.port())
-            .ok_or_else(|| io::Error::other("bound socket has no address"))?;
+        let port = socket.local_addr()?.as_socket().map(|a| a.port()).ok_or_else(|| io::Error::other("bound socket has no address"))?;
         Ok(Self { socket, dual_stack, port, gso: AtomicBool::new(true) })
     }
 
@@ -80,9 +76,7 @@ impl HostUdp {
 
     fn target(&self, dst: SocketAddr) -> SockAddr {
         match dst {
-            SocketAddr::V4(v4) if self.dual_stack => {
-                SockAddr::from(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
+            SocketAddr::V4(v4) if self.dual_stack => SockAddr::from(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
             other => SockAddr::from(other),
         }
     }
@@ -184,9 +178,8 @@ fn recv_mmsg(socket: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     // SAFETY: `msgs[..n]` point at `n` live iovecs over live, exclusively
     // borrowed buffers and at `n` sockaddr_storage slots, all of which outlive
     // the call; the kernel writes at most the lengths given.
-    let got = unsafe {
-        libc::recvmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut())
-    };
+    let got =
+        unsafe { libc::recvmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
     if got < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -175,20 +175,15 @@ impl AgentConfig {
 }
 
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let raw: RawConfig =
-        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let raw: RawConfig = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
     construct_config(raw)
 }
 
 pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     let invalid = |m: String| Err(ConfigError::Invalid(m));
     if meshguard_common::spiffe::validate_segment(&raw.node_name).is_err() {
-        return invalid(format!(
-            "nodeName {:?} must be a non-empty name of letters, digits, '.', '-', '_'",
-            raw.node_name
-        ));
+        return invalid(format!("nodeName {:?} must be a non-empty name of letters, digits, '.', '-', '_'", raw.node_name));
     }
     let interface = raw.interface.unwrap_or_else(|| DEFAULT_INTERFACE.to_owned());
     if let Err(e) = validate_ifname(&interface) {
@@ -234,19 +229,14 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     let source = match (raw.cluster.dir, raw.cluster.registry) {
         (Some(path), None) => SourceConfig::Dir {
             path,
-            poll: raw
-                .cluster
-                .poll_interval_ms
-                .map(Duration::from_millis)
-                .unwrap_or(meshguard_common::cluster::file::DEFAULT_POLL_INTERVAL),
+            poll: raw.cluster.poll_interval_ms.map(Duration::from_millis).unwrap_or(meshguard_common::cluster::file::DEFAULT_POLL_INTERVAL),
         },
         (None, Some(r)) => SourceConfig::Registry {
             address: r.address,
             node_credentials: r.node_credentials,
             trust_bundle: r.trust_bundle,
             trust_domain: r.trust_domain.unwrap_or_else(|| {
-                meshguard_common::spiffe::TrustDomain::new(meshguard_common::cluster::DEFAULT_TRUST_DOMAIN)
-                    .expect("valid constant")
+                meshguard_common::spiffe::TrustDomain::new(meshguard_common::cluster::DEFAULT_TRUST_DOMAIN).expect("valid constant")
             }),
             bundle_refresh: r.bundle_refresh_ms.map(Duration::from_millis).unwrap_or(DEFAULT_BUNDLE_REFRESH),
         },
@@ -287,7 +277,8 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
-    const BASE: &str = "nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nclusterCidrs: [10.244.0.0/16]\ncluster: {dir: /tmp/c}\n";
+    const BASE: &str =
+        "nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nclusterCidrs: [10.244.0.0/16]\ncluster: {dir: /tmp/c}\n";
 
     #[test]
     fn defaults_apply() {
@@ -309,7 +300,10 @@ mod tests {
             (BASE.replace("10.244.0.0/16", "10.245.0.0/16"), "outside every clusterCidr"),
             (BASE.replace("cluster: {dir: /tmp/c}", "cluster: {}"), "give a source"),
             (
-                BASE.replace("cluster: {dir: /tmp/c}", "cluster: {dir: /tmp/c, registry: {address: a, nodeCredentials: c, trustBundle: b}}"),
+                BASE.replace(
+                    "cluster: {dir: /tmp/c}",
+                    "cluster: {dir: /tmp/c, registry: {address: a, nodeCredentials: c, trustBundle: b}}",
+                ),
                 "not both",
             ),
             (format!("{BASE}mtu: 100\n"), "mtu"),

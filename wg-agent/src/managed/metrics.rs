@@ -18,9 +18,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::enforce::{EnforceState, PodState};
 use super::reconcile::Refusal;
 use crate::device::{Device, DropReason};
+use crate::enforce::{EnforceState, PodState};
 
 /// What the collector reads on every scrape.
 #[derive(Debug)]
@@ -130,8 +130,7 @@ impl Collector for AgentMetrics {
             ("meshguard_wg_peer_transmit_bytes", "Bytes sent to a peer (WireGuard datagrams).", 0),
             ("meshguard_wg_peer_receive_bytes", "Authenticated bytes received from a peer.", 1),
         ] {
-            let mut m =
-                enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            let mut m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
             for p in &snap.peers {
                 let l = label("peer", &name_of(&p.public_key));
                 let v = if pick == 0 { p.tx_bytes } else { p.rx_bytes };
@@ -147,10 +146,7 @@ impl Collector for AgentMetrics {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for ((dir, code), c) in &st.counters {
-                let l = vec![
-                    ("direction".to_owned(), format!("{dir:?}").to_lowercase()),
-                    ("reason".to_owned(), code.to_string()),
-                ];
+                let l = vec![("direction".to_owned(), format!("{dir:?}").to_lowercase()), ("reason".to_owned(), code.to_string())];
                 ConstCounter::new(c.packets).encode(m.encode_family(&l)?)?;
             }
             let mut m = enc.encode_descriptor(

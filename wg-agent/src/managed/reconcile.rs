@@ -89,9 +89,8 @@ pub fn plan(cfg: &AgentConfig, own_key: PublicKey, view: &ClusterView, applied: 
     }
     let mut accepted: Vec<&NodeRecord> = Vec::new();
     for n in &valid {
-        let clash = valid.iter().any(|other| {
-            other.name != n.name && n.pod_cidrs.iter().any(|p| other.pod_cidrs.iter().any(|q| overlaps(p, q)))
-        });
+        let clash =
+            valid.iter().any(|other| other.name != n.name && n.pod_cidrs.iter().any(|p| other.pod_cidrs.iter().any(|q| overlaps(p, q))));
         if clash {
             out.refused.push((n.name.clone(), Refusal::OverlapsPeer));
         } else {
@@ -175,8 +174,7 @@ mod tests {
         assert!(p.refused.is_empty());
         assert_eq!(p.update.peers.len(), 2);
         assert!(p.update.peers.iter().all(|u| u.endpoint.is_some() && u.replace_allowed_ips));
-        let tunnel: Vec<String> =
-            p.routes.iter().filter(|r| r.kind == RouteKind::Tunnel).map(|r| r.dst.to_string()).collect();
+        let tunnel: Vec<String> = p.routes.iter().filter(|r| r.kind == RouteKind::Tunnel).map(|r| r.dst.to_string()).collect();
         assert_eq!(tunnel, ["10.244.0.0/16", "10.244.2.0/24", "10.244.3.0/24"]);
         assert!(p.routes.contains(&MeshRoute { dst: "10.244.0.0/16".parse().unwrap(), kind: RouteKind::Blackhole }));
 
@@ -220,9 +218,10 @@ mod tests {
     /// tunnel. Either the configuration is refused or the record is.
     #[test]
     fn a_non_strict_node_never_accepts_a_range_outside_the_cluster() {
-        let raw: RawConfig =
-            serde_yaml::from_str("nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nstrict: false\ncluster: {dir: /x}\n")
-                .unwrap();
+        let raw: RawConfig = serde_yaml::from_str(
+            "nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nstrict: false\ncluster: {dir: /x}\n",
+        )
+        .unwrap();
         let v = view(&[node("greedy", 4, "8.8.8.0/24")]);
         match construct_config(raw) {
             Err(e) => assert!(e.to_string().contains("clusterCidrs"), "{e}"),

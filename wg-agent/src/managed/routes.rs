@@ -81,12 +81,11 @@ impl Routes {
         for (route, msg) in have {
             if route.is_none_or(|r| !want.contains(&r)) {
                 let dst = route.map_or_else(|| "0.0.0.0/0".parse().unwrap(), |r| r.dst);
-                self.handle
-                    .route()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|source| RouteError::Netlink { what: "route removal", dst, source })?;
+                self.handle.route().del(msg).execute().await.map_err(|source| RouteError::Netlink {
+                    what: "route removal",
+                    dst,
+                    source,
+                })?;
             }
         }
         Ok(())
@@ -124,10 +123,7 @@ impl Routes {
     /// understand; anything else with our protocol is removed by `sync`.
     async fn list_own(&self) -> Result<Vec<(Option<MeshRoute>, RouteMessage)>, RouteError> {
         let mut out = Vec::new();
-        for filter in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
+        for filter in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<Ipv6Addr>::new().build()] {
             let mut stream = self.handle.route().get(filter).execute();
             while let Some(msg) = stream.try_next().await.map_err(RouteError::List)? {
                 if msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {

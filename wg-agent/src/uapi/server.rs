@@ -69,10 +69,7 @@ impl UapiServer {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("uapi".into())
-                .spawn(move || accept_loop(listener, device, access, &stop))
-                .map_err(bind_err)?
+            std::thread::Builder::new().name("uapi".into()).spawn(move || accept_loop(listener, device, access, &stop)).map_err(bind_err)?
         };
         Ok(Self { path, stop, thread: Some(thread) })
     }
@@ -115,10 +112,8 @@ fn accept_loop(listener: UnixListener, device: Arc<Device>, access: Access, stop
 /// Reads one line without its newline; `None` at end of stream.
 fn read_line(r: &mut impl BufRead) -> Result<Option<String>, UapiError> {
     let mut buf = Vec::new();
-    let n = r
-        .take(MAX_LINE_LEN as u64 + 1)
-        .read_until(b'\n', &mut buf)
-        .map_err(|e| UapiError { errno: errno::EIO, message: e.to_string() })?;
+    let n =
+        r.take(MAX_LINE_LEN as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| UapiError { errno: errno::EIO, message: e.to_string() })?;
     if n == 0 {
         return Ok(None);
     }
