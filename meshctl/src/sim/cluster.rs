@@ -636,20 +636,9 @@ impl Cluster {
     /// Starts a long-running command in any of the run's namespaces, its
     /// output appended to `<run dir>/<log>`; it is killed with the cluster.
     pub fn spawn_in(&self, netns: &str, program: &Path, args: &[&str], env: &[(&str, &str)], log: &str) -> Result<u32> {
-        let log = OpenOptions::new().create(true).append(true).open(self.dir.join(log))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(program)
-            .args(args)
-            .envs(env.iter().copied())
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let pid = child.id();
-        self.children.lock().expect("children lock").push(child);
-        Ok(pid)
+        let mut launcher = Command::new("ip");
+        launcher.args(["netns", "exec", netns]);
+        self.spawn_logged(launcher, program, args, env, log)
     }
 
     /// [`Cluster::spawn_in`] for a node's own daemons: `nsenter --net` rather
@@ -657,10 +646,16 @@ impl Cluster {
     /// it the bpffs where the node's datapath is pinned (auth-handshake
     /// opens the auth map and signal ring there).
     pub fn spawn_in_node(&self, netns: &str, program: &Path, args: &[&str], env: &[(&str, &str)], log: &str) -> Result<u32> {
+        let mut launcher = Command::new("nsenter");
+        launcher.arg(format!("--net=/run/netns/{netns}")).arg("--");
+        self.spawn_logged(launcher, program, args, env, log)
+    }
+
+    /// Runs `launcher program args` in its own process group, its output
+    /// appended to `<run dir>/<log>`, and keeps the child.
+    fn spawn_logged(&self, mut launcher: Command, program: &Path, args: &[&str], env: &[(&str, &str)], log: &str) -> Result<u32> {
         let log = OpenOptions::new().create(true).append(true).open(self.dir.join(log))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg("--")
+        let child = launcher
             .arg(program)
             .args(args)
             .envs(env.iter().copied())
