@@ -16,6 +16,7 @@ const OBJECTS: &[(&str, &str, &[&str])] = &[
     ("meshguard.c", "meshguard_bench.o", &["-DMG_BENCH_NEWFLOW"]),
     ("floors.c", "floors.o", &[]),
     ("abi.c", "abi.o", &[]),
+    ("replay.c", "replay.o", &[]),
 ];
 
 fn main() {

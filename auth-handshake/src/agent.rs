@@ -121,8 +121,13 @@ impl Agent {
                     }
                 });
             }
-            let settings =
-                Settings { node: config.node_name.clone(), trust_domain: config.trust_domain.clone(), port: h.port, listen: h.listen };
+            let settings = Settings {
+                node: config.node_name.clone(),
+                trust_domain: config.trust_domain.clone(),
+                port: h.port,
+                listen: h.listen,
+                prove_ahead: h.prove_ahead,
+            };
             let creds: Arc<dyn NodeCredentials> = ca.clone();
             let datapath = Datapath::Pinned(PinLayout::new(&h.pin_dir));
             tasks.spawn(crate::mutual::run(settings, creds, state.clone(), source.subscribe(), datapath, metrics));

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub signals: Counter,
     /// From the datapath's auth-required signal to the entry in the map.
     pub signal_to_entry_seconds: Histogram,
+    /// First packets held with a signal, by `result`: held, replayed,
+    /// expired (no entry in time), overflow (over the bounds), failed.
+    pub held_packets: Family<Labels, Counter>,
     registry: Registry,
 }
 
@@ -44,6 +47,7 @@ impl Metrics {
         let deletions = Family::<Labels, Counter>::default();
         let signals = Counter::default();
         let signal_to_entry_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        let held_packets = Family::<Labels, Counter>::default();
         let mut r = Registry::default();
         r.register("meshguard_auth_handshakes", "Identity-pair proofs, by result, refusal reason and role.", handshakes.clone());
         r.register(
@@ -60,7 +64,22 @@ impl Metrics {
             "Time from a datapath signal to the entry it asked for.",
             signal_to_entry_seconds.clone(),
         );
-        Arc::new(Self { handshakes, handshake_seconds, entries, renewals, deletions, signals, signal_to_entry_seconds, registry: r })
+        r.register(
+            "meshguard_auth_held_packets",
+            "Packets the datapath held with an auth-required signal, by what became of them.",
+            held_packets.clone(),
+        );
+        Arc::new(Self {
+            handshakes,
+            handshake_seconds,
+            entries,
+            renewals,
+            deletions,
+            signals,
+            signal_to_entry_seconds,
+            held_packets,
+            registry: r,
+        })
     }
 
     pub fn ok(&self, role: &str) {
@@ -73,6 +92,10 @@ impl Metrics {
 
     pub fn deleted(&self, why: Deletion) {
         self.deletions.get_or_create(&labels(&[("reason", why.as_str())])).inc();
+    }
+
+    pub fn held(&self, result: &str, n: u64) {
+        self.held_packets.get_or_create(&labels(&[("result", result)])).inc_by(n);
     }
 
     pub fn encode(&self) -> String {

@@ -15,6 +15,8 @@ use meshguard_common::cluster::ClusterView;
 use meshguard_common::policy::auth_pairs::needed_pairs;
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
 use meshguard_common::svid::{BundleCell, CredentialCell, X509Bundle};
+use meshguard_ebpf::policy::Direction;
+use meshguard_ebpf::replay::Replayer;
 use meshguard_ebpf::{AuthPair, DatapathError, PinLayout};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use tokio::sync::{mpsc, watch};
@@ -36,19 +38,60 @@ pub const KEY_CHANGE_GRACE: Duration = Duration::from_secs(1);
 /// proved are removed this long after the map is opened.
 pub const SWEEP_AFTER: Duration = Duration::from_secs(10);
 
+/// A first packet is held this long for its entry, then dropped (TCP
+/// has retransmitted by then and the retransmission is signalled anew).
+pub const HOLD: Duration = Duration::from_secs(2);
+/// Most packets held per pair, and in all.
+pub const MAX_HELD_PER_PAIR: usize = 8;
+pub const MAX_HELD: usize = 1024;
+
 /// One auth-required signal from the datapath, by number.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Signal {
     pub pair: AuthPair,
     pub at: Instant,
+    /// The packet that raised it, to replay once the entry is written.
+    pub held: Option<Held>,
+}
+
+/// A packet the datapath dropped for want of an auth entry, as it saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub direction: Direction,
+    pub ifindex: u32,
+    /// Ethernet header first.
+    pub frame: Vec<u8>,
 }
 
 /// Where the auth map and the signals come from.
 pub enum Datapath {
     /// The node's pinned datapath (opened when wg-agent has loaded it).
     Pinned(PinLayout),
-    /// In memory (tests, nodes without a datapath); signals arrive on the channel.
-    Memory(MemoryAuthMap, mpsc::UnboundedReceiver<Signal>),
+    /// In memory (tests, nodes without a datapath); signals arrive on the
+    /// channel, and held packets are "replayed" into the list.
+    Memory(MemoryAuthMap, mpsc::UnboundedReceiver<Signal>, MemoryReplay),
+}
+
+/// Where held packets go once their entry is written.
+pub trait Replay: Send {
+    fn replay(&self, direction: Direction, ifindex: u32, frame: &[u8]) -> std::io::Result<()>;
+}
+
+impl Replay for Replayer {
+    fn replay(&self, direction: Direction, ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
+        Replayer::replay(self, direction, ifindex, frame)
+    }
+}
+
+/// Records what would be replayed (tests).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryReplay(pub Arc<std::sync::Mutex<Vec<Held>>>);
+
+impl Replay for MemoryReplay {
+    fn replay(&self, direction: Direction, ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(Held { direction, ifindex, frame: frame.to_vec() });
+        Ok(())
+    }
 }
 
 /// The node credential, as the CA client keeps it.
@@ -70,6 +113,8 @@ pub struct Settings {
     pub port: u16,
     /// Where this node listens (usually `0.0.0.0:<port>`).
     pub listen: SocketAddr,
+    /// Prove policy pairs before their first packet (`proveAhead`).
+    pub prove_ahead: bool,
 }
 
 struct NullMap;
@@ -115,6 +160,11 @@ struct Agent {
     backoff: BTreeMap<PairKey, Instant>,
     signaled: BTreeMap<PairKey, Instant>,
     key_changed_since: BTreeMap<PairKey, Instant>,
+    /// First packets waiting for their pair's entry.
+    held: HashMap<AuthPair, Vec<(Instant, Held)>>,
+    held_count: usize,
+    /// Replays held packets; loaded with the pinned map.
+    replayer: Option<Box<dyn Replay>>,
 }
 
 /// Runs the agent until the task is dropped. Waits for the node SVID, a
@@ -179,12 +229,12 @@ pub async fn run(
     let _server = AbortOnDrop(server);
 
     let mut signal_task = None;
-    let (map, pin, mut signals) = match datapath {
-        Datapath::Memory(m, rx) => (Some(Box::new(m) as Box<dyn AuthMap>), None, rx),
+    let (map, pin, mut signals, replayer) = match datapath {
+        Datapath::Memory(m, rx, replay) => (Some(Box::new(m) as Box<dyn AuthMap>), None, rx, Some(Box::new(replay) as Box<dyn Replay>)),
         Datapath::Pinned(pin) => {
             let (tx, rx) = mpsc::unbounded_channel();
             signal_task = Some(AbortOnDrop(tokio::spawn(read_signals(pin.clone(), tx))));
-            (None, Some(pin), rx)
+            (None, Some(pin), rx, None)
         }
     };
     let _signal_task = signal_task;
@@ -215,6 +265,9 @@ pub async fn run(
         backoff: BTreeMap::new(),
         signaled: BTreeMap::new(),
         key_changed_since: BTreeMap::new(),
+        held: HashMap::new(),
+        held_count: 0,
+        replayer,
     };
     a.refresh(svids.borrow_and_update().clone(), view.borrow_and_update().clone());
     a.reconcile();
@@ -277,7 +330,8 @@ async fn read_signals(pin: PinLayout, tx: mpsc::UnboundedSender<Signal>) {
             match reader.next().await {
                 Ok(e) if e.kind == EventKind::AuthRequired => {
                     let pair = AuthPair { local_identity: e.subject, remote_identity: e.peer, remote_node: e.peer_node };
-                    if tx.send(Signal { pair, at: Instant::now() }).is_err() {
+                    let held = (!e.frame.is_empty()).then_some(Held { direction: e.direction, ifindex: e.ifindex, frame: e.frame });
+                    if tx.send(Signal { pair, at: Instant::now(), held }).is_err() {
                         return;
                     }
                 }
@@ -376,6 +430,11 @@ impl Agent {
                     tracing::info!(pin = %pin.root().display(), entries = self.book.len(), "auth map open");
                     self.map = Some(t);
                     self.map_opened = Some(Instant::now());
+                    match Replayer::load() {
+                        Ok(r) => self.replayer = Some(Box::new(r)),
+                        // Held packets then stay dropped, as they would without holding.
+                        Err(error) => tracing::error!(%error, "cannot load the replay program; first packets of unproved pairs are lost"),
+                    }
                 }
                 Err(error) => tracing::debug!(%error, "auth map not there yet"),
             }
@@ -397,6 +456,17 @@ impl Agent {
             }
         }
         let now = Instant::now();
+        let mut expired = 0;
+        self.held.retain(|_, frames| {
+            let before = frames.len();
+            frames.retain(|(at, _)| now.duration_since(*at) < HOLD);
+            expired += before - frames.len();
+            !frames.is_empty()
+        });
+        if expired > 0 {
+            self.held_count -= expired;
+            self.metrics.held("expired", expired as u64);
+        }
         self.inflight.retain(|_, (since, _)| now.duration_since(*since) < REQUEST_TIMEOUT * 2);
         self.backoff.retain(|_, until| *until > now);
     }
@@ -436,7 +506,8 @@ impl Agent {
             }
             self.request(&key, true, &dir);
         }
-        for p in needed_pairs(&self.view, &self.s.node) {
+        let ahead = if self.s.prove_ahead { needed_pairs(&self.view, &self.s.node) } else { BTreeSet::new() };
+        for p in ahead {
             let key = PairKey { local: p.local, remote: p.remote, remote_node: p.remote_node };
             if !self.book.is_fresh(&key, now, 0) {
                 self.request(&key, false, &dir);
@@ -559,6 +630,7 @@ impl Agent {
                     self.metrics.signal_to_entry_seconds.observe(t.elapsed().as_secs_f64());
                 }
                 self.key_changed_since.remove(&key);
+                self.release(pair);
                 tracing::debug!(local = %key.local, remote = %key.remote, remote_node = %key.remote_node, expires_at, role, "auth entry written");
             }
             Err(error) => tracing::error!(%error, "cannot write the auth map"),
@@ -621,11 +693,57 @@ impl Agent {
             return;
         };
         let key = PairKey { local: local.clone(), remote: remote.clone(), remote_node: node.clone() };
+        if let Some(h) = sig.held {
+            self.hold(sig.pair, sig.at, h);
+        }
         if self.book.is_fresh(&key, now_unix(), 0) {
+            // Proved already: the packet crossed the write, or the map lost
+            // the entry. Write it again and let the packet through.
+            if let (Some(e), Some(map)) = (self.book.get(&key), self.map.as_mut()) {
+                let (pair, expires) = (e.pair, crate::entries::unix_to_system(e.proof.expires_at));
+                if let Err(error) = map.set(pair, expires) {
+                    tracing::error!(%error, "cannot write the auth map");
+                }
+                self.release(pair);
+            }
             return;
         }
         self.signaled.entry(key.clone()).or_insert(sig.at);
         let dir = self.dir();
         self.request(&key, false, &dir);
+    }
+
+    /// Keeps a first packet until its pair's entry is written, within bounds.
+    fn hold(&mut self, pair: AuthPair, at: Instant, h: Held) {
+        let frames = self.held.entry(pair).or_default();
+        if frames.len() >= MAX_HELD_PER_PAIR || self.held_count >= MAX_HELD {
+            self.metrics.held("overflow", 1);
+            return;
+        }
+        frames.push((at, h));
+        self.held_count += 1;
+        self.metrics.held("held", 1);
+    }
+
+    /// The pair's entry is in the map: replay its held packets where the
+    /// datapath saw them, to be judged again.
+    fn release(&mut self, pair: AuthPair) {
+        let Some(frames) = self.held.remove(&pair) else {
+            return;
+        };
+        self.held_count -= frames.len();
+        for (_, h) in frames {
+            let result = match &self.replayer {
+                Some(r) => r.replay(h.direction, h.ifindex, &h.frame),
+                None => Err(std::io::Error::other("no replay program loaded")),
+            };
+            match result {
+                Ok(()) => self.metrics.held("replayed", 1),
+                Err(error) => {
+                    tracing::warn!(%error, ifindex = h.ifindex, ?pair, "cannot replay a held packet");
+                    self.metrics.held("failed", 1);
+                }
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use meshguard_auth_handshake::ca_client::{CaBundle, Svid};
 use meshguard_auth_handshake::entries::MemoryAuthMap;
 use meshguard_auth_handshake::metrics::Metrics;
-use meshguard_auth_handshake::mutual::{self, Datapath, NodeCredentials, Settings, Signal};
+use meshguard_auth_handshake::mutual::{self, Datapath, Held, MemoryReplay, NodeCredentials, Settings, Signal};
 use meshguard_auth_handshake::svids::SvidState;
 use meshguard_auth_handshake::testing::{TestCa, now_unix, workload_id};
 use meshguard_common::cluster::{ClusterView, NodeRecord, Workload};
@@ -49,6 +49,7 @@ impl NodeCredentials for Creds {
 struct Node {
     name: String,
     map: MemoryAuthMap,
+    replayed: MemoryReplay,
     signals: mpsc::UnboundedSender<Signal>,
     svids: watch::Sender<Arc<SvidState>>,
     view: watch::Sender<Arc<ClusterView>>,
@@ -121,16 +122,24 @@ impl Cluster {
             let (view_tx, view_rx) = watch::channel(Arc::new(view.clone()));
             let (sig_tx, sig_rx) = mpsc::unbounded_channel();
             let map = MemoryAuthMap::default();
+            let replayed = MemoryReplay::default();
             let metrics = Metrics::new();
             let settings = Settings {
                 node: name.clone(),
                 trust_domain: TrustDomain::new(TD).unwrap(),
                 port,
                 listen: SocketAddr::new(format!("127.0.0.{i}").parse::<IpAddr>().unwrap(), port),
+                prove_ahead: true,
             };
-            let task =
-                tokio::spawn(mutual::run(settings, creds, svids_rx, view_rx, Datapath::Memory(map.clone(), sig_rx), metrics.clone()));
-            nodes.push(Node { name, map, signals: sig_tx, svids, view: view_tx, metrics, task });
+            let task = tokio::spawn(mutual::run(
+                settings,
+                creds,
+                svids_rx,
+                view_rx,
+                Datapath::Memory(map.clone(), sig_rx, replayed.clone()),
+                metrics.clone(),
+            ));
+            nodes.push(Node { name, map, replayed, signals: sig_tx, svids, view: view_tx, metrics, task });
         }
         let mut c = Self { ca, port, view, nodes };
         c.issue_all(3600);
@@ -161,6 +170,10 @@ impl Cluster {
 
     fn map(&self, node: usize) -> BTreeMap<AuthPair, SystemTime> {
         self.nodes[node - 1].map.0.lock().clone()
+    }
+
+    fn replayed(&self, node: usize) -> Vec<Held> {
+        self.nodes[node - 1].replayed.0.lock().unwrap().clone()
     }
 
     fn metrics(&self, node: usize) -> String {
@@ -229,12 +242,18 @@ async fn a_datapath_signal_gets_an_entry_and_is_timed() {
     // No policy: nothing is proved ahead.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(c.map(1).is_empty() && c.map(2).is_empty());
-    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now() }).unwrap();
+    let first = held_frame(1);
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now(), held: Some(first.clone()) }).unwrap();
     let took = wait_for("the signalled entry", Duration::from_secs(5), || {
         c.map(1).contains_key(&pair(WEB, DB, 2)) && c.map(2).contains_key(&pair(DB, WEB, 1))
     })
     .await;
     eprintln!("signal to entry on both sides: {took:?}");
+    // The packet that raised the signal is replayed once, after the write.
+    wait_for("the held packet replayed", Duration::from_secs(1), || !c.replayed(1).is_empty()).await;
+    assert_eq!(c.replayed(1), vec![first]);
+    assert!(c.replayed(2).is_empty());
+    assert_eq!(metric(&c.metrics(1), "meshguard_auth_held_packets_total{result=\"replayed\"}"), 1.0);
     // The histogram is observed just after the map write, on the agent's task.
     wait_for("the signal-to-entry time", Duration::from_secs(1), || {
         metric(&c.metrics(1), "meshguard_auth_signal_to_entry_seconds_count") == 1.0
@@ -249,7 +268,7 @@ async fn a_pair_the_responder_cannot_prove_gets_no_entry_on_either_side() {
     wait_for("the first entry", Duration::from_secs(10), || c.map(2).contains_key(&pair(API, WEB, 1))).await;
     // db is placed on node-2 but node-2 holds no SVID for it.
     c.set_view(Cluster::view(&[("web", 1), ("api", 2), ("db", 2)], Some(POLICY)));
-    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now() }).unwrap();
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now(), held: Some(held_frame(2)) }).unwrap();
     wait_for("the refusal to be counted", Duration::from_secs(5), || {
         metric(&c.metrics(1), "meshguard_auth_handshakes_total{result=\"refused\",reason=\"no_svid\",role=\"initiator\"}") >= 1.0
     })
@@ -257,6 +276,17 @@ async fn a_pair_the_responder_cannot_prove_gets_no_entry_on_either_side() {
     assert!(metric(&c.metrics(2), "meshguard_auth_handshakes_total{result=\"refused\",reason=\"no_svid\",role=\"responder\"}") >= 1.0);
     assert!(!c.map(1).contains_key(&pair(WEB, DB, 2)));
     assert!(!c.map(2).contains_key(&pair(DB, WEB, 1)));
+    // Its held packet is never replayed: it expires, counted.
+    wait_for("the held packet to expire", mutual::HOLD + Duration::from_secs(2), || {
+        metric(&c.metrics(1), "meshguard_auth_held_packets_total{result=\"expired\"}") == 1.0
+    })
+    .await;
+    assert!(c.replayed(1).is_empty());
+}
+
+/// A frame as the datapath would hold it (its bytes do not matter here).
+fn held_frame(tag: u8) -> Held {
+    Held { direction: meshguard_ebpf::policy::Direction::Egress, ifindex: 7, frame: vec![tag; 60] }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +375,7 @@ async fn port_abuse_is_refused_and_counted_while_legitimate_handshakes_complete(
     c.nodes[1].svids.send_replace(Arc::new(st));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
-    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now() }).unwrap();
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now(), held: None }).unwrap();
     wait_for("the legitimate pair", Duration::from_secs(3), || c.map(1).contains_key(&pair(WEB, DB, 2))).await;
     eprintln!("legitimate handshake during the abuse: {:?}", t.elapsed());
 

@@ -25,6 +25,7 @@ MG_ABI(struct mg_ct_entry, abi_ct_entry);
 MG_ABI(struct mg_frag_key, abi_frag_key);
 MG_ABI(struct mg_frag_value, abi_frag_value);
 MG_ABI(struct mg_event, abi_event);
+MG_ABI(struct mg_auth_signal, abi_auth_signal);
 MG_ABI(struct mg_counter, abi_counter);
 MG_ABI(struct mg_clock, abi_clock);
 MG_ABI(enum mg_drop_reason, abi_drop_reason);

@@ -329,6 +329,21 @@ pub struct RawEvent {
     pub pad2: u32,
 }
 
+/// `MG_HOLD_BYTES`: the longest frame an auth-required signal carries.
+pub const MG_HOLD_BYTES: usize = 1536;
+
+/// `struct mg_auth_signal`: the auth ring's record, an event and the frame
+/// that raised it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthSignal {
+    pub ev: RawEvent,
+    /// Bytes of `frame` that are the packet; 0 when it was too long to hold.
+    pub frame_len: u32,
+    pub pad: u32,
+    pub frame: [u8; MG_HOLD_BYTES],
+}
+
 /// `struct mg_counter`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

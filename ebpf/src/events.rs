@@ -69,6 +69,9 @@ pub struct Event {
     pub dport: u16,
     /// CLOCK_BOOTTIME nanoseconds.
     pub timestamp_boot_ns: u64,
+    /// Auth-required signals: the frame that raised it, Ethernet header
+    /// first, as the program saw it (empty when it was too long to hold).
+    pub frame: Vec<u8>,
 }
 
 /// Reads events from one instance's ring buffer.
@@ -122,8 +125,23 @@ impl Event {
             sport: u16::from_be(raw.sport),
             dport: u16::from_be(raw.dport),
             timestamp_boot_ns: raw.timestamp_ns,
+            frame: held_frame(bytes),
         })
     }
+}
+
+/// The frame after an auth signal's event (`struct mg_auth_signal`), if the
+/// record is one and holds a frame.
+fn held_frame(b: &[u8]) -> Vec<u8> {
+    let at = std::mem::offset_of!(abi::AuthSignal, frame_len);
+    let start = std::mem::offset_of!(abi::AuthSignal, frame);
+    let Some(len) = b.get(at..at + 4).map(|l| u32::from_ne_bytes(l.try_into().unwrap()) as usize) else {
+        return Vec::new();
+    };
+    if len > abi::MG_HOLD_BYTES {
+        return Vec::new();
+    }
+    b.get(start..start + len).map(<[u8]>::to_vec).unwrap_or_default()
 }
 
 /// Reads a `RawEvent` from possibly unaligned bytes, field by field.

@@ -9,6 +9,7 @@
 //!   wildcards, allow/auth-required/deny) and their trie encoding;
 //! - [`AuthTable`]: the pinned auth map on its own, for auth-handshake;
 //! - [`events`]: drops and auth-required signals from the ring buffer;
+//! - [`replay`]: replays a frame held with an auth-required signal;
 //! - [`abi`]: the kernel/user ABI, checked against the object's BTF.
 //!
 //! See README.md for the model, precedence, fragments and pinning.
@@ -24,6 +25,7 @@ pub mod events;
 pub mod objects;
 pub mod pin;
 pub mod policy;
+pub mod replay;
 mod ringbuf;
 pub mod sys;
 #[cfg(any(test, feature = "testing"))]

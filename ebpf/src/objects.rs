@@ -12,3 +12,6 @@ pub static FLOORS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// Never loaded: carries the BTF of every shared type (`bpf/abi.c`).
 pub static ABI: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/abi.o"));
+
+/// `mg_replay`: replays a held frame into an interface's receive path (`bpf/replay.c`).
+pub static REPLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/replay.o"));

@@ -59,6 +59,7 @@ fn structs_match_the_c_headers() {
                 pad2
             }
         ),
+        layout!("mg_auth_signal", AuthSignal { ev, frame_len, pad, frame }),
         layout!("mg_counter", Counter { packets, bytes }),
         layout!("mg_clock", Clock { jiffies }),
     ];

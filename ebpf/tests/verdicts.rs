@@ -196,6 +196,9 @@ fn auth_present_absent_expired_and_revoked() {
     let signals: Vec<_> = events.drain().into_iter().filter(|e| e.kind == EventKind::AuthRequired).collect();
     assert_eq!(signals.len(), 1, "{signals:?}");
     assert_eq!((signals[0].subject, signals[0].peer, signals[0].peer_node), (POD_ID, PEER_ID, PEER_NODE));
+    // The signal holds the frame that raised it, byte for byte, for replay.
+    assert_eq!(signals[0].frame, from_pod_v4().tcp(100, 443, SYN).build(), "held frame");
+    assert_eq!(signals[0].direction, Direction::Egress);
     assert!(drops.drain().is_empty(), "auth signals go to their own ring");
 
     // Expired.

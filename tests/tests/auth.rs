@@ -119,9 +119,13 @@ fn authenticated_cluster() -> Cluster {
 }
 
 fn start(c: &Cluster) -> meshguard_meshctl::sim::identity::Identity<'_> {
-    let id = c.identity().start().unwrap();
+    start_with(c, true, AUTH_ALL)
+}
+
+fn start_with<'c>(c: &'c Cluster, prove_ahead: bool, policy: &str) -> meshguard_meshctl::sim::identity::Identity<'c> {
+    let id = c.identity().prove_ahead(prove_ahead).start().unwrap();
     let policy_file = c.dir.join("policy.yaml");
-    std::fs::write(&policy_file, AUTH_ALL).unwrap();
+    std::fs::write(&policy_file, policy).unwrap();
     id.admin(&["policy", "apply", "-f", policy_file.to_str().unwrap()]).unwrap();
     id.use_registry_for_agents();
     c.start_agents().unwrap();
@@ -208,6 +212,64 @@ fn root_auth_handshake_proves_policy_pairs_ahead_so_every_protocol_passes_first_
         r50 / o50
     );
     assert!(r99 < 10.0, "auth-required connect p99 {r99} ms");
+}
+
+/// web's egress to api also requires authentication for TCP (the pod's
+/// own side judges it, at TC ingress); UDP, SCTP and ICMP to api stay
+/// plainly allowed on the egress side.
+const WEB_EGRESS: &str = r#"
+---
+apiVersion: meshguard.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: web-egress, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  egress:
+    - to: [{serviceAccount: api}]
+      ports: [{protocol: TCP, port: 7000}]
+      authentication: required
+    - to: [{serviceAccount: api}]
+      ports: [{protocol: UDP, port: 7000}, {protocol: SCTP, port: 7002}, {protocol: ICMP}]
+"#;
+
+/// First-packet cost of a TCP connect: mg-probe's connect + echo time.
+fn first_ttfb(c: &Cluster, from: &str, addr: &str) -> f64 {
+    let probe = meshguard_meshctl::sim::bins::bin_path("mg-probe");
+    let out = c.exec(from, probe.to_str().unwrap(), &["--timing", "tcp", addr, "first", "--timeout", "3"]).unwrap();
+    assert!(out.status.success(), "{from} -> {addr} TCP: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ttfb_ms=").and_then(|v| v.parse().ok()))
+        .expect("mg-probe prints ttfb_ms")
+}
+
+#[test]
+fn root_a_pair_not_proved_ahead_keeps_its_first_packet() {
+    let c = authenticated_cluster();
+    let policy = format!("{AUTH_ALL}{WEB_EGRESS}");
+    let id = start_with(&c, false, &policy);
+    // Nothing is proved before the first packet.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(live_pairs(&c, "node-1").is_empty() && live_pairs(&c, "node-2").is_empty(), "proveAhead is off");
+
+    // web (node-1) -> api (node-2): the SYN is held at web's side (TC
+    // ingress, replayed by XDP) and maybe at api's (TC egress, replayed by
+    // a packet socket) while the pair is proved; no retransmission (RTO 1 s).
+    let api_ip = c.pod("shop/api").ip.to_string();
+    let ttfb = first_ttfb(&c, "shop/web", &format!("{api_ip}:7000"));
+    eprintln!("first TCP connect + echo of a pair not proved ahead, across nodes: {ttfb} ms");
+    assert!(ttfb < 500.0, "first connect took {ttfb} ms: the SYN was lost and retransmitted");
+    let replayed = |node: &str| id.auth_metric(node, "meshguard_auth_held_packets_total{result=\"replayed\"}").unwrap_or(0.0);
+    assert!(replayed("node-1") >= 1.0, "node-1 replayed web's held SYN");
+
+    // near (node-2) -> api (node-2), UDP, one datagram only: held at api's
+    // ingress, proved by the local agent, replayed, answered.
+    assert!(c.probe("shop/near", &["udp", &format!("{api_ip}:7000"), "u", "--tries", "1"]), "near -> api UDP, the first datagram");
+    assert!(replayed("node-2") >= 1.0, "node-2 replayed near's held datagram");
+    assert_eq!(id.auth_metric("node-2", "meshguard_auth_held_packets_total{result=\"failed\"}").unwrap_or(0.0), 0.0);
+
+    // db is not allowed to talk to api at all: its packets are denied, never held.
+    assert!(!c.probe("shop/db", &["tcp", &format!("{api_ip}:7000"), "x", "--timeout", "1"]));
 }
 
 fn ttfbs(c: &Cluster, from: &str, ip: &str, n: usize) -> Vec<f64> {

@@ -389,8 +389,7 @@ static __always_inline int mg_handle(struct __sk_buff *skb, __u8 dir)
 	int ret = mg_process(skb, dir, &pkt, &info);
 
 	if (info.auth_signal &&
-	    mg_event_send(MG_EVENT_AUTH_REQUIRED, 0, dir, skb->ifindex, &pkt, info.subject,
-			  info.peer, info.peer_node, info.cookie))
+	    mg_auth_signal_send(skb, dir, &pkt, info.subject, info.peer, info.peer_node, info.cookie))
 		mg_count(dir, NOTICE_EVENT_LOST, 0);
 	if (ret >= 0) {
 		mg_count(dir, ret, len);

@@ -121,6 +121,7 @@ pub struct IdentityBuilder<'c> {
     svid_ttl: Duration,
     node_svid_ttl: Duration,
     bundle_refresh: Duration,
+    prove_ahead: bool,
 }
 
 /// identity-ca and the node agents of one cluster.
@@ -169,6 +170,7 @@ impl Cluster {
             svid_ttl: DEFAULT_SVID_TTL,
             node_svid_ttl: DEFAULT_SVID_TTL,
             bundle_refresh: DEFAULT_BUNDLE_REFRESH,
+            prove_ahead: true,
         }
     }
 
@@ -213,6 +215,13 @@ impl<'c> IdentityBuilder<'c> {
 
     pub fn bundle_refresh(mut self, every: Duration) -> Self {
         self.bundle_refresh = every;
+        self
+    }
+
+    /// auth-handshake's `proveAhead` (default on): off, every pair is
+    /// proved on its first packet, which the datapath holds meanwhile.
+    pub fn prove_ahead(mut self, on: bool) -> Self {
+        self.prove_ahead = on;
         self
     }
 
@@ -281,7 +290,7 @@ impl<'c> IdentityBuilder<'c> {
             id.admin(&args)?;
         }
         for n in &c.nodes {
-            let pid = id.start_agent(&n.name, self.bundle_refresh)?;
+            let pid = id.start_agent(&n.name, self.bundle_refresh, self.prove_ahead)?;
             id.agents.push((n.name.clone(), pid));
         }
         id.wait_ready()?;
@@ -316,7 +325,7 @@ impl Identity<'_> {
         format!("spiffe://{}/ns/{}/sa/{}", self.cluster.trust_domain, p.namespace, p.service_account)
     }
 
-    fn start_agent(&self, node: &str, bundle_refresh: Duration) -> Result<u32> {
+    fn start_agent(&self, node: &str, bundle_refresh: Duration, prove_ahead: bool) -> Result<u32> {
         let c = self.cluster;
         let n = c.node(node);
         let dir = self.dir.join(node);
@@ -330,7 +339,7 @@ impl Identity<'_> {
             format!(
                 "trustDomain: {td}\nnodeName: {node}\ncaAddress: {ca}\ntrustBundleFile: {bundle}\njoinTokenFile: {token}\n\
                  stateDir: {state}\nworkloadApiSocket: {socket}\npodNetnsPath: {netns}\nbundleRefresh: {refresh}ms\n\
-                 handshakePort: {AUTH_HANDSHAKE_PORT}\npinDir: {pin}\nmetricsAddress: 127.0.0.1:{AUTH_METRICS_PORT}\n",
+                 handshakePort: {AUTH_HANDSHAKE_PORT}\npinDir: {pin}\nmetricsAddress: 127.0.0.1:{AUTH_METRICS_PORT}\nproveAhead: {prove_ahead}\n",
                 td = c.trust_domain,
                 ca = self.ca_addr,
                 bundle = self.bundle_file.display(),

@@ -152,6 +152,7 @@ mod tests {
             sport: 40000,
             dport: 7000,
             timestamp_boot_ns: 1,
+            frame: Vec::new(),
         }
     }
 
