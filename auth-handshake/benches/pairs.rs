@@ -6,9 +6,11 @@
 //!
 //! `cargo bench -p meshguard-auth-handshake --bench pairs` (release build).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use meshguard_auth_handshake::entries::{Book, MemoryAuthMap};
@@ -128,9 +130,38 @@ fn clone_node(n: &TestNode) -> TestNode {
     }
 }
 
-fn rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+/// Counts live heap bytes, so memory figures are exact rather than RSS
+/// deltas (which freed memory from earlier phases hides).
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged and only
+// keeps a count of the bytes outstanding.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
 }
 
 fn main() {
@@ -154,33 +185,41 @@ fn main() {
     println!("a new TCP connection and TLS 1.3 session per pair: {fresh:.0} pairs/s");
     println!("session reuse is {:.1}x a full handshake per pair", reuse / fresh);
 
-    // Memory: 1,000 identities held (keys, chains) and 10,000 live entries.
-    let before = rss_kib();
-    let st2 = setup(1000);
-    let with_keys = rss_kib();
+    // Memory: what the agent holds for 1,000 identities on its node (their
+    // keys and chains, ready to sign) and for 10,000 live entries.
+    let ca = TestCa::new(TD);
+    let before = live();
+    let keys: Vec<_> = (0..1000).map(|i| ca.workload(&workload_id(TD, "load", &format!("sa-{i}")), 3600)).collect();
+    let with_keys = live();
+    let st2 = setup(10);
     let mut book = Book::default();
     let mut map = MemoryAuthMap::default();
     let node_chain = st2.n1.chain.clone();
     let remote = st2.n2.dir.keys[&st2.api].chain.clone();
+    let entries_before = live();
     for i in 0..10_000u32 {
-        let id = &st2.ids[i as usize % st2.ids.len()];
+        let k = &keys[i as usize % keys.len()];
         let proof = Authenticated {
-            local: id.clone(),
+            local: k.id.clone(),
             remote: workload_id(TD, "peer", &format!("sa-{}", i / 1000)),
             remote_node: format!("node-{}", i % 100),
             expires_at: i64::MAX / 2,
             role: Role::Initiator,
-            chains: [st2.n1.dir.keys[id].chain.clone(), Arc::new(remote.to_vec()), node_chain.clone(), node_chain.clone()],
+            // As a session builds it: the remote chain as received, per entry.
+            chains: [k.chain.clone(), Arc::new(remote.to_vec()), node_chain.clone(), node_chain.clone()],
         };
         let pair = AuthPair { local_identity: 256 + i % 1000, remote_identity: 2000 + i, remote_node: i % 100 };
         book.insert(proof, pair, 0, &mut map).unwrap();
     }
-    let with_entries = rss_kib();
+    let with_entries = live();
+    let entries = with_entries - entries_before;
     println!(
-        "memory: 1,000 identities with keys and chains {} KiB; 10,000 live entries {} KiB more ({} B per entry, each keeping its remote chain)",
-        with_keys.saturating_sub(before),
-        with_entries.saturating_sub(with_keys),
-        (with_entries.saturating_sub(with_keys) * 1024) / 10_000
+        "memory (live heap): 1,000 identities with keys and chains {} KiB ({} B each); 10,000 live entries {} KiB ({} B each, the remote chain included)",
+        (with_keys - before) / 1024,
+        (with_keys - before) / 1000,
+        entries / 1024,
+        entries / 10_000
     );
+    drop(keys);
     drop((book, st2));
 }

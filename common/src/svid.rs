@@ -8,8 +8,10 @@
 //! authorities (the bundle) and be valid at the time of use. Hostnames play
 //! no part: peers are named by SPIFFE ID.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -88,6 +90,29 @@ pub struct X509Bundle {
     trust_domain: TrustDomain,
     authorities: Vec<CertificateDer<'static>>,
     anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    /// Chains that verified against these authorities. A bundle never
+    /// changes (rotation builds a new one, with an empty memo), so a chain's
+    /// result only depends on the time: it is reused inside the chain's
+    /// validity window. Spares the chain's signature check and parsing when
+    /// the same SVID is presented again (auth-handshake: once per pair).
+    verified: Arc<Mutex<ChainMemo>>,
+}
+
+/// Most chains remembered per bundle; past it the memo starts over.
+const MEMO_MAX: usize = 4096;
+
+#[derive(Default)]
+struct ChainMemo {
+    hasher: std::hash::RandomState,
+    chains: HashMap<u64, MemoEntry>,
+}
+
+struct MemoEntry {
+    chain: Vec<Vec<u8>>,
+    leaf: LeafInfo,
+    /// Unix seconds: the latest notBefore and the earliest notAfter in the chain.
+    from: i64,
+    until: i64,
 }
 
 /// A bundle that can be replaced while verifiers hold it (CA rotation).
@@ -126,7 +151,7 @@ impl X509Bundle {
                 webpki::anchor_from_trusted_cert(der).map_err(|e| SvidError::BadAuthority { index, reason: e.to_string() })?.to_owned();
             anchors.push(anchor);
         }
-        Ok(Self { trust_domain, authorities, anchors })
+        Ok(Self { trust_domain, authorities, anchors, verified: Arc::default() })
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -139,6 +164,41 @@ impl X509Bundle {
 
     /// Verifies an SVID chain (leaf first) at `now` and returns its checked leaf.
     pub fn verify(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<LeafInfo, SvidError> {
+        self.verify_until(chain, now).map(|(leaf, _)| leaf)
+    }
+
+    /// As [`Self::verify`], with the earliest `notAfter` in the chain (Unix seconds).
+    pub fn verify_until(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<(LeafInfo, i64), SvidError> {
+        let t = now.as_secs() as i64;
+        let key = {
+            let memo = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            let mut h = memo.hasher.build_hasher();
+            for c in chain {
+                c.as_ref().hash(&mut h);
+            }
+            let key = h.finish();
+            if let Some(m) = memo.chains.get(&key)
+                && m.from <= t
+                && t < m.until
+                && m.chain.len() == chain.len()
+                && m.chain.iter().zip(chain).all(|(a, b)| a.as_slice() == b.as_ref())
+            {
+                return Ok((m.leaf.clone(), m.until));
+            }
+            key
+        };
+        let (leaf, from, until) = self.verify_uncached(chain, now)?;
+        let mut memo = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.chains.len() >= MEMO_MAX {
+            memo.chains.clear();
+        }
+        let entry = MemoEntry { chain: chain.iter().map(|c| c.to_vec()).collect(), leaf: leaf.clone(), from, until };
+        memo.chains.insert(key, entry);
+        Ok((leaf, until))
+    }
+
+    /// The full check; also returns the chain's validity window.
+    fn verify_uncached(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<(LeafInfo, i64, i64), SvidError> {
         let leaf_der = chain.first().ok_or(SvidError::EmptyChain)?;
         let leaf = check_leaf(leaf_der)?;
         if !leaf.spiffe_id.is_member_of(&self.trust_domain) {
@@ -148,11 +208,14 @@ impl X509Bundle {
                 want: self.trust_domain.to_string(),
             });
         }
+        let (mut from, mut until) = (leaf.not_before, leaf.not_after);
         for (i, der) in chain.iter().enumerate().skip(1) {
             let (_, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Parse { index: i, reason: e.to_string() })?;
             if !can_sign(&cert) {
                 return Err(SvidError::SignerCannotSign { index: i });
             }
+            from = from.max(cert.validity().not_before.timestamp());
+            until = until.min(cert.validity().not_after.timestamp());
         }
         let ee = webpki::EndEntityCert::try_from(leaf_der).map_err(|e| SvidError::Chain { reason: format!("{e:?}") })?;
         let intermediates: Vec<CertificateDer<'_>> = chain[1..].iter().map(|c| CertificateDer::from(c.as_ref())).collect();
@@ -167,7 +230,7 @@ impl X509Bundle {
             None,
         )
         .map_err(|e| SvidError::Chain { reason: format!("{e:?}") })?;
-        Ok(leaf)
+        Ok((leaf, from, until))
     }
 }
 
@@ -445,4 +508,40 @@ pub fn client_config(creds: CredentialCell, verifier: Arc<SpiffeVerifier>) -> Re
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod memo_tests {
+    use std::time::Duration;
+
+    use rustls::pki_types::UnixTime;
+
+    use super::testing::test_ca;
+    use super::{SvidError, X509Bundle};
+    use crate::spiffe::SpiffeId;
+
+    #[test]
+    fn a_remembered_chain_still_expires_and_stays_bound_to_its_bundle() {
+        let ca = test_ca("cluster.local");
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
+        let (chain, _, expires_at) = ca.leaf(&id, 60);
+        let bundle = X509Bundle::new(ca.trust_domain.clone(), vec![ca.cert.clone()]).unwrap();
+        let now = UnixTime::now();
+        let (leaf, until) = bundle.verify_until(&chain, now).unwrap();
+        assert_eq!((leaf.spiffe_id, until), (id.clone(), expires_at));
+        // Remembered: the same answer again.
+        assert_eq!(bundle.verify_until(&chain, now).unwrap().1, expires_at);
+        // Past its notAfter the memo does not answer; the full check refuses.
+        let later = UnixTime::since_unix_epoch(Duration::from_secs((expires_at + 1) as u64));
+        assert!(matches!(bundle.verify(&chain, later), Err(SvidError::Chain { .. })), "expired");
+        // Another CA's bundle (rotation to a new authority) starts empty and refuses it.
+        let other = test_ca("cluster.local");
+        let rotated = X509Bundle::new(other.trust_domain.clone(), vec![other.cert.clone()]).unwrap();
+        assert!(rotated.verify(&chain, now).is_err(), "a chain of a retired authority");
+        // A different chain that happens to be presented next is checked in full.
+        let mut tampered = chain[0].to_vec();
+        let n = tampered.len();
+        tampered[n - 1] ^= 1;
+        assert!(bundle.verify(&[tampered.into()], now).is_err());
+    }
 }

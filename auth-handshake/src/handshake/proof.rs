@@ -158,7 +158,7 @@ pub fn verify(
     now: UnixTime,
 ) -> Result<Verified, Refusal> {
     let ders: Vec<CertificateDer<'_>> = chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
-    let leaf = bundle.verify(&ders, now).map_err(refusal_of)?;
+    let (leaf, not_after) = bundle.verify_until(&ders, now).map_err(refusal_of)?;
     if leaf.spiffe_id != *expected {
         return Err(Refusal::WrongSpiffeId);
     }
@@ -174,7 +174,6 @@ pub fn verify(
         };
     let ee = webpki::EndEntityCert::try_from(&ders[0]).map_err(|_| Refusal::InvalidSvid)?;
     ee.verify_signature(alg, msg, &signature[2..]).map_err(|_| Refusal::BadSignature)?;
-    let not_after = chain_not_after(chain).map_err(|_| Refusal::InvalidSvid)?;
     Ok(Verified { id: leaf.spiffe_id, not_after })
 }
 
