@@ -17,7 +17,8 @@ use clap::{Parser, Subcommand};
 #[command(name = "mg-probe", about = "meshguard test traffic tool")]
 struct Cli {
     /// On success, print `ttfb_ms=<ms>` on stderr: the time from the first
-    /// packet sent to the first byte of the answer.
+    /// packet sent to the first byte of the answer (for `tcp`, also
+    /// `connect_ms=<ms>`: the time connect() took).
     #[arg(long, global = true)]
     timing: bool,
     #[command(subcommand)]
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
     let started = std::time::Instant::now();
     let result = match cli.cmd {
         Cmd::Serve { port } => serve(port),
-        Cmd::Tcp { addr, message, timeout } => tcp(addr, &message, Duration::from_secs(timeout)),
+        Cmd::Tcp { addr, message, timeout } => tcp(addr, &message, Duration::from_secs(timeout), cli.timing),
         Cmd::Udp { addr, message, tries } => udp(addr, &message, tries),
         Cmd::HttpGet { addr, path } => http_get(addr, &path),
         Cmd::Spray { addr, count, len, hex } => spray(addr, count, len, hex.as_deref()),
@@ -144,8 +145,12 @@ fn serve(port: u16) -> std::io::Result<()> {
     Ok(())
 }
 
-fn tcp(addr: SocketAddr, message: &str, timeout: Duration) -> std::io::Result<()> {
+fn tcp(addr: SocketAddr, message: &str, timeout: Duration, timing: bool) -> std::io::Result<()> {
+    let t = std::time::Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    if timing {
+        eprintln!("connect_ms={:.3}", t.elapsed().as_secs_f64() * 1000.0);
+    }
     s.set_read_timeout(Some(timeout))?;
     s.write_all(message.as_bytes())?;
     s.shutdown(std::net::Shutdown::Write)?;
