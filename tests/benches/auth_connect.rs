@@ -60,8 +60,12 @@ fn stats(mut v: Vec<f64>) -> Stats {
     Stats { p50: at(0.5), p99: at(0.99), max: *v.last().unwrap() }
 }
 
-/// One cluster: every client's first connect to api (auth) and to db (off).
-fn run(prove_ahead: bool) -> (Vec<(f64, f64)>, Vec<(f64, f64)>, f64) {
+/// (connect ms, connect + echo ms) per first connect.
+type Timings = Vec<(f64, f64)>;
+
+/// One cluster: every client's first connect to api (auth) and to db (off),
+/// and how long proving ahead took.
+fn run(prove_ahead: bool) -> (Timings, Timings, f64) {
     let c = build();
     let id = c.identity().prove_ahead(prove_ahead).start().unwrap();
     let policy_file = c.dir.join("policy.yaml");
@@ -123,7 +127,7 @@ fn main() {
     println!("first connect() of a new pair across nodes, {CLIENTS} pairs each (WireGuard between the nodes, eBPF on both pods)");
     let (ahead, off1, proved_in) = run(true);
     let (first, off2, _) = run(false);
-    let off: Vec<(f64, f64)> = off1.iter().chain(off2.iter()).copied().collect();
+    let off: Timings = off1.iter().chain(off2.iter()).copied().collect();
     let base = stats(off.iter().map(|x| x.0).collect());
     line("auth off (no policy)", &off, &base);
     line("auth required, proved ahead", &ahead, &base);
