@@ -237,6 +237,24 @@ async fn policy_pairs_are_proved_ahead_and_deleted_within_a_second_when_a_worklo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_loses_every_entry_towards_it_within_a_second() {
+    let mut c = Cluster::start(&[("web", 1), ("api", 2)], Some(POLICY)).await;
+    wait_for("both entries", Duration::from_secs(10), || {
+        c.map(2).contains_key(&pair(API, WEB, 1)) && c.map(1).contains_key(&pair(WEB, API, 2))
+    })
+    .await;
+    // node-1 leaves the cluster view (its workloads with it).
+    let mut v = Cluster::view(&[("api", 2)], Some(POLICY));
+    v.nodes.remove("node-1");
+    v.node_ids.remove("node-1");
+    c.set_view(v);
+    let took = wait_for("node-2's entries towards node-1 deleted", Duration::from_secs(1), || c.map(2).is_empty()).await;
+    eprintln!("entries towards a removed node deleted in {took:?}");
+    let m2 = c.metrics(2);
+    assert_eq!(metric(&m2, "meshguard_auth_deletions_total{reason=\"node_removed\"}"), 1.0, "{m2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_datapath_signal_gets_an_entry_and_is_timed() {
     let c = Cluster::start(&[("web", 1), ("db", 2)], None).await;
     // No policy: nothing is proved ahead.
