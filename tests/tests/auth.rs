@@ -295,4 +295,61 @@ fn root_a_removed_workload_loses_its_entries_on_both_nodes_within_a_second() {
     let after = std::fs::read_to_string(&log).unwrap().matches("bytes from").count();
     assert_eq!(before, after, "replies still arrive after the workload left");
     assert!(id.auth_metric("node-2", "meshguard_auth_deletions_total{reason=\"workload_left\"}").unwrap() >= 1.0);
+
+    // A new pod of another identity receives web's address: it inherits
+    // nothing. Its identity is not admitted, so nothing is proved for it and
+    // its packets are denied by policy, on the same flow and on new ones.
+    let web_ip = c.pod("shop/web").ip.to_string();
+    id.admin(&[
+        "workload",
+        "put",
+        "--name",
+        "heir",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "intruder",
+        "--node",
+        "node-1",
+        "--ip",
+        &web_ip,
+        "--label",
+        "app=heir",
+    ])
+    .unwrap();
+    let heir = numbers(&id, "intruder", "node-1").0;
+    // And web is back on node-1 at another address (registry only): the
+    // pair (api, web, node-1) is proved and live again while the heir holds
+    // web's old address.
+    let octets = c.pod("shop/web").ip.octets();
+    let elsewhere = std::net::Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3].wrapping_add(100)).to_string();
+    id.admin(&[
+        "workload",
+        "put",
+        "--name",
+        "web2",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "web",
+        "--node",
+        "node-1",
+        "--ip",
+        &elsewhere,
+        "--label",
+        "app=web",
+    ])
+    .unwrap();
+    wait_until("web's pair proved again", Duration::from_secs(10), || live_pairs(&c, "node-2").contains(&pair)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!c.probe("shop/web", &["tcp", &format!("{api_ip}:7000"), "x", "--timeout", "2"]), "the heir's TCP to api must fail");
+    assert!(!c.exec("shop/web", "ping", &["-c", "1", "-W", "1", &api_ip]).unwrap().status.success(), "the heir's ping to api must fail");
+    let still = std::fs::read_to_string(&log).unwrap().matches("bytes from").count();
+    assert_eq!(still, after, "the old flow must stay cut for the address's new owner");
+    for node in ["node-1", "node-2"] {
+        assert!(
+            !live_pairs(&c, node).iter().any(|p| p.local_identity == heir || p.remote_identity == heir),
+            "no auth entry for the heir on {node}"
+        );
+    }
 }
