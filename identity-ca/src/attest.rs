@@ -106,6 +106,23 @@ impl JoinTokens {
         }
         let key = hash(token);
         let now = now_unix();
+        // Refuse from a read: an unauthenticated flood of bad tokens must
+        // never queue on the store's single write lock.
+        {
+            let rx = self.store.read()?;
+            let t = rx.open_table(JOIN_TOKENS).map_err(store::err("open table"))?;
+            let rec: TokenRecord = match t.get(key.as_slice()).map_err(store::err("read"))? {
+                Some(v) => store::decode("join_tokens", "<token>", v.value())?,
+                None => return Err(AttestError::Refused { reason: "unknown join token" }),
+            };
+            if rec.used_at.is_some() {
+                return Err(AttestError::Refused { reason: "join token already used" });
+            }
+            if rec.expires_at <= now {
+                return Err(AttestError::Refused { reason: "join token expired" });
+            }
+        }
+        // Checked again under the write lock: of two racing uses, one wins.
         let tx = self.store.write()?;
         let node = {
             let mut t = tx.open_table(JOIN_TOKENS).map_err(store::err("open table"))?;

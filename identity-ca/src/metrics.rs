@@ -15,6 +15,9 @@ pub struct Metrics {
     pub denied: Family<Labels, Counter>,
     /// By `method` and `result`.
     pub attestations: Family<Labels, Counter>,
+    /// Work refused to bound the CA's load, by `reason`: handshakes_full,
+    /// handshakes_per_address, attestations_full, watches_per_node.
+    pub overload: Family<Labels, Counter>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -29,10 +32,12 @@ impl Metrics {
         let issued = Family::<Labels, Counter>::default();
         let denied = Family::<Labels, Counter>::default();
         let attestations = Family::<Labels, Counter>::default();
+        let overload = Family::<Labels, Counter>::default();
         registry.register("svids_issued", "SVIDs signed, by kind", issued.clone());
         registry.register("authorization_denied", "SVID requests refused by authorization, by reason", denied.clone());
         registry.register("attestations", "Node attestations, by method and result", attestations.clone());
-        Self { registry, issued, denied, attestations }
+        registry.register("overload_refusals", "Connections and calls refused to bound the CA's load, by reason", overload.clone());
+        Self { registry, issued, denied, attestations, overload }
     }
 
     pub fn issued(&self, kind: &str, n: u64) {
@@ -45,6 +50,10 @@ impl Metrics {
 
     pub fn attested(&self, method: &str, result: &str) {
         self.attestations.get_or_create(&labels(&[("method", method), ("result", result)])).inc();
+    }
+
+    pub fn overloaded(&self, reason: &str) {
+        self.overload.get_or_create(&labels(&[("reason", reason)])).inc();
     }
 
     pub fn denied_count(&self, reason: &str) -> u64 {

@@ -106,6 +106,11 @@ impl NodeService {
 impl NodeApi for NodeService {
     async fn attest_node(&self, req: Request<proto::AttestNodeRequest>) -> Result<Response<proto::AttestNodeResponse>, Status> {
         let st = &self.state;
+        let Ok(_permit) = st.attestations.clone().try_acquire_owned() else {
+            st.metrics.overloaded("attestations_full");
+            tracing::warn!("too many node attestations in progress; refused");
+            return Err(Status::resource_exhausted("too many node attestations in progress; retry shortly"));
+        };
         let r = req.into_inner();
         // Check the CSR first, so a bad one does not burn the token.
         let key = CsrKey::parse(&r.csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -233,11 +238,21 @@ impl NodeApi for NodeService {
     type WatchClusterStream = ReceiverStream<Result<proto::ClusterEvent, Status>>;
 
     async fn watch_cluster(&self, req: Request<proto::WatchClusterRequest>) -> Result<Response<Self::WatchClusterStream>, Status> {
-        self.caller(&req)?;
+        let node = self.caller(&req)?;
         let st = self.state.clone();
+        let Some(slot) = st.watch_slot(&node) else {
+            st.metrics.overloaded("watches_per_node");
+            tracing::warn!(%node, "too many open watch streams for this node; refused");
+            return Err(Status::resource_exhausted(format!(
+                "node {node} already holds {} watch streams",
+                crate::server::MAX_WATCHES_PER_NODE
+            )));
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let mut shutdown = st.shutdown_rx();
         tokio::spawn(async move {
+            // The place is held as long as the stream is.
+            let _slot = slot;
             let (snap, mut events) = st.registry.watch();
             if tx.send(Ok(snap)).await.is_err() {
                 return;

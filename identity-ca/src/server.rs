@@ -31,6 +31,14 @@ use crate::store::{ATTESTED_NODES, Store, StoreError};
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// A TLS handshake that takes longer than this is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress, in all and per source address; a connection
+/// over either bound is closed at once (counted).
+pub const MAX_HANDSHAKES: usize = 1024;
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+/// Open registry watch streams per node.
+pub const MAX_WATCHES_PER_NODE: usize = 4;
+/// Attestations in progress (they carry no client certificate).
+pub const MAX_ATTESTATIONS: usize = 16;
 /// How often expired serials and join tokens are pruned, and how long after
 /// expiry they are kept for `svid list --all`.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -63,6 +71,36 @@ pub enum ServerError {
     },
 }
 
+/// One TLS handshake in progress from an address, until dropped.
+struct AddressSlot {
+    ip: std::net::IpAddr,
+    map: Arc<std::sync::Mutex<BTreeMap<std::net::IpAddr, usize>>>,
+}
+
+impl AddressSlot {
+    fn take(map: &Arc<std::sync::Mutex<BTreeMap<std::net::IpAddr, usize>>>, ip: std::net::IpAddr) -> Option<Self> {
+        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Self { ip, map: map.clone() })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// What the CA remembers about an attested node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeAttestation {
@@ -82,6 +120,28 @@ pub struct CaState {
     pub config: Config,
     nodes: RwLock<BTreeMap<String, NodeAttestation>>,
     shutdown: watch::Receiver<bool>,
+    /// Attestations in progress (unauthenticated callers).
+    pub attestations: Arc<tokio::sync::Semaphore>,
+    /// Open watch streams by node.
+    watches: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+}
+
+/// Holds one of a node's watch-stream places until dropped.
+pub struct WatchSlot {
+    node: String,
+    watches: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// A running CA.
@@ -117,7 +177,20 @@ impl CaState {
             config,
             nodes: RwLock::new(nodes),
             shutdown,
+            attestations: Arc::new(tokio::sync::Semaphore::new(MAX_ATTESTATIONS)),
+            watches: Arc::default(),
         })
+    }
+
+    /// A place for one more watch stream of `node`, within [`MAX_WATCHES_PER_NODE`].
+    pub fn watch_slot(&self, node: &str) -> Option<WatchSlot> {
+        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.entry(node.to_owned()).or_default();
+        if *n >= MAX_WATCHES_PER_NODE {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot { node: node.to_owned(), watches: self.watches.clone() })
     }
 
     pub fn shutdown_rx(&self) -> watch::Receiver<bool> {
@@ -199,6 +272,9 @@ impl CaServer {
 
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
         let mut sd = shutdown_rx.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let per_address: Arc<std::sync::Mutex<BTreeMap<std::net::IpAddr, usize>>> = Arc::default();
+        let metrics = state.metrics.clone();
         tasks.spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -209,11 +285,24 @@ impl CaServer {
                     _ = sd.changed() => return,
                 };
                 let _ = tcp.set_nodelay(true);
+                // Bounded: in all, and per address, so one source cannot take every place.
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    metrics.overloaded("handshakes_full");
+                    tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
+                    continue;
+                };
+                let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
+                    metrics.overloaded("handshakes_per_address");
+                    tracing::warn!(%peer, "too many TLS handshakes in progress from this address; connection closed");
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 let conn_tx = conn_tx.clone();
                 // Handshakes run concurrently so a slow client cannot stall others.
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop((permit, slot));
+                    match accepted {
                         Ok(Ok(tls)) => {
                             let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
                         }

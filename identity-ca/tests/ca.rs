@@ -482,3 +482,66 @@ async fn registry_numbers_are_shared_stable_and_never_reused() {
     drop((w1, w2));
     ca.shutdown().await;
 }
+
+/// Finding 11 (CA overload): one node cannot hold unlimited watch streams,
+/// unauthenticated attestations with unknown tokens never take the store's
+/// write lock, and a flood of stalled TLS handshakes is bounded; every
+/// refusal is counted, and a legitimate node is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_bounded_counted_and_leaves_room_for_nodes() {
+    use meshguard_identity_ca::server::{MAX_HANDSHAKES_PER_ADDRESS, MAX_WATCHES_PER_NODE};
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start(dir.path()).await;
+    let mut n = Node::new(&ca);
+    n.attest(&token(&ca, "node-1", Duration::from_secs(60))).await.unwrap();
+
+    // Watch streams: up to the bound per node, then refused.
+    let mut streams = Vec::new();
+    for _ in 0..MAX_WATCHES_PER_NODE {
+        streams.push(n.client.watch_cluster(proto::WatchClusterRequest {}).await.expect("a watch within the bound").into_inner());
+    }
+    let over = n.client.watch_cluster(proto::WatchClusterRequest {}).await.expect_err("one watch too many");
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over:?}");
+    assert!(ca.state.metrics.render().contains("reason=\"watches_per_node\""), "{}", ca.state.metrics.render());
+    // A closed stream frees its place.
+    drop(streams.pop());
+    let mut freed = false;
+    for _ in 0..50 {
+        if n.client.watch_cluster(proto::WatchClusterRequest {}).await.is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "a closed watch stream must free its place");
+
+    // Unknown join tokens are refused from a read: the store's write lock stays free.
+    let write = ca.state.ca.store().write().unwrap();
+    let mut stranger = Node::new(&ca);
+    let refused = tokio::time::timeout(Duration::from_secs(2), stranger.attest("not-a-token")).await;
+    drop(write);
+    let refused = refused.expect("an unknown token must not wait for the write lock");
+    assert_eq!(refused.expect_err("unknown token").code(), tonic::Code::PermissionDenied);
+
+    // Stalled TLS handshakes from one address: bounded, the rest closed at once.
+    let mut stalled = Vec::new();
+    for _ in 0..MAX_HANDSHAKES_PER_ADDRESS + 8 {
+        stalled.push(tokio::net::TcpStream::connect(ca.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut closed = 0;
+    for s in &mut stalled {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(50), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 8, "connections over the per-address bound are closed at once ({closed} closed)");
+    assert!(ca.state.metrics.render().contains("reason=\"handshakes_per_address\""), "{}", ca.state.metrics.render());
+    // Meanwhile an attested node is served.
+    ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
+    assert_eq!(n.sign(&["spiffe://cluster.local/ns/shop/sa/web"]).await.unwrap().len(), 1);
+    drop(stalled);
+    ca.shutdown().await;
+}
