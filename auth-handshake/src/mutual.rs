@@ -34,6 +34,10 @@ pub const TICK: Duration = Duration::from_millis(200);
 pub const RETRY: Duration = Duration::from_secs(1);
 /// An entry resting on a replaced local SVID is deleted unless re-proved within this.
 pub const KEY_CHANGE_GRACE: Duration = Duration::from_secs(1);
+/// A proof that leaves an entry less than this to live is not written: it
+/// rests on a certificate about to expire (an ageing session), and writing
+/// it would replace a live entry with a dying one.
+pub const MIN_ENTRY_LIFE: i64 = 2;
 /// Entries an earlier run left in the pinned map and this run has not
 /// proved are removed this long after the map is opened.
 pub const SWEEP_AFTER: Duration = Duration::from_secs(10);
@@ -590,6 +594,12 @@ impl Agent {
 
     fn write(&mut self, proof: Authenticated, renewal: bool, started: Option<Instant>, role: &str) {
         let key = PairKey::of(&proof);
+        if proof.expires_at < now_unix() + MIN_ENTRY_LIFE {
+            tracing::info!(local = %key.local, remote = %key.remote, remote_node = %key.remote_node, expires_at = proof.expires_at, role, "proof rests on a certificate about to expire; not written");
+            self.metrics.refused(Refusal::Expired, role);
+            self.backoff.insert(key, Instant::now() + TICK);
+            return;
+        }
         let dir = self.dir();
         if !dir.places(&key.local, &self.s.node) || !dir.places(&key.remote, &key.remote_node) {
             tracing::info!(local = %key.local, remote = %key.remote, "proved pair is no longer placed; not written");

@@ -46,6 +46,17 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_BUF: usize = 16 * 1024;
 
+/// Whether a session's node certificates are too close to expiry to carry
+/// new proofs: a proof expires with the earliest of them, so proofs made on
+/// an ageing session would expire sooner at every renewal and finally lapse.
+/// A session is retired for new requests once half of the node certificates'
+/// lifetime left when it was established has passed (node SVIDs are renewed
+/// at half-life, so the next session presents the renewed ones).
+pub fn session_is_stale(node_not_after: i64, established_unix: i64, now_unix: i64) -> bool {
+    let left_at_start = node_not_after - established_unix;
+    node_not_after - now_unix <= left_at_start / 2
+}
+
 /// What the connections tell the agent.
 #[derive(Debug)]
 pub enum Report {
@@ -350,6 +361,7 @@ async fn drive_client(
     carry: &mut Vec<(SpiffeId, SpiffeId)>,
 ) -> Result<(), SessionError> {
     let started = Instant::now();
+    let started_unix = crate::ca_client::now_unix();
     let mut buf = vec![0u8; READ_BUF];
     let mut out = Vec::with_capacity(READ_BUF);
     let mut progress = Instant::now();
@@ -385,8 +397,9 @@ async fn drive_client(
                     let _ = flush(s, &mut stream, &mut out).await;
                     return Ok(());
                 };
-                if *node.chain.borrow() != *chain {
-                    // The node SVID was renewed: finish here, continue on a new session.
+                let stale = s.is_established() && session_is_stale(s.node_not_after(), started_unix, crate::ca_client::now_unix());
+                if *node.chain.borrow() != *chain || stale {
+                    // A node SVID was renewed or is ageing: finish here, continue on a new session.
                     carry.push((l, r));
                     s.close();
                     let _ = flush(s, &mut stream, &mut out).await;
@@ -413,6 +426,16 @@ async fn drive_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_retire_halfway_through_their_node_certificates_life() {
+        // Established with 100 s of node certificate left.
+        assert!(!session_is_stale(1_100, 1_000, 1_000));
+        assert!(!session_is_stale(1_100, 1_000, 1_049));
+        assert!(session_is_stale(1_100, 1_000, 1_050));
+        // Already expired: stale.
+        assert!(session_is_stale(1_100, 1_000, 1_200));
+    }
 
     #[test]
     fn admission_bounds_connections_and_rate_per_address() {
