@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::attest::{AttestError, Evidence};
 use crate::authority::{Bundle, IssuedSvid, now_unix};
 use crate::csr::CsrKey;
-use crate::server::CaState;
+use crate::server::{CaState, Standing, serial_hex};
 
 /// Most SVIDs one request may ask for; a node with more workloads batches.
 pub const MAX_BATCH: usize = 1000;
@@ -52,7 +52,28 @@ fn internal(e: impl std::fmt::Display) -> Status {
 impl NodeService {
     /// The calling node, from the SVID it presented in the TLS handshake
     /// (whose chain the handshake verified against the bundle).
+    /// The calling node, if its credential is its current or previous one.
     fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let (node, serial) = self.presented(req)?;
+        match self.state.standing(&node, &serial) {
+            Standing::Current | Standing::Previous => Ok(node),
+            s => Err(self.stale(&node, s)),
+        }
+    }
+
+    fn stale(&self, node: &str, s: Standing) -> Status {
+        if s == Standing::Removed {
+            return Status::permission_denied(format!("node {node} was removed: attest again with a new join token"));
+        }
+        self.state.metrics.denied("stale_node_credential");
+        tracing::warn!(%node, standing = ?s, "refused a superseded node credential: stolen, or left from an earlier membership");
+        Status::permission_denied(format!(
+            "this credential of node {node} was superseded (a newer one was issued): attest again with a new join token"
+        ))
+    }
+
+    /// The node named by the presented SVID, and that SVID's serial.
+    fn presented<T>(&self, req: &Request<T>) -> Result<(String, String), Status> {
         let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("a node SVID is required: attest first"))?;
         let leaf_der = certs.first().ok_or_else(|| Status::unauthenticated("a node SVID is required: attest first"))?;
         let leaf = svid::check_leaf(leaf_der).map_err(|e| Status::unauthenticated(e.to_string()))?;
@@ -68,7 +89,8 @@ impl NodeService {
         if !st.is_attested(&node) {
             return Err(Status::permission_denied(format!("node {node} was removed: attest again with a new join token")));
         }
-        Ok(node)
+        let serial = serial_hex(leaf_der).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        Ok((node, serial))
     }
 
     fn deny(&self, node: &str, id: &str, reason: &'static str, msg: String) -> Status {
@@ -146,7 +168,8 @@ impl NodeApi for NodeService {
         let id = st.ca.trust_domain().node_id(&attested.node_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let ttl = st.ca.lifetimes().node_svid;
         let svid = self.sign(vec![(id.clone(), key)], ttl, attested.node_name.clone()).await?.remove(0);
-        st.record_attestation(&attested.node_name, &id, svid.expires_at, attested.method).map_err(internal)?;
+        let serial = serial_hex(svid.chain[0].as_ref()).map_err(internal)?;
+        st.record_attestation(&attested.node_name, &id, svid.expires_at, attested.method, &serial).map_err(internal)?;
         st.metrics.attested(attested.method, "ok");
         st.metrics.issued("node", 1);
         tracing::info!(node = %attested.node_name, method = attested.method, spiffe_id = %id, "attested a node");
@@ -154,12 +177,21 @@ impl NodeApi for NodeService {
     }
 
     async fn renew_node_svid(&self, req: Request<proto::RenewNodeSvidRequest>) -> Result<Response<proto::RenewNodeSvidResponse>, Status> {
-        let node = self.caller(&req)?;
+        // Only the credential issued last renews: a thief who renews first
+        // supersedes it, and the node's own renewal then fails (detected).
+        let (node, presented) = self.presented(&req)?;
         let st = &self.state;
+        match st.standing(&node, &presented) {
+            Standing::Current => {}
+            s => return Err(self.stale(&node, s)),
+        }
         let key = CsrKey::parse(&req.get_ref().csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = st.ca.trust_domain().node_id(&node).map_err(internal)?;
         let svid = self.sign(vec![(id.clone(), key)], st.ca.lifetimes().node_svid, node.clone()).await?.remove(0);
-        st.record_attestation(&node, &id, svid.expires_at, "renewal").map_err(internal)?;
+        let serial = serial_hex(svid.chain[0].as_ref()).map_err(internal)?;
+        if !st.record_renewal(&node, svid.expires_at, &presented, &serial).map_err(internal)? {
+            return Err(self.stale(&node, Standing::Superseded));
+        }
         st.metrics.issued("node", 1);
         Ok(Response::new(proto::RenewNodeSvidResponse { svid: Some(svid_to_proto(&svid)) }))
     }
@@ -238,8 +270,12 @@ impl NodeApi for NodeService {
     type WatchClusterStream = ReceiverStream<Result<proto::ClusterEvent, Status>>;
 
     async fn watch_cluster(&self, req: Request<proto::WatchClusterRequest>) -> Result<Response<Self::WatchClusterStream>, Status> {
-        let node = self.caller(&req)?;
+        let (node, serial) = self.presented(&req)?;
         let st = self.state.clone();
+        match st.standing(&node, &serial) {
+            Standing::Current | Standing::Previous => {}
+            s => return Err(self.stale(&node, s)),
+        }
         let Some(slot) = st.watch_slot(&node) else {
             st.metrics.overloaded("watches_per_node");
             tracing::warn!(%node, "too many open watch streams for this node; refused");
@@ -257,11 +293,28 @@ impl NodeApi for NodeService {
             if tx.send(Ok(snap)).await.is_err() {
                 return;
             }
+            // The stream lives only as long as the credential it was opened
+            // with stands: removal or a re-join ends it within a second.
+            let mut check = tokio::time::interval(Duration::from_secs(1));
             loop {
                 let ev = tokio::select! {
                     ev = events.recv() => ev,
                     _ = shutdown.changed() => return,
                     _ = tx.closed() => return,
+                    _ = check.tick() => {
+                        match st.standing(&node, &serial) {
+                            Standing::Current | Standing::Previous => continue,
+                            Standing::Removed => {
+                                let _ = tx.send(Err(Status::permission_denied(format!("node {node} was removed")))).await;
+                            }
+                            Standing::Superseded => {
+                                st.metrics.denied("stale_node_credential");
+                                let _ = tx.send(Err(Status::permission_denied(format!("this credential of node {node} was superseded")))).await;
+                            }
+                        }
+                        tracing::info!(%node, "watch stream ended: its credential no longer stands");
+                        return;
+                    }
                 };
                 let msg = match ev {
                     Ok(ev) => (*ev).clone(),

@@ -108,6 +108,32 @@ pub struct NodeAttestation {
     pub attested_at: i64,
     pub svid_expires_at: i64,
     pub method: String,
+    /// Hex serial of the node SVID issued last: the one credential that may
+    /// renew. Empty in records written before credentials were bound.
+    #[serde(default)]
+    pub serial: String,
+    /// The serial before it, still accepted for calls (connections opened
+    /// with it are recycled well within a renewal interval), never to renew.
+    #[serde(default)]
+    pub previous_serial: Option<String>,
+}
+
+/// Where a presented node credential stands against the node's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The credential issued last.
+    Current,
+    /// The one before it.
+    Previous,
+    /// Older, or from an earlier membership of the same name.
+    Superseded,
+    /// The node is not attested (removed).
+    Removed,
+}
+
+/// A leaf certificate's serial, as the node records keep it.
+pub fn serial_hex(leaf_der: &[u8]) -> Result<String, svid::SvidError> {
+    Ok(svid::check_leaf(leaf_der)?.serial.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Everything the services share.
@@ -205,19 +231,57 @@ impl CaState {
         self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn record_attestation(&self, node: &str, id: &SpiffeId, expires: i64, method: &str) -> Result<(), ServerError> {
+    /// Where the credential with `serial` stands for `node`.
+    pub fn standing(&self, node: &str, serial: &str) -> Standing {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        match nodes.get(node) {
+            None => Standing::Removed,
+            // Written before credentials were bound: bound from its next renewal on.
+            Some(rec) if rec.serial.is_empty() || rec.serial == serial => Standing::Current,
+            Some(rec) if rec.previous_serial.as_deref() == Some(serial) => Standing::Previous,
+            Some(_) => Standing::Superseded,
+        }
+    }
+
+    /// A fresh attestation (a join token, ...): the credential it issued
+    /// (`serial`) is the node's only one; every earlier one is superseded.
+    pub fn record_attestation(&self, node: &str, id: &SpiffeId, expires: i64, method: &str, serial: &str) -> Result<(), ServerError> {
         let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        let attested_at = match (method, nodes.get(node)) {
-            ("renewal", Some(prev)) => prev.attested_at,
-            _ => now_unix(),
+        let rec = NodeAttestation {
+            spiffe_id: id.to_string(),
+            attested_at: now_unix(),
+            svid_expires_at: expires,
+            method: method.to_owned(),
+            serial: serial.to_owned(),
+            previous_serial: None,
         };
-        let rec = NodeAttestation { spiffe_id: id.to_string(), attested_at, svid_expires_at: expires, method: method.to_owned() };
         self.ca.store().put(ATTESTED_NODES, node, Some(&rec))?;
         nodes.insert(node.to_owned(), rec);
         drop(nodes);
         // Every attested node has a node id (a no-op after the first time).
         self.registry.allocate_node_ids([node])?;
         Ok(())
+    }
+
+    /// A renewal presented with `presented`: recorded only if that is still
+    /// the node's current credential (of two racing renewals, one wins).
+    /// Returns false when it is not.
+    pub fn record_renewal(&self, node: &str, expires: i64, presented: &str, serial: &str) -> Result<bool, ServerError> {
+        let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+        let Some(prev) = nodes.get(node) else { return Ok(false) };
+        if !prev.serial.is_empty() && prev.serial != presented {
+            return Ok(false);
+        }
+        let rec = NodeAttestation {
+            svid_expires_at: expires,
+            method: "renewal".to_owned(),
+            serial: serial.to_owned(),
+            previous_serial: Some(presented.to_owned()),
+            ..prev.clone()
+        };
+        self.ca.store().put(ATTESTED_NODES, node, Some(&rec))?;
+        nodes.insert(node.to_owned(), rec);
+        Ok(true)
     }
 
     /// Forgets a node: its SVID no longer opens the API, its record leaves the registry.

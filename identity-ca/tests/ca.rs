@@ -41,6 +41,8 @@ struct Node {
     tls: Arc<rustls::ClientConfig>,
     addr: String,
     client: proto::node_api_client::NodeApiClient<tonic::transport::Channel>,
+    /// The credential installed last: (chain, PKCS#8 key).
+    held: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
 }
 
 impl Node {
@@ -51,7 +53,29 @@ impl Node {
         let tls = Arc::new(svid::client_config(creds.clone(), Arc::new(SpiffeVerifier::exactly(bundle, ca_id))).unwrap());
         let addr = ca.addr.to_string();
         let ch = registry::channel(&addr, tls.clone()).unwrap();
-        Self { creds, tls, addr, client: registry::node_client(ch) }
+        Self { creds, tls, addr, client: registry::node_client(ch), held: None }
+    }
+
+    /// Another client holding a copy of this node's current credential (a thief's).
+    fn copy(&self, ca: &CaServer) -> Self {
+        let mut n = Self::new(ca);
+        let (chain, key) = self.held.clone().expect("a credential to copy");
+        n.install(chain, key);
+        n
+    }
+
+    fn install(&mut self, chain: Vec<CertificateDer<'static>>, key: Vec<u8>) {
+        self.creds.set(chain.clone(), &key).unwrap();
+        self.held = Some((chain, key));
+        // A new connection presents it.
+        self.client = registry::node_client(registry::channel(&self.addr, self.tls.clone()).unwrap());
+    }
+
+    async fn renew(&mut self) -> Result<(), tonic::Status> {
+        let (key, csr) = meshguard_identity_ca::csr::generate().unwrap();
+        let svid = self.client.renew_node_svid(proto::RenewNodeSvidRequest { csr }).await?.into_inner().svid.unwrap();
+        self.install(svid.cert_chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), key.serialize_der());
+        Ok(())
     }
 
     async fn attest(&mut self, token: &str) -> Result<proto::X509Svid, tonic::Status> {
@@ -62,9 +86,8 @@ impl Node {
             .await?
             .into_inner();
         let svid = r.svid.unwrap();
-        self.creds.set(svid.cert_chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), &key.serialize_der()).unwrap();
-        // The attestation connection carries no client certificate: open a new one.
-        self.client = registry::node_client(registry::channel(&self.addr, self.tls.clone()).unwrap());
+        // The attestation connection carries no client certificate: install opens a new one.
+        self.install(svid.cert_chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), key.serialize_der());
         Ok(svid)
     }
 
@@ -543,5 +566,66 @@ async fn overload_is_bounded_counted_and_leaves_room_for_nodes() {
     ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
     assert_eq!(n.sign(&["spiffe://cluster.local/ns/shop/sa/web"]).await.unwrap().len(), 1);
     drop(stalled);
+    ca.shutdown().await;
+}
+
+/// Finding 6: a node's credential is bound to its latest attestation. A copy
+/// of it stops working when the node is removed and joins again; a thief who
+/// renews with a stolen credential supersedes it, so the node's own renewal
+/// is refused (detected) and its re-attestation cuts the thief off; an open
+/// watch stream ends when its node is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_credentials_are_bound_to_the_latest_attestation() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start(dir.path()).await;
+    ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+
+    // Removed and joined again under the same name: the old credential is dead.
+    let mut n = Node::new(&ca);
+    n.attest(&token(&ca, "node-1", Duration::from_secs(60))).await.unwrap();
+    let mut old = n.copy(&ca);
+    assert_eq!(old.sign(&[web]).await.unwrap().len(), 1, "a copy works while it is the node's credential");
+    let mut watch = old.client.watch_cluster(proto::WatchClusterRequest {}).await.unwrap().into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "the snapshot");
+    ca.state.remove_node("node-1").unwrap();
+    // The open stream ends with the removal.
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status.code()),
+            }
+        }
+    })
+    .await
+    .expect("a removed node's watch stream must end");
+    assert_eq!(ended, Some(tonic::Code::PermissionDenied));
+    n.attest(&token(&ca, "node-1", Duration::from_secs(60))).await.unwrap();
+    ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
+    assert_eq!(n.sign(&[web]).await.unwrap().len(), 1);
+    let refused = old.sign(&[web]).await.expect_err("the credential of the node's previous membership");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    // Stolen and renewed by the thief: the node's own renewal is refused...
+    let mut thief = n.copy(&ca);
+    thief.renew().await.unwrap();
+    let refused = n.renew().await.expect_err("renewal with a superseded credential");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(ca.state.metrics.denied_count("stale_node_credential") >= 1);
+    // ...and the node's new attestation cuts the thief off.
+    n.attest(&token(&ca, "node-1", Duration::from_secs(60))).await.unwrap();
+    assert_eq!(thief.sign(&[web]).await.expect_err("the thief's renewed credential").code(), tonic::Code::PermissionDenied);
+    assert_eq!(thief.renew().await.expect_err("the thief cannot renew").code(), tonic::Code::PermissionDenied);
+    assert_eq!(n.sign(&[web]).await.unwrap().len(), 1);
+    // Ordinary renewals keep working, and calls on the previous credential
+    // still succeed (connections opened with it are recycled, not cut).
+    let before = n.copy(&ca);
+    n.renew().await.unwrap();
+    n.renew().await.unwrap();
+    assert_eq!(n.sign(&[web]).await.unwrap().len(), 1);
+    let mut before = before;
+    assert_eq!(before.sign(&[web]).await.expect_err("two renewals back").code(), tonic::Code::PermissionDenied);
     ca.shutdown().await;
 }
