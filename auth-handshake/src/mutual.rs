@@ -538,7 +538,14 @@ impl Agent {
 
     /// Asks for a proof of `key`, unless one is under way or backing off.
     fn request(&mut self, key: &PairKey, renewal: bool, dir: &Directory) {
-        if self.inflight.contains_key(key) || self.backoff.contains_key(key) || !dir.keys.contains_key(&key.local) {
+        if self.inflight.contains_key(key) || self.backoff.contains_key(key) {
+            return;
+        }
+        if !dir.keys.contains_key(&key.local) {
+            // This node cannot prove its own side: refused here, counted, retried later.
+            self.metrics.refused(Refusal::NoSvid, "initiator");
+            tracing::info!(local = %key.local, remote = %key.remote, remote_node = %key.remote_node, "no SVID held for the local identity; pair not proved");
+            self.backoff.insert(key.clone(), Instant::now() + RETRY);
             return;
         }
         if key.remote_node == self.s.node {
