@@ -71,6 +71,7 @@ fn reg_status(e: RegistryError) -> Status {
         RegistryError::NotFound { .. } => Status::not_found(e.to_string()),
         RegistryError::Store(_) => Status::internal(e.to_string()),
         RegistryError::Alloc(_) => Status::resource_exhausted(e.to_string()),
+        RegistryError::Conflict { .. } => Status::already_exists(e.to_string()),
     }
 }
 

@@ -263,8 +263,16 @@ impl NodeApi for NodeService {
                 format!("node {node} may publish only its own record, not {}", rec.name),
             ));
         }
-        self.state.registry.put_node(rec).map_err(internal)?;
-        Ok(Response::new(proto::PublishNodeResponse {}))
+        let name = rec.name.clone();
+        match self.state.registry.put_node(rec) {
+            Ok(()) => Ok(Response::new(proto::PublishNodeResponse {})),
+            Err(e @ crate::registry::RegistryError::Conflict { .. }) => {
+                self.state.metrics.denied("conflicting_node_record");
+                tracing::warn!(%node, record = %name, error = %e, "refused a node record that takes another node's range or key");
+                Err(Status::already_exists(format!("node {node}'s record refused: {e}")))
+            }
+            Err(e) => Err(internal(e)),
+        }
     }
 
     type WatchClusterStream = ReceiverStream<Result<proto::ClusterEvent, Status>>;

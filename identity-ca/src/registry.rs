@@ -44,6 +44,8 @@ pub enum RegistryError {
     NotFound { what: &'static str, key: String },
     #[error("cannot allocate a number: {0}")]
     Alloc(#[from] AllocError),
+    #[error("{what} belongs to node {holder}")]
+    Conflict { what: String, holder: String },
 }
 
 pub struct Registry {
@@ -134,10 +136,27 @@ impl Registry {
         (snap, rx)
     }
 
+    /// Stores a node's record. A pod CIDR overlapping another node's, or
+    /// another node's WireGuard key, is refused: the node that published it
+    /// first keeps it (a record taking it over would cut both nodes off, or
+    /// hand one node's pods to another).
     pub fn put_node(&self, node: NodeRecord) -> Result<(), RegistryError> {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         if st.view.nodes.get(&node.name) == Some(&node) {
             return Ok(());
+        }
+        for other in st.view.nodes.values().filter(|o| o.name != node.name) {
+            if other.public_key == node.public_key {
+                return Err(RegistryError::Conflict { what: "the WireGuard public key".into(), holder: other.name.clone() });
+            }
+            for mine in &node.pod_cidrs {
+                if let Some(theirs) = other.pod_cidrs.iter().find(|t| t.contains(&mine.network()) || mine.contains(&t.network())) {
+                    return Err(RegistryError::Conflict {
+                        what: format!("pod CIDR {mine} (overlapping {theirs})"),
+                        holder: other.name.clone(),
+                    });
+                }
+            }
         }
         let delta = self.commit(&mut st, &[], std::slice::from_ref(&node.name), |tx| put(tx, NODES, &node.name, &node))?;
         let ev = Event::NodeUpserted(convert::node_to_proto(&node));

@@ -629,3 +629,39 @@ async fn node_credentials_are_bound_to_the_latest_attestation() {
     assert_eq!(before.sign(&[web]).await.expect_err("two renewals back").code(), tonic::Code::PermissionDenied);
     ca.shutdown().await;
 }
+
+/// Finding 7: a node cannot publish another node's pod CIDR (or one that
+/// overlaps it) or another node's WireGuard key: the publish is refused and
+/// counted, and the node that holds them keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_publish_another_nodes_cidr_or_key() {
+    use meshguard_common::cluster::{ClusterSource as _, NodeRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start(dir.path()).await;
+    let mut sources = Vec::new();
+    for name in ["node-1", "node-2"] {
+        let mut n = Node::new(&ca);
+        n.attest(&token(&ca, name, Duration::from_secs(60))).await.unwrap();
+        sources.push((watcher(&ca, &n), n));
+    }
+    let record = |name: &str, key: u8, cidr: &str| NodeRecord {
+        name: name.into(),
+        public_key: meshguard_common::key::PublicKey([key; 32]),
+        endpoint: format!("192.168.1.{key}:51820").parse().unwrap(),
+        pod_cidrs: vec![cidr.parse().unwrap()],
+    };
+    let victim = record("node-1", 1, "10.244.1.0/24");
+    sources[0].0.publish_node(&victim).await.unwrap();
+    // node-2 claims node-1's range, a range inside it, and node-1's key.
+    for bad in [record("node-2", 2, "10.244.1.0/24"), record("node-2", 2, "10.244.1.128/25"), record("node-2", 1, "10.244.2.0/24")] {
+        let e = sources[1].0.publish_node(&bad).await.expect_err("a record taking node-1's range or key");
+        assert!(e.to_string().contains("node-1"), "the refusal names the holder: {e}");
+    }
+    assert!(ca.state.metrics.denied_count("conflicting_node_record") >= 3);
+    let view = ca.state.registry.view();
+    assert_eq!(view.nodes.get("node-1"), Some(&victim), "node-1 keeps its record");
+    assert!(!view.nodes.contains_key("node-2"), "nothing of the refused records was stored");
+    // Its own range and key are fine.
+    sources[1].0.publish_node(&record("node-2", 2, "10.244.2.0/24")).await.unwrap();
+    ca.shutdown().await;
+}
