@@ -10,7 +10,7 @@ set -eu
 PACKAGES="
   build-essential pkg-config ca-certificates curl
   clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool
-  iproute2 iputils-ping tcpdump
+  iproute2 iputils-ping tcpdump python3
   wireguard-go wireguard-tools
   protobuf-compiler
 "

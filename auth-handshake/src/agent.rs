@@ -9,6 +9,7 @@ use meshguard_common::cluster::ClusterSource;
 use meshguard_common::registry::RegistrySource;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::ca_client::{CaClient, CaClientError, GrpcCa, read_pem_certs, sleep_until_unix};
@@ -16,6 +17,7 @@ use crate::caller::{CallerResolver, NetnsResolver};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mutual::{Datapath, NodeCredentials, Settings};
+use crate::peer_process::CallerStream;
 use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::svids::SvidState;
 use crate::workload_api::WorkloadApi;
@@ -103,7 +105,16 @@ impl Agent {
         tasks.spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(SpiffeWorkloadApiServer::new(api))
-                .serve_with_incoming(UnixListenerStream::new(listener))
+                .serve_with_incoming(UnixListenerStream::new(listener).filter_map(|conn| {
+                    // Each connection is bound to the process that opened it.
+                    match conn.and_then(CallerStream::new) {
+                        Ok(c) => Some(Ok::<_, std::io::Error>(c)),
+                        Err(error) => {
+                            tracing::warn!(%error, "workload API connection refused: its peer process is unknown");
+                            None
+                        }
+                    }
+                }))
                 .await;
             if let Err(error) = r {
                 tracing::error!(%error, "workload API server stopped");

@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/meshguard/workload-api.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshguard/auth-handshake";
 /// Where the simulated cluster (and `ip netns`) keeps pod network namespaces.
-pub const DEFAULT_POD_NETNS_PATH: &str = "/run/netns/{namespace}-{name}";
+pub const DEFAULT_POD_NETNS_PATH: &str = "/run/netns/{namespace}_{name}";
 /// How often the trust bundle is re-read from the CA: a rotation's prepare
 /// step must reach every node before activation, so keep this well under
 /// the operator's wait between the two.
@@ -118,9 +118,7 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         return Err(invalid("caAddress", &f.ca_address, "expected host:port".into()));
     }
     let pod_netns_path = f.pod_netns_path.unwrap_or_else(|| DEFAULT_POD_NETNS_PATH.into());
-    if !pod_netns_path.contains("{name}") {
-        return Err(invalid("podNetnsPath", &pod_netns_path, "must contain {name} (and usually {namespace})".into()));
-    }
+    check_netns_template(&pod_netns_path).map_err(|reason| invalid("podNetnsPath", &pod_netns_path, reason))?;
     let bundle_refresh = match &f.bundle_refresh {
         None => DEFAULT_BUNDLE_REFRESH,
         Some(s) => parse_secs(s).ok_or_else(|| invalid("bundleRefresh", s, "write e.g. 10s, 1m".into()))?,
@@ -149,6 +147,23 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         bundle_refresh,
         handshake,
     })
+}
+
+/// A pod's namespace file must name exactly one pod: `{namespace}` and
+/// `{name}` both appear, separated by a character that Kubernetes allows in
+/// neither (names are lowercase letters, digits, `-` and `.`), or
+/// `{ns}-{name}` would give `a-b`/`c` and `a`/`b-c` the same file.
+fn check_netns_template(t: &str) -> Result<(), String> {
+    let (Some(ns), Some(name)) = (t.find("{namespace}"), t.find("{name}")) else {
+        return Err("must contain {namespace} and {name}".into());
+    };
+    let between = if ns < name { &t[ns + "{namespace}".len()..name] } else { &t[name + "{name}".len()..ns] };
+    if !between.chars().any(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')) {
+        return Err(format!(
+            "{{namespace}} and {{name}} are separated by {between:?}, which names can contain: two pods could share a file; use e.g. `_` or `/`"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_secs(s: &str) -> Option<Duration> {
@@ -186,6 +201,14 @@ mod tests {
         assert!(construct_config(ConfigFile { node_name: "a/b".into(), ..base() }).is_err());
         assert!(construct_config(ConfigFile { ca_address: "nohost".into(), ..base() }).is_err());
         assert!(construct_config(ConfigFile { pod_netns_path: Some("/run/netns/x".into()), ..base() }).is_err());
+        // Ambiguous: `a-b`/`c` and `a`/`b-c` would share /run/netns/a-b-c.
+        for bad in ["/run/netns/{namespace}-{name}", "/run/netns/{namespace}.{name}", "/run/netns/{name}{namespace}", "/run/netns/{name}"] {
+            let e = construct_config(ConfigFile { pod_netns_path: Some(bad.into()), ..base() }).unwrap_err();
+            assert!(e.to_string().contains("podNetnsPath"), "{bad}: {e}");
+        }
+        for good in ["/run/netns/{namespace}_{name}", "/var/run/pods/{namespace}/{name}/net", "/run/netns/{node}-{name}:{namespace}"] {
+            assert!(construct_config(ConfigFile { pod_netns_path: Some(good.into()), ..base() }).is_ok(), "{good}");
+        }
         assert_eq!(
             construct_config(ConfigFile { bundle_refresh: Some("500ms".into()), ..base() }).unwrap().bundle_refresh,
             Duration::from_millis(500)

@@ -6,6 +6,7 @@
 //! | [`ca_client`] | attestation, the node SVID, calls to identity-ca |
 //! | [`svids`] | the SVIDs of this node's workloads, renewed at half-life |
 //! | [`caller`] | Workload API caller (pid) → workload |
+//! | [`peer_process`] | the process that opened a Workload API connection, bound at accept (pidfd) |
 //! | [`workload_api`] | the SPIFFE Workload API on a unix socket |
 //! | [`jwt`] | JWT-SVID validation |
 //! | [`handshake`] | the mutual-authentication protocol, without I/O |
@@ -16,7 +17,7 @@
 //! | [`agent`] | wiring it all up and running it |
 
 #![deny(rust_2018_idioms)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod ca_client;
@@ -27,6 +28,7 @@ pub mod handshake;
 pub mod jwt;
 pub mod metrics;
 pub mod mutual;
+pub mod peer_process;
 pub mod peers;
 pub mod svids;
 #[cfg(feature = "testing")]

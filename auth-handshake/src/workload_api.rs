@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ca_client::{CaClient, now_unix};
 use crate::caller::CallerResolver;
+use crate::peer_process::CallerInfo;
 use crate::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::*;
 use crate::svids::SvidState;
@@ -50,20 +51,23 @@ fn concat(ders: &[Vec<u8>]) -> Vec<u8> {
 impl WorkloadApi {
     /// The calling workload, or PermissionDenied.
     fn caller<T>(&self, req: &Request<T>) -> Result<Workload, Status> {
-        let pid = req
+        let peer = &req
             .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .and_then(|c| c.pid())
-            .ok_or_else(|| Status::permission_denied("no identity issued: caller credentials unknown"))?;
+            .get::<CallerInfo>()
+            .ok_or_else(|| Status::permission_denied("no identity issued: caller credentials unknown"))?
+            .0;
         let st = self.state.borrow().clone();
-        match self.resolver.resolve(pid, &st.workloads) {
-            Some(w) => Ok(w),
-            None => {
-                tracing::info!(pid, "workload API caller is not a workload of this node");
-                Err(Status::permission_denied("no identity issued"))
-            }
+        let Some(w) = self.resolver.resolve(peer.pid, &st.workloads) else {
+            tracing::info!(pid = peer.pid, "workload API caller is not a workload of this node");
+            return Err(Status::permission_denied("no identity issued"));
+        };
+        // Checked after resolving: the process that opened the connection
+        // was still running, so its pid still named it when it was read.
+        if !peer.alive() {
+            tracing::warn!(pid = peer.pid, workload = %w.key(), "workload API connection outlived the process that opened it; refused");
+            return Err(Status::permission_denied("no identity issued: the process that opened this connection has exited"));
         }
+        Ok(w)
     }
 
     fn td_id(&self) -> String {

@@ -111,3 +111,92 @@ async fn standard_client_fetches_its_own_svid_and_rotations_and_nothing_else() {
     agent.shutdown().await;
     ca.shutdown().await;
 }
+
+/// Opens a Workload API connection as its own process (A), forks a relay (B)
+/// that inherits it, prints A's pid and exits: the test then speaks through
+/// the relay, over the connection A opened.
+const OUTLIVE: &str = r#"
+import os, select, socket, sys
+api, relay = sys.argv[1], sys.argv[2]
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(api)
+lis = socket.socket(socket.AF_UNIX)
+lis.bind(relay)
+lis.listen(1)
+if os.fork() == 0:
+    # Let the parent's output end when it exits.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    peer, _ = lis.accept()
+    while True:
+        r, _, _ = select.select([peer, conn], [], [])
+        for s in r:
+            data = s.recv(65536)
+            if not data:
+                os._exit(0)
+            (conn if s is peer else peer).sendall(data)
+print(os.getpid(), flush=True)
+os._exit(0)
+"#;
+
+/// Issue 14, finding 8: the Workload API re-derived the caller from the pid
+/// the connection was opened with, on every call; once that process exits
+/// and its pid is reused by a process of another pod, whoever holds the
+/// connection received that pod's SVID. Here the reuse is played by the
+/// resolver (the exited process's pid now names shop/web).
+#[tokio::test]
+async fn a_connection_outliving_its_process_gets_nothing_when_its_pid_names_another_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CaServer::start(meshguard_identity_ca::config::Config::for_test("cluster.local", dir.path())).await.unwrap();
+    ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
+    let bundle_file = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_file, ca.state.ca.bundle().x509_authorities.iter().map(|c| pem(c)).collect::<String>()).unwrap();
+    let token = ca.state.tokens.create("node-1", Duration::from_secs(60)).unwrap().0;
+    let socket = dir.path().join("workload.sock");
+    let config = Config {
+        trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        node_name: "node-1".into(),
+        ca_address: ca.addr.to_string(),
+        trust_bundle_file: bundle_file,
+        join_token: Some(token),
+        state_dir: dir.path().join("agent"),
+        workload_api_socket: socket.clone(),
+        pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
+        handshake: None,
+        bundle_refresh: Duration::from_millis(500),
+    };
+    let resolver = Arc::new(StaticResolver::default());
+    let agent = Agent::start_with(config, Some(resolver.clone())).await.unwrap();
+    // web's SVID is held by the agent (the control below fetches it).
+    resolver.0.lock().unwrap().insert(std::process::id() as i32, "shop/web".into());
+    let me = spiffe::WorkloadApiClient::connect_to(&format!("unix:{}", socket.display())).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(s) = me.fetch_x509_svid().await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("web's SVID within 10 s");
+    assert_eq!(held.spiffe_id().to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+
+    let relay = dir.path().join("relay.sock");
+    let out = std::process::Command::new("python3")
+        .args(["-c", OUTLIVE, socket.to_str().unwrap(), relay.to_str().unwrap()])
+        .output()
+        .expect("python3 (scripts/setup.sh installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gone: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // The process that opened the connection has exited; its pid now "names" web.
+    resolver.0.lock().unwrap().insert(gone, "shop/web".into());
+    let holder = spiffe::WorkloadApiClient::connect_to(&format!("unix:{}", relay.display())).await.unwrap();
+    let got = holder.fetch_x509_svid().await;
+    assert!(got.is_err(), "a connection whose process exited must get nothing, got {:?}", got.map(|s| s.spiffe_id().to_string()));
+    let jwt = holder.fetch_jwt_svid(&["backend"], None).await;
+    assert!(jwt.is_err(), "nor a JWT-SVID");
+    agent.shutdown().await;
+    ca.shutdown().await;
+}

@@ -354,7 +354,8 @@ impl Cluster {
         }
         let k = k as u8;
         let pod_ip = Ipv4Addr::new(10, 244, node.index, 10 + k);
-        let netns = format!("{}-{}-{}", self.run_id, spec.namespace, spec.name);
+        // `_` cannot occur in a Kubernetes namespace or pod name: no two pods share a name.
+        let netns = format!("{}-{}_{}", self.run_id, spec.namespace, spec.name);
         let host_if = format!("lxc{}", 10 + k);
         let node_ns = node.netns.clone();
         ip(&["netns", "add", &netns])?;

@@ -14,7 +14,7 @@
 //! bridge, so it is no node's process: every agent reaches it over its
 //! node's underlay link, as it would reach a CA on another machine. The
 //! agents name their pods' namespace files with the cluster's own naming
-//! (`podNetnsPath: /run/netns/<run id>-{namespace}-{name}`), so the Workload
+//! (`podNetnsPath: /run/netns/<run id>-{namespace}_{name}`), so the Workload
 //! API resolves a caller by the network namespace it really runs in.
 //!
 //! Every process is started with [`Cluster::spawn_in`] and every file lives
@@ -195,7 +195,7 @@ impl Cluster {
 
     /// `podNetnsPath` for the agents: the cluster's pod namespace naming.
     pub fn pod_netns_template(&self) -> String {
-        format!("/run/netns/{}-{{namespace}}-{{name}}", self.run_id)
+        format!("/run/netns/{}-{{namespace}}_{{name}}", self.run_id)
     }
 }
 
