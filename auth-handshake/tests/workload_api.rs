@@ -30,6 +30,25 @@ fn pem(der: &[u8]) -> String {
     format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", base64::engine::general_purpose::STANDARD.encode(der))
 }
 
+/// node-1's agent config: joins `ca` with a fresh token, no handshakes.
+fn agent_config(ca: &CaServer, dir: &std::path::Path) -> Config {
+    let bundle_file = dir.join("bundle.pem");
+    std::fs::write(&bundle_file, ca.state.ca.bundle().x509_authorities.iter().map(|c| pem(c)).collect::<String>()).unwrap();
+    let token = ca.state.tokens.create("node-1", Duration::from_secs(60)).unwrap().0;
+    Config {
+        trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        node_name: "node-1".into(),
+        ca_address: ca.addr.to_string(),
+        trust_bundle_file: bundle_file,
+        join_token: Some(token),
+        state_dir: dir.join("agent"),
+        workload_api_socket: dir.join("workload.sock"),
+        pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
+        handshake: None,
+        bundle_refresh: Duration::from_millis(500),
+    }
+}
+
 #[tokio::test]
 async fn standard_client_fetches_its_own_svid_and_rotations_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -38,23 +57,8 @@ async fn standard_client_fetches_its_own_svid_and_rotations_and_nothing_else() {
     let ca = CaServer::start(cfg).await.unwrap();
     ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
     ca.state.registry.put_workload(workload("db", "db", "node-2")).unwrap();
-    let bundle_file = dir.path().join("bundle.pem");
-    std::fs::write(&bundle_file, ca.state.ca.bundle().x509_authorities.iter().map(|c| pem(c)).collect::<String>()).unwrap();
-    let token = ca.state.tokens.create("node-1", Duration::from_secs(60)).unwrap().0;
-
-    let socket = dir.path().join("workload.sock");
-    let config = Config {
-        trust_domain: TrustDomain::new("cluster.local").unwrap(),
-        node_name: "node-1".into(),
-        ca_address: ca.addr.to_string(),
-        trust_bundle_file: bundle_file,
-        join_token: Some(token),
-        state_dir: dir.path().join("agent"),
-        workload_api_socket: socket.clone(),
-        pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
-        handshake: None,
-        bundle_refresh: Duration::from_millis(500),
-    };
+    let config = agent_config(&ca, dir.path());
+    let socket = config.workload_api_socket.clone();
     let resolver = Arc::new(StaticResolver::default());
     let agent = Agent::start_with(config, Some(resolver.clone())).await.unwrap();
     let endpoint = format!("unix:{}", socket.display());
@@ -150,22 +154,8 @@ async fn a_connection_outliving_its_process_gets_nothing_when_its_pid_names_anot
     let dir = tempfile::tempdir().unwrap();
     let ca = CaServer::start(meshguard_identity_ca::config::Config::for_test("cluster.local", dir.path())).await.unwrap();
     ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
-    let bundle_file = dir.path().join("bundle.pem");
-    std::fs::write(&bundle_file, ca.state.ca.bundle().x509_authorities.iter().map(|c| pem(c)).collect::<String>()).unwrap();
-    let token = ca.state.tokens.create("node-1", Duration::from_secs(60)).unwrap().0;
-    let socket = dir.path().join("workload.sock");
-    let config = Config {
-        trust_domain: TrustDomain::new("cluster.local").unwrap(),
-        node_name: "node-1".into(),
-        ca_address: ca.addr.to_string(),
-        trust_bundle_file: bundle_file,
-        join_token: Some(token),
-        state_dir: dir.path().join("agent"),
-        workload_api_socket: socket.clone(),
-        pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
-        handshake: None,
-        bundle_refresh: Duration::from_millis(500),
-    };
+    let config = agent_config(&ca, dir.path());
+    let socket = config.workload_api_socket.clone();
     let resolver = Arc::new(StaticResolver::default());
     let agent = Agent::start_with(config, Some(resolver.clone())).await.unwrap();
     // web's SVID is held by the agent (the control below fetches it).

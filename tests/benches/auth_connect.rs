@@ -68,9 +68,7 @@ type Timings = Vec<(f64, f64)>;
 fn run(prove_ahead: bool) -> (Timings, Timings, f64) {
     let c = build();
     let id = c.identity().prove_ahead(prove_ahead).start().unwrap();
-    let policy_file = c.dir.join("policy.yaml");
-    std::fs::write(&policy_file, POLICY).unwrap();
-    id.admin(&["policy", "apply", "-f", policy_file.to_str().unwrap()]).unwrap();
+    id.apply_policy(POLICY).unwrap();
     id.use_registry_for_agents();
     c.start_agents().unwrap();
     c.start_echo("shop/api", 7000).unwrap();

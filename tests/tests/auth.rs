@@ -12,6 +12,7 @@ use meshguard_common::spiffe::SpiffeId;
 use meshguard_ebpf::events::{EventKind, EventReader};
 use meshguard_ebpf::{AuthPair, AuthTable, PinLayout};
 use meshguard_meshctl::sim::cluster::{Cluster, cluster, wait_until};
+use meshguard_meshctl::sim::identity::Identity;
 
 const POLICY: &str = r#"
 apiVersion: meshguard.io/v1alpha1
@@ -118,15 +119,13 @@ fn authenticated_cluster() -> Cluster {
         .unwrap()
 }
 
-fn start(c: &Cluster) -> meshguard_meshctl::sim::identity::Identity<'_> {
+fn start(c: &Cluster) -> Identity<'_> {
     start_with(c, true, AUTH_ALL)
 }
 
-fn start_with<'c>(c: &'c Cluster, prove_ahead: bool, policy: &str) -> meshguard_meshctl::sim::identity::Identity<'c> {
+fn start_with<'c>(c: &'c Cluster, prove_ahead: bool, policy: &str) -> Identity<'c> {
     let id = c.identity().prove_ahead(prove_ahead).start().unwrap();
-    let policy_file = c.dir.join("policy.yaml");
-    std::fs::write(&policy_file, policy).unwrap();
-    id.admin(&["policy", "apply", "-f", policy_file.to_str().unwrap()]).unwrap();
+    id.apply_policy(policy).unwrap();
     id.use_registry_for_agents();
     c.start_agents().unwrap();
     c.start_echo("shop/api", 7000).unwrap();
@@ -136,27 +135,13 @@ fn start_with<'c>(c: &'c Cluster, prove_ahead: bool, policy: &str) -> meshguard_
     id
 }
 
-/// The numbers the registry gave `sa`'s identity and `node`.
-fn numbers(id: &meshguard_meshctl::sim::identity::Identity<'_>, sa: &str, node: &str) -> (u32, u32) {
-    let want = format!("spiffe://cluster.local/ns/shop/sa/{sa}");
-    let field = |v: &serde_yaml::Value, k: &str| v.get(k).cloned().unwrap_or_default();
-    let ids: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "identity", "list"]).unwrap()).unwrap();
-    let number = ids
-        .iter()
-        .find(|i| field(i, "spiffeId").as_str() == Some(want.as_str()))
-        .and_then(|i| field(i, "number").as_u64())
-        .expect("identity number");
-    let nodes: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "node", "list"]).unwrap()).unwrap();
-    let node_id =
-        nodes.iter().find(|n| field(n, "name").as_str() == Some(node)).and_then(|n| field(n, "nodeId").as_u64()).expect("node id");
-    (number as u32, node_id as u32)
+/// The numbers the registry gave shop/`sa`'s identity and `node`.
+fn numbers(id: &Identity<'_>, sa: &str, node: &str) -> (u32, u32) {
+    id.numbers("shop", sa, node).unwrap()
 }
 
 fn live_pairs(c: &Cluster, node: &str) -> Vec<AuthPair> {
-    match AuthTable::open(&PinLayout::new(c.pin_dir(node))) {
-        Ok(t) => t.entries().unwrap().into_iter().filter(|(_, left)| !left.is_zero()).map(|(p, _)| p).collect(),
-        Err(_) => Vec::new(),
-    }
+    c.live_auth_pairs(node)
 }
 
 #[test]

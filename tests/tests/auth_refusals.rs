@@ -13,7 +13,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use meshguard_ebpf::{AuthTable, PinLayout};
 use meshguard_meshctl::sim::bins::bin_path;
 use meshguard_meshctl::sim::cluster::{Cluster, UNDERLAY_BRIDGE, cluster, wait_until};
 use meshguard_meshctl::sim::identity::{AUTH_HANDSHAKE_PORT, CA_IP, Identity};
@@ -36,9 +35,7 @@ spec:
 /// registry, echo servers on api and db.
 fn start(c: &Cluster) -> Identity<'_> {
     let id = c.identity().prove_ahead(false).start().unwrap();
-    let policy_file = c.dir.join("policy.yaml");
-    std::fs::write(&policy_file, POLICY).unwrap();
-    id.admin(&["policy", "apply", "-f", policy_file.to_str().unwrap()]).unwrap();
+    id.apply_policy(POLICY).unwrap();
     id.use_registry_for_agents();
     c.start_agents().unwrap();
     c.start_echo("shop/api", 7000).unwrap();
@@ -48,28 +45,14 @@ fn start(c: &Cluster) -> Identity<'_> {
     id
 }
 
-/// The numbers the registry gave `sa`'s identity and `node`.
+/// The numbers the registry gave shop/`sa`'s identity and `node`.
 fn numbers(id: &Identity<'_>, sa: &str, node: &str) -> (u32, u32) {
-    let want = format!("spiffe://cluster.local/ns/shop/sa/{sa}");
-    let field = |v: &serde_yaml::Value, k: &str| v.get(k).cloned().unwrap_or_default();
-    let ids: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "identity", "list"]).unwrap()).unwrap();
-    let number = ids
-        .iter()
-        .find(|i| field(i, "spiffeId").as_str() == Some(want.as_str()))
-        .and_then(|i| field(i, "number").as_u64())
-        .expect("identity number");
-    let nodes: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "node", "list"]).unwrap()).unwrap();
-    let node_id =
-        nodes.iter().find(|n| field(n, "name").as_str() == Some(node)).and_then(|n| field(n, "nodeId").as_u64()).expect("node id");
-    (number as u32, node_id as u32)
+    id.numbers("shop", sa, node).unwrap()
 }
 
 /// Every auth entry on `node` (expired or not).
 fn all_pairs(c: &Cluster, node: &str) -> Vec<meshguard_ebpf::AuthPair> {
-    match AuthTable::open(&PinLayout::new(c.pin_dir(node))) {
-        Ok(t) => t.entries().unwrap().into_iter().map(|(p, _)| p).collect(),
-        Err(_) => Vec::new(),
-    }
+    c.auth_entries(node).into_iter().map(|(p, _)| p).collect()
 }
 
 fn refused(id: &Identity<'_>, node: &str, reason: &str, role: &str) -> f64 {

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use meshguard_ebpf::{AuthPair, AuthTable, PinLayout};
+use meshguard_ebpf::AuthPair;
 use meshguard_meshctl::sim::bins::bin_path;
 use meshguard_meshctl::sim::cluster::{Cluster, cluster, wait_until};
 use meshguard_meshctl::sim::identity::Identity;
@@ -36,9 +36,7 @@ const MAX_GAP_MS: u64 = 1000;
 
 fn start(c: &Cluster) -> Identity<'_> {
     let id = c.identity().svid_ttl(SVID_TTL).node_svid_ttl(SVID_TTL).start().unwrap();
-    let policy_file = c.dir.join("policy.yaml");
-    std::fs::write(&policy_file, POLICY).unwrap();
-    id.admin(&["policy", "apply", "-f", policy_file.to_str().unwrap()]).unwrap();
+    id.apply_policy(POLICY).unwrap();
     id.use_registry_for_agents();
     c.start_agents().unwrap();
     c.start_echo("shop/api", 7000).unwrap();
@@ -51,33 +49,18 @@ fn start(c: &Cluster) -> Identity<'_> {
     id
 }
 
-/// The numbers the registry gave `sa`'s identity and `node`.
+/// The numbers the registry gave shop/`sa`'s identity and `node`.
 fn numbers(id: &Identity<'_>, sa: &str, node: &str) -> (u32, u32) {
-    let want = format!("spiffe://cluster.local/ns/shop/sa/{sa}");
-    let field = |v: &serde_yaml::Value, k: &str| v.get(k).cloned().unwrap_or_default();
-    let ids: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "identity", "list"]).unwrap()).unwrap();
-    let number = ids
-        .iter()
-        .find(|i| field(i, "spiffeId").as_str() == Some(want.as_str()))
-        .and_then(|i| field(i, "number").as_u64())
-        .expect("identity number");
-    let nodes: Vec<serde_yaml::Value> = serde_yaml::from_str(&id.admin(&["--json", "node", "list"]).unwrap()).unwrap();
-    let node_id =
-        nodes.iter().find(|n| field(n, "name").as_str() == Some(node)).and_then(|n| field(n, "nodeId").as_u64()).expect("node id");
-    (number as u32, node_id as u32)
+    id.numbers("shop", sa, node).unwrap()
 }
 
 fn live_pairs(c: &Cluster, node: &str) -> Vec<AuthPair> {
-    match AuthTable::open(&PinLayout::new(c.pin_dir(node))) {
-        Ok(t) => t.entries().unwrap().into_iter().filter(|(_, left)| !left.is_zero()).map(|(p, _)| p).collect(),
-        Err(_) => Vec::new(),
-    }
+    c.live_auth_pairs(node)
 }
 
 /// How long `pair`'s entry on `node` still lives; None when it is missing or expired.
 fn live_left(c: &Cluster, node: &str, pair: AuthPair) -> Option<Duration> {
-    let t = AuthTable::open(&PinLayout::new(c.pin_dir(node))).ok()?;
-    t.entries().ok()?.into_iter().find(|(p, left)| *p == pair && !left.is_zero()).map(|(_, left)| left)
+    c.auth_entries(node).into_iter().find(|(p, left)| *p == pair && !left.is_zero()).map(|(_, left)| left)
 }
 
 /// The X.509 authorities in the bundle `pod` receives from its node's Workload API.

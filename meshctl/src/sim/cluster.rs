@@ -465,6 +465,17 @@ impl Cluster {
         self.uapi_dir(node).join("events.sock")
     }
 
+    /// Every entry of `node`'s pinned auth map with the time it has left
+    /// (zero: expired); empty while the datapath is not loaded.
+    pub fn auth_entries(&self, node: &str) -> Vec<(meshguard_ebpf::AuthPair, Duration)> {
+        meshguard_ebpf::AuthTable::open(&meshguard_ebpf::PinLayout::new(self.pin_dir(node))).and_then(|t| t.entries()).unwrap_or_default()
+    }
+
+    /// The live (unexpired) auth entries of `node`.
+    pub fn live_auth_pairs(&self, node: &str) -> Vec<meshguard_ebpf::AuthPair> {
+        self.auth_entries(node).into_iter().filter(|(_, left)| !left.is_zero()).map(|(p, _)| p).collect()
+    }
+
     /// The node's pinned datapath in bpffs (per run, so runs stay apart).
     pub fn pin_dir(&self, node: &str) -> PathBuf {
         Path::new(BPF_PIN_ROOT).join(format!("{}-{node}", self.run_id))

@@ -356,6 +356,35 @@ impl Identity<'_> {
         c.spawn_in_node(&n.netns, &bin_path("auth-handshake"), &["run", "--config", path_str(&config)], &log_env(), &log)
     }
 
+    /// Applies MeshPolicy YAML (one document or several) on the registry.
+    pub fn apply_policy(&self, yaml: &str) -> Result<()> {
+        let file = self.dir.join("policy.yaml");
+        std::fs::write(&file, yaml)?;
+        self.admin(&["policy", "apply", "-f", path_str(&file)])?;
+        Ok(())
+    }
+
+    /// The numbers the registry gave `namespace/sa`'s identity and `node`
+    /// (the datapath's identity and node ids).
+    pub fn numbers(&self, namespace: &str, sa: &str, node: &str) -> Result<(u32, u32)> {
+        let want = format!("spiffe://{}/ns/{namespace}/sa/{sa}", self.cluster.trust_domain);
+        let list = |what: &str| -> Result<Vec<serde_json::Value>> {
+            let out = self.admin(&["--json", what, "list"])?;
+            serde_json::from_str(&out).map_err(|e| ClusterError::Invalid(format!("{what} list: {e}: {out}")))
+        };
+        let number = list("identity")?
+            .iter()
+            .find(|i| i["spiffeId"].as_str() == Some(want.as_str()))
+            .and_then(|i| i["number"].as_u64())
+            .ok_or_else(|| ClusterError::Invalid(format!("no identity number for {want}")))?;
+        let node_id = list("node")?
+            .iter()
+            .find(|n| n["name"].as_str() == Some(node))
+            .and_then(|n| n["nodeId"].as_u64())
+            .ok_or_else(|| ClusterError::Invalid(format!("no node id for {node}")))?;
+        Ok((number as u32, node_id as u32))
+    }
+
     /// auth-handshake's Prometheus text on `node`.
     pub fn auth_metrics(&self, node: &str) -> Result<String> {
         let c = self.cluster;
