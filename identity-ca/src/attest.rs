@@ -111,31 +111,14 @@ impl JoinTokens {
         {
             let rx = self.store.read()?;
             let t = rx.open_table(JOIN_TOKENS).map_err(store::err("open table"))?;
-            let rec: TokenRecord = match t.get(key.as_slice()).map_err(store::err("read"))? {
-                Some(v) => store::decode("join_tokens", "<token>", v.value())?,
-                None => return Err(AttestError::Refused { reason: "unknown join token" }),
-            };
-            if rec.used_at.is_some() {
-                return Err(AttestError::Refused { reason: "join token already used" });
-            }
-            if rec.expires_at <= now {
-                return Err(AttestError::Refused { reason: "join token expired" });
-            }
+            usable(t.get(key.as_slice()).map_err(store::err("read"))?.map(|v| v.value().to_vec()), now)?;
         }
         // Checked again under the write lock: of two racing uses, one wins.
         let tx = self.store.write()?;
         let node = {
             let mut t = tx.open_table(JOIN_TOKENS).map_err(store::err("open table"))?;
-            let rec: TokenRecord = match t.get(key.as_slice()).map_err(store::err("read"))? {
-                Some(v) => store::decode("join_tokens", "<token>", v.value())?,
-                None => return Err(AttestError::Refused { reason: "unknown join token" }),
-            };
-            if rec.used_at.is_some() {
-                return Err(AttestError::Refused { reason: "join token already used" });
-            }
-            if rec.expires_at <= now {
-                return Err(AttestError::Refused { reason: "join token expired" });
-            }
+            let found = t.get(key.as_slice()).map_err(store::err("read"))?.map(|v| v.value().to_vec());
+            let rec = usable(found, now)?;
             let used = TokenRecord { used_at: Some(now), ..rec.clone() };
             t.insert(key.as_slice(), store::encode(&used).as_slice()).map_err(store::err("write"))?;
             rec.node
@@ -155,6 +138,21 @@ impl JoinTokens {
         }
         Store::commit(tx)
     }
+}
+
+/// The token's record, if it may still be used at `now`.
+fn usable(found: Option<Vec<u8>>, now: i64) -> Result<TokenRecord, AttestError> {
+    let rec: TokenRecord = match found {
+        Some(v) => store::decode("join_tokens", "<token>", &v)?,
+        None => return Err(AttestError::Refused { reason: "unknown join token" }),
+    };
+    if rec.used_at.is_some() {
+        return Err(AttestError::Refused { reason: "join token already used" });
+    }
+    if rec.expires_at <= now {
+        return Err(AttestError::Refused { reason: "join token expired" });
+    }
+    Ok(rec)
 }
 
 fn hash(token: &str) -> Vec<u8> {
