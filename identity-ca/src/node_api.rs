@@ -25,6 +25,19 @@ pub struct NodeService {
     pub state: Arc<CaState>,
 }
 
+/// The refusal of a node credential that no longer stands, logged and
+/// counted when it was superseded.
+fn refusal(st: &CaState, node: &str, s: Standing) -> Status {
+    if s == Standing::Removed {
+        return Status::permission_denied(format!("node {node} was removed: attest again with a new join token"));
+    }
+    st.metrics.denied("stale_node_credential");
+    tracing::warn!(%node, standing = ?s, "refused a superseded node credential: stolen, or left from an earlier membership");
+    Status::permission_denied(format!(
+        "this credential of node {node} was superseded (a newer one was issued): attest again with a new join token"
+    ))
+}
+
 pub fn bundle_to_proto(b: &Bundle) -> proto::Bundle {
     proto::Bundle {
         trust_domain: b.trust_domain.to_string(),
@@ -51,25 +64,19 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 impl NodeService {
     /// The calling node, from the SVID it presented in the TLS handshake
-    /// (whose chain the handshake verified against the bundle).
-    /// The calling node, if its credential is its current or previous one.
+    /// (whose chain the handshake verified against the bundle), if that
+    /// credential is its current or previous one.
     fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let (node, serial) = self.presented(req)?;
-        match self.state.standing(&node, &serial) {
-            Standing::Current | Standing::Previous => Ok(node),
-            s => Err(self.stale(&node, s)),
-        }
+        self.caller_credential(req).map(|(node, _)| node)
     }
 
-    fn stale(&self, node: &str, s: Standing) -> Status {
-        if s == Standing::Removed {
-            return Status::permission_denied(format!("node {node} was removed: attest again with a new join token"));
+    /// As [`Self::caller`], with the serial of the credential presented.
+    fn caller_credential<T>(&self, req: &Request<T>) -> Result<(String, String), Status> {
+        let (node, serial) = self.presented(req)?;
+        match self.state.standing(&node, &serial) {
+            Standing::Current | Standing::Previous => Ok((node, serial)),
+            s => Err(refusal(&self.state, &node, s)),
         }
-        self.state.metrics.denied("stale_node_credential");
-        tracing::warn!(%node, standing = ?s, "refused a superseded node credential: stolen, or left from an earlier membership");
-        Status::permission_denied(format!(
-            "this credential of node {node} was superseded (a newer one was issued): attest again with a new join token"
-        ))
     }
 
     /// The node named by the presented SVID, and that SVID's serial.
@@ -183,14 +190,14 @@ impl NodeApi for NodeService {
         let st = &self.state;
         match st.standing(&node, &presented) {
             Standing::Current => {}
-            s => return Err(self.stale(&node, s)),
+            s => return Err(refusal(st, &node, s)),
         }
         let key = CsrKey::parse(&req.get_ref().csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = st.ca.trust_domain().node_id(&node).map_err(internal)?;
         let svid = self.sign(vec![(id.clone(), key)], st.ca.lifetimes().node_svid, node.clone()).await?.remove(0);
         let serial = serial_hex(svid.chain[0].as_ref()).map_err(internal)?;
         if !st.record_renewal(&node, svid.expires_at, &presented, &serial).map_err(internal)? {
-            return Err(self.stale(&node, Standing::Superseded));
+            return Err(refusal(st, &node, Standing::Superseded));
         }
         st.metrics.issued("node", 1);
         Ok(Response::new(proto::RenewNodeSvidResponse { svid: Some(svid_to_proto(&svid)) }))
@@ -278,12 +285,8 @@ impl NodeApi for NodeService {
     type WatchClusterStream = ReceiverStream<Result<proto::ClusterEvent, Status>>;
 
     async fn watch_cluster(&self, req: Request<proto::WatchClusterRequest>) -> Result<Response<Self::WatchClusterStream>, Status> {
-        let (node, serial) = self.presented(&req)?;
+        let (node, serial) = self.caller_credential(&req)?;
         let st = self.state.clone();
-        match st.standing(&node, &serial) {
-            Standing::Current | Standing::Previous => {}
-            s => return Err(self.stale(&node, s)),
-        }
         let Some(slot) = st.watch_slot(&node) else {
             st.metrics.overloaded("watches_per_node");
             tracing::warn!(%node, "too many open watch streams for this node; refused");
@@ -312,12 +315,8 @@ impl NodeApi for NodeService {
                     _ = check.tick() => {
                         match st.standing(&node, &serial) {
                             Standing::Current | Standing::Previous => continue,
-                            Standing::Removed => {
-                                let _ = tx.send(Err(Status::permission_denied(format!("node {node} was removed")))).await;
-                            }
-                            Standing::Superseded => {
-                                st.metrics.denied("stale_node_credential");
-                                let _ = tx.send(Err(Status::permission_denied(format!("this credential of node {node} was superseded")))).await;
+                            s => {
+                                let _ = tx.send(Err(refusal(&st, &node, s))).await;
                             }
                         }
                         tracing::info!(%node, "watch stream ended: its credential no longer stands");

@@ -71,31 +71,44 @@ pub enum ServerError {
     },
 }
 
-/// One TLS handshake in progress from an address, until dropped.
-struct AddressSlot {
-    ip: std::net::IpAddr,
-    map: Arc<std::sync::Mutex<BTreeMap<std::net::IpAddr, usize>>>,
+/// At most `max` places per key (a source address, a node); a place is
+/// held until its [`Place`] drops.
+#[derive(Clone)]
+pub struct Places<K: Ord + Clone> {
+    max: usize,
+    taken: Arc<std::sync::Mutex<BTreeMap<K, usize>>>,
 }
 
-impl AddressSlot {
-    fn take(map: &Arc<std::sync::Mutex<BTreeMap<std::net::IpAddr, usize>>>, ip: std::net::IpAddr) -> Option<Self> {
-        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
-        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+/// One place of a [`Places`] key, given back on drop.
+pub struct Place<K: Ord + Clone> {
+    key: K,
+    places: Places<K>,
+}
+
+impl<K: Ord + Clone> Places<K> {
+    pub fn new(max: usize) -> Self {
+        Self { max, taken: Arc::default() }
+    }
+
+    /// A place for `key`, or None when it holds `max` already.
+    pub fn take(&self, key: &K) -> Option<Place<K>> {
+        let mut m = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key.clone()).or_default();
+        if *n >= self.max {
             return None;
         }
         *n += 1;
-        Some(Self { ip, map: map.clone() })
+        Some(Place { key: key.clone(), places: self.clone() })
     }
 }
 
-impl Drop for AddressSlot {
+impl<K: Ord + Clone> Drop for Place<K> {
     fn drop(&mut self) {
-        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+        let mut m = self.places.taken.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&self.key);
             }
         }
     }
@@ -149,25 +162,7 @@ pub struct CaState {
     /// Attestations in progress (unauthenticated callers).
     pub attestations: Arc<tokio::sync::Semaphore>,
     /// Open watch streams by node.
-    watches: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
-}
-
-/// Holds one of a node's watch-stream places until dropped.
-pub struct WatchSlot {
-    node: String,
-    watches: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
-}
-
-impl Drop for WatchSlot {
-    fn drop(&mut self) {
-        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = w.get_mut(&self.node) {
-            *n -= 1;
-            if *n == 0 {
-                w.remove(&self.node);
-            }
-        }
-    }
+    watches: Places<String>,
 }
 
 /// A running CA.
@@ -204,19 +199,13 @@ impl CaState {
             nodes: RwLock::new(nodes),
             shutdown,
             attestations: Arc::new(tokio::sync::Semaphore::new(MAX_ATTESTATIONS)),
-            watches: Arc::default(),
+            watches: Places::new(MAX_WATCHES_PER_NODE),
         })
     }
 
     /// A place for one more watch stream of `node`, within [`MAX_WATCHES_PER_NODE`].
-    pub fn watch_slot(&self, node: &str) -> Option<WatchSlot> {
-        let mut w = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        let n = w.entry(node.to_owned()).or_default();
-        if *n >= MAX_WATCHES_PER_NODE {
-            return None;
-        }
-        *n += 1;
-        Some(WatchSlot { node: node.to_owned(), watches: self.watches.clone() })
+    pub fn watch_slot(&self, node: &str) -> Option<Place<String>> {
+        self.watches.take(&node.to_owned())
     }
 
     pub fn shutdown_rx(&self) -> watch::Receiver<bool> {
@@ -337,7 +326,7 @@ impl CaServer {
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
         let mut sd = shutdown_rx.clone();
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        let per_address: Arc<std::sync::Mutex<BTreeMap<std::net::IpAddr, usize>>> = Arc::default();
+        let per_address = Places::new(MAX_HANDSHAKES_PER_ADDRESS);
         let metrics = state.metrics.clone();
         tasks.spawn(async move {
             loop {
@@ -355,7 +344,7 @@ impl CaServer {
                     tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
                     continue;
                 };
-                let Some(slot) = AddressSlot::take(&per_address, peer.ip()) else {
+                let Some(slot) = per_address.take(&peer.ip()) else {
                     metrics.overloaded("handshakes_per_address");
                     tracing::warn!(%peer, "too many TLS handshakes in progress from this address; connection closed");
                     continue;
