@@ -30,6 +30,9 @@ pub struct Metrics {
     pub renewals: Counter,
     pub deletions: Family<Labels, Counter>,
     pub signals: Counter,
+    /// Signals dropped because the view never named their identities or
+    /// node within `HOLD`.
+    pub signals_unresolved: Counter,
     /// From the datapath's auth-required signal to the entry in the map.
     pub signal_to_entry_seconds: Histogram,
     /// First packets held with a signal, by `result`: held, replayed,
@@ -46,6 +49,7 @@ impl Metrics {
         let renewals = Counter::default();
         let deletions = Family::<Labels, Counter>::default();
         let signals = Counter::default();
+        let signals_unresolved = Counter::default();
         let signal_to_entry_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
         let held_packets = Family::<Labels, Counter>::default();
         let mut r = Registry::default();
@@ -59,6 +63,11 @@ impl Metrics {
         r.register("meshguard_auth_renewals", "Entries proved again before expiry or after a key change.", renewals.clone());
         r.register("meshguard_auth_deletions", "Entries deleted, by reason.", deletions.clone());
         r.register("meshguard_auth_signals", "Auth-required signals read from the datapath.", signals.clone());
+        r.register(
+            "meshguard_auth_signals_unresolved",
+            "Auth-required signals dropped because the cluster view never named their identities or node in time.",
+            signals_unresolved.clone(),
+        );
         r.register(
             "meshguard_auth_signal_to_entry_seconds",
             "Time from a datapath signal to the entry it asked for.",
@@ -76,6 +85,7 @@ impl Metrics {
             renewals,
             deletions,
             signals,
+            signals_unresolved,
             signal_to_entry_seconds,
             held_packets,
             registry: r,

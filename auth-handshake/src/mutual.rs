@@ -167,6 +167,9 @@ struct Agent {
     /// First packets waiting for their pair's entry.
     held: HashMap<AuthPair, Vec<(Instant, Held)>>,
     held_count: usize,
+    /// Signals naming identities or a node the view does not know yet (the
+    /// datapath learned them first): tried again on each view, for `HOLD`.
+    unresolved: HashMap<AuthPair, Instant>,
     /// Replays held packets; loaded with the pinned map.
     replayer: Option<Box<dyn Replay>>,
 }
@@ -271,6 +274,7 @@ pub async fn run(
         key_changed_since: BTreeMap::new(),
         held: HashMap::new(),
         held_count: 0,
+        unresolved: HashMap::new(),
         replayer,
     };
     a.refresh(svids.borrow_and_update().clone(), view.borrow_and_update().clone());
@@ -286,6 +290,7 @@ pub async fn run(
             r = view.changed() => {
                 if r.is_err() { return }
                 a.refresh(a.svids.clone(), view.borrow_and_update().clone());
+                a.retry_unresolved();
                 a.reconcile();
             }
             Some(r) = reports.recv() => {
@@ -470,6 +475,11 @@ impl Agent {
         if expired > 0 {
             self.held_count -= expired;
             self.metrics.held("expired", expired as u64);
+        }
+        let lapsed: Vec<AuthPair> = self.unresolved.iter().filter(|(_, at)| now.duration_since(**at) >= HOLD).map(|(p, _)| *p).collect();
+        for pair in lapsed {
+            self.unresolved.remove(&pair);
+            self.unresolved_expired(pair);
         }
         self.inflight.retain(|_, (since, _)| now.duration_since(*since) < REQUEST_TIMEOUT * 2);
         self.backoff.retain(|_, until| *until > now);
@@ -701,18 +711,27 @@ impl Agent {
 
     fn signal(&mut self, sig: Signal) {
         self.metrics.signals.inc();
-        let (Some(local), Some(remote), Some(node)) = (
-            self.ids_by_num.get(&sig.pair.local_identity),
-            self.ids_by_num.get(&sig.pair.remote_identity),
-            self.nodes_by_num.get(&sig.pair.remote_node),
-        ) else {
-            tracing::debug!(?sig.pair, "auth signal for identities or a node the view does not know");
-            return;
-        };
-        let key = PairKey { local: local.clone(), remote: remote.clone(), remote_node: node.clone() };
         if let Some(h) = sig.held {
             self.hold(sig.pair, sig.at, h);
         }
+        self.judge_signal(sig.pair, sig.at);
+    }
+
+    /// Asks for the signalled pair's proof, or parks the signal when the view
+    /// does not know its identities or node yet.
+    fn judge_signal(&mut self, pair: AuthPair, at: Instant) {
+        let (Some(local), Some(remote), Some(node)) = (
+            self.ids_by_num.get(&pair.local_identity),
+            self.ids_by_num.get(&pair.remote_identity),
+            self.nodes_by_num.get(&pair.remote_node),
+        ) else {
+            if self.unresolved.len() < MAX_HELD || self.unresolved.contains_key(&pair) {
+                self.unresolved.entry(pair).or_insert(at);
+            }
+            tracing::debug!(?pair, "auth signal for identities or a node the view does not know yet; waiting for the view");
+            return;
+        };
+        let key = PairKey { local: local.clone(), remote: remote.clone(), remote_node: node.clone() };
         if self.book.is_fresh(&key, now_unix(), 0) {
             // Proved already: the packet crossed the write, or the map lost
             // the entry. Write it again and let the packet through.
@@ -725,9 +744,27 @@ impl Agent {
             }
             return;
         }
-        self.signaled.entry(key.clone()).or_insert(sig.at);
+        self.signaled.entry(key.clone()).or_insert(at);
         let dir = self.dir();
         self.request(&key, false, &dir);
+    }
+
+    /// A new view: parked signals it now resolves go ahead; the rest wait,
+    /// up to `HOLD` from their signal.
+    fn retry_unresolved(&mut self) {
+        let now = Instant::now();
+        for (pair, at) in std::mem::take(&mut self.unresolved) {
+            if now.duration_since(at) < HOLD {
+                self.judge_signal(pair, at);
+            } else {
+                self.unresolved_expired(pair);
+            }
+        }
+    }
+
+    fn unresolved_expired(&self, pair: AuthPair) {
+        self.metrics.signals_unresolved.inc();
+        tracing::info!(?pair, "auth signal dropped: the cluster view never named its identities or node");
     }
 
     /// Keeps a first packet until its pair's entry is written, within bounds.

@@ -110,6 +110,13 @@ impl Cluster {
     }
 
     async fn start(pods: &[(&str, usize)], policy: Option<&str>) -> Self {
+        let mut c = Self::start_unissued(pods, policy).await;
+        c.issue(3600, |_| true);
+        c
+    }
+
+    /// The agents run, but no node holds any workload SVID yet.
+    async fn start_unissued(pods: &[(&str, usize)], policy: Option<&str>) -> Self {
         let ca = TestCa::new(TD);
         let port = free_port();
         let view = Self::view(pods, policy);
@@ -141,19 +148,23 @@ impl Cluster {
             ));
             nodes.push(Node { name, map, replayed, signals: sig_tx, svids, view: view_tx, metrics, task });
         }
-        let mut c = Self { ca, port, view, nodes };
-        c.issue_all(3600);
-        c
+        Self { ca, port, view, nodes }
     }
 
     /// Every node gets SVIDs for the workloads placed on it.
     fn issue_all(&mut self, ttl: i64) {
+        self.issue(ttl, |_| true);
+    }
+
+    /// Every node gets SVIDs for the workloads placed on it whose service
+    /// account `wanted` accepts.
+    fn issue(&mut self, ttl: i64, wanted: impl Fn(&str) -> bool) {
         for n in &self.nodes {
             let mut st = SvidState {
                 bundle: CaBundle { x509_authorities: vec![self.ca.cert.clone()], jwks: vec![], sequence: 1 },
                 ..Default::default()
             };
-            for w in self.view.workloads.values().filter(|w| w.node == n.name) {
+            for w in self.view.workloads.values().filter(|w| w.node == n.name && wanted(&w.service_account)) {
                 let i = w.spiffe_id(&TrustDomain::new(TD).unwrap()).unwrap();
                 st.svids.insert(i.clone(), svid(&self.ca, &i, ttl));
             }
@@ -282,10 +293,14 @@ async fn a_datapath_signal_gets_an_entry_and_is_timed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pair_the_responder_cannot_prove_gets_no_entry_on_either_side() {
-    let mut c = Cluster::start(&[("web", 1), ("api", 2)], Some(POLICY)).await;
-    wait_for("the first entry", Duration::from_secs(10), || c.map(2).contains_key(&pair(API, WEB, 1))).await;
-    // db is placed on node-2 but node-2 holds no SVID for it.
-    c.set_view(Cluster::view(&[("web", 1), ("api", 2), ("db", 2)], Some(POLICY)));
+    // db is placed on node-2 from the start, but node-2 holds no SVID for it.
+    let mut c = Cluster::start_unissued(&[("web", 1), ("api", 2), ("db", 2)], Some(POLICY)).await;
+    c.issue(3600, |sa| sa != "db");
+    // Both agents have the view and their SVIDs once the policy's pair is proved.
+    wait_for("the first entries", Duration::from_secs(10), || {
+        c.map(2).contains_key(&pair(API, WEB, 1)) && c.map(1).contains_key(&pair(WEB, API, 2))
+    })
+    .await;
     c.nodes[0].signals.send(Signal { pair: pair(WEB, DB, 2), at: Instant::now(), held: Some(held_frame(2)) }).unwrap();
     wait_for("the refusal to be counted", Duration::from_secs(5), || {
         metric(&c.metrics(1), "meshguard_auth_handshakes_total{result=\"refused\",reason=\"no_svid\",role=\"initiator\"}") >= 1.0
@@ -300,6 +315,47 @@ async fn a_pair_the_responder_cannot_prove_gets_no_entry_on_either_side() {
     })
     .await;
     assert!(c.replayed(1).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_ahead_of_the_view_waits_for_it_and_one_it_never_names_is_counted() {
+    let mut c = Cluster::start(&[("web", 1), ("api", 2)], None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The datapath already numbers a new identity (cache, 303) the agent's
+    // view does not name yet.
+    const CACHE: u32 = 303;
+    let first = held_frame(3);
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, CACHE, 2), at: Instant::now(), held: Some(first.clone()) }).unwrap();
+    // And one for an identity no view will ever name.
+    c.nodes[0].signals.send(Signal { pair: pair(WEB, 999, 2), at: Instant::now(), held: Some(held_frame(4)) }).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(c.map(1).is_empty(), "nothing can be proved before the view names the pair");
+    let mut v = Cluster::view(&[("web", 1), ("api", 2), ("cache", 2)], None);
+    v.identities.insert(id("cache"), CACHE);
+    // node-2 (the responder) learns of cache and gets its SVID first; the
+    // margin only orders two in-process tasks.
+    c.view = v.clone();
+    c.issue_all(3600);
+    c.nodes[1].view.send_replace(Arc::new(v.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.nodes[0].view.send_replace(Arc::new(v));
+    wait_for("the parked pair's entries", Duration::from_secs(5), || {
+        c.map(1).contains_key(&pair(WEB, CACHE, 2)) && c.map(2).contains_key(&pair(CACHE, WEB, 1))
+    })
+    .await;
+    wait_for("the held packet replayed", Duration::from_secs(1), || !c.replayed(1).is_empty()).await;
+    assert_eq!(c.replayed(1), vec![first]);
+    // The other lapses after HOLD: its signal and its packet are counted.
+    wait_for("the unnamed pair's signal to lapse", mutual::HOLD + Duration::from_secs(2), || {
+        metric(&c.metrics(1), "meshguard_auth_signals_unresolved_total") == 1.0
+    })
+    .await;
+    wait_for("its held packet to expire", Duration::from_secs(1), || {
+        metric(&c.metrics(1), "meshguard_auth_held_packets_total{result=\"expired\"}") == 1.0
+    })
+    .await;
+    assert_eq!(c.replayed(1).len(), 1);
+    assert_eq!(metric(&c.metrics(1), "meshguard_auth_signals_total"), 2.0);
 }
 
 /// A frame as the datapath would hold it (its bytes do not matter here).
