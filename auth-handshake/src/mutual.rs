@@ -439,7 +439,7 @@ impl Agent {
                     tracing::info!(pin = %pin.root().display(), entries = self.book.len(), "auth map open");
                     self.map = Some(t);
                     self.map_opened = Some(Instant::now());
-                    match Replayer::load() {
+                    match Replayer::load(pin) {
                         Ok(r) => self.replayer = Some(Box::new(r)),
                         // Held packets then stay dropped, as they would without holding.
                         Err(error) => tracing::error!(%error, "cannot load the replay program; first packets of unproved pairs are lost"),

@@ -22,6 +22,14 @@ int mg_to_pod(struct __sk_buff *skb)
 	return mg_handle(skb, MG_DIR_INGRESS);
 }
 
+/* TC egress of the WireGuard tunnel device: what may enter the tunnel
+ * with a pod source (lib/origin.h). */
+SEC("classifier")
+int mg_to_tunnel(struct __sk_buff *skb)
+{
+	return mg_handle_tunnel(skb);
+}
+
 /* Run by user space (BPF_PROG_TEST_RUN), never attached: samples jiffies. */
 SEC("classifier")
 int mg_clock_now(struct __sk_buff *skb)

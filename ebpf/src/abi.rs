@@ -28,6 +28,10 @@ pub const MAP_EVENTS: &str = "mg_events";
 /// Auth-required signals (auth-handshake reads them).
 pub const MAP_AUTH_EVENTS: &str = "mg_auth_events";
 pub const MAP_CLOCK: &str = "mg_clock";
+/// The cluster's pod ranges: where a pod source must come from (`bpf/lib/origin.h`).
+pub const MAP_POD_RANGES: &str = "mg_pod_ranges";
+/// One-time marks of frames auth-handshake replays to a pod.
+pub const MAP_REPLAY_MARKS: &str = "mg_replay_marks";
 /// Benchmark objects only (not pinned).
 pub const MAP_BENCH: &str = "mg_bench";
 
@@ -46,12 +50,16 @@ pub const PINNED_MAPS: &[&str] = &[
     MAP_EVENTS,
     MAP_AUTH_EVENTS,
     MAP_CLOCK,
+    MAP_POD_RANGES,
+    MAP_REPLAY_MARKS,
 ];
 
 /// TC ingress of the pod's host-side interface: what the pod sends.
 pub const PROG_FROM_POD: &str = "mg_from_pod";
 /// TC egress of the pod's host-side interface: what the pod receives.
 pub const PROG_TO_POD: &str = "mg_to_pod";
+/// TC egress of the WireGuard tunnel device: what may enter the tunnel.
+pub const PROG_TO_TUNNEL: &str = "mg_to_tunnel";
 /// Never attached: run through BPF_PROG_TEST_RUN to sample the datapath's jiffies.
 pub const PROG_CLOCK: &str = "mg_clock_now";
 
@@ -147,6 +155,9 @@ pub struct Config {
     /// Jiffies.
     pub ct_timeout: [u64; MG_CT_TIMEOUT_MAX],
     pub auth_signal_interval_ns: u64,
+    /// The tunnel device's index (0: not guarded yet).
+    pub tunnel_ifindex: u32,
+    pub pad: u32,
 }
 
 /// `struct mg_endpoint`.
@@ -451,11 +462,12 @@ code_enum! {
         NotReady = 146 => "DROP_NOT_READY",
         TruncatedArp = 147 => "DROP_TRUNCATED_ARP",
         InvalidNd = 148 => "DROP_INVALID_ND",
+        SpoofedOrigin = 149 => "DROP_SPOOFED_ORIGIN",
     }
 }
 
 /// `MG_DROP_REASON_MAX`: one past the highest drop code.
-pub const MG_DROP_REASON_MAX: u8 = 149;
+pub const MG_DROP_REASON_MAX: u8 = 150;
 
 code_enum! {
     /// `enum mg_fwd_reason`: why a packet passed, plus `NOTICE_*` counters.

@@ -197,6 +197,13 @@ pub trait DatapathApi: Send {
     fn remove_auth(&mut self, pair: AuthPair) -> Result<(), DatapathError>;
     fn gc(&mut self) -> Result<GcStats, DatapathError>;
     fn counters(&self) -> Result<Counters, DatapathError>;
+    /// Guards the WireGuard tunnel device: only a pod's own interface may
+    /// send into it with a pod source, and packets out of it are the only
+    /// ones from off the node that may reach a pod with a pod source
+    /// (`bpf/lib/origin.h`). Returns the tunnel's index.
+    fn guard_tunnel(&mut self, iface: &Interface) -> Result<u32, DatapathError>;
+    /// The cluster's pod ranges (what a pod source is), replacing the last set.
+    fn set_pod_ranges(&mut self, ranges: &[IpNet]) -> Result<(), DatapathError>;
 }
 
 /// One loaded (or adopted) datapath instance.
@@ -206,6 +213,7 @@ pub struct Datapath {
     fragment_timeout: Duration,
     from_pod: SchedClassifier,
     to_pod: SchedClassifier,
+    to_tunnel: SchedClassifier,
     config: Array<MapData, Config>,
     endpoints: Array<MapData, Endpoint>,
     ipcache: LpmTrie<MapData, IpcacheKeyData, IpcacheValue>,
@@ -218,6 +226,7 @@ pub struct Datapath {
     events: Option<Map>,
     auth_events: Option<Map>,
     clock: Array<MapData, Clock>,
+    pod_ranges: LpmTrie<MapData, IpcacheKeyData, u32>,
     /// Holds the clock program (loaded, never pinned or attached).
     obj: Ebpf,
     hz: u32,
@@ -321,12 +330,14 @@ impl Datapath {
             clock.load().map_err(|source| DatapathError::Program { name: abi::PROG_CLOCK.to_owned(), source })?;
         }
         let to_pod = program(&mut ebpf, &cfg.pin, abi::PROG_TO_POD)?;
+        let to_tunnel = program(&mut ebpf, &cfg.pin, abi::PROG_TO_TUNNEL)?;
         let mut dp = Self {
             pin: cfg.pin.clone(),
             adopted,
             fragment_timeout: cfg.fragment_timeout,
             from_pod,
             to_pod,
+            to_tunnel,
             config: Array::try_from(take(&mut ebpf, abi::MAP_CONFIG)?).map_err(map_err(abi::MAP_CONFIG))?,
             endpoints: Array::try_from(take(&mut ebpf, abi::MAP_ENDPOINTS)?).map_err(map_err(abi::MAP_ENDPOINTS))?,
             ipcache: LpmTrie::try_from(take(&mut ebpf, abi::MAP_IPCACHE)?).map_err(map_err(abi::MAP_IPCACHE))?,
@@ -339,6 +350,7 @@ impl Datapath {
             events: Some(take(&mut ebpf, abi::MAP_EVENTS)?),
             auth_events: Some(take(&mut ebpf, abi::MAP_AUTH_EVENTS)?),
             clock: Array::try_from(take(&mut ebpf, abi::MAP_CLOCK)?).map_err(map_err(abi::MAP_CLOCK))?,
+            pod_ranges: LpmTrie::try_from(take(&mut ebpf, abi::MAP_POD_RANGES)?).map_err(map_err(abi::MAP_POD_RANGES))?,
             obj: ebpf,
             hz: 0,
             applied: CompiledPolicy::default(),
@@ -408,6 +420,17 @@ impl Datapath {
         let mut c = self.config()?;
         if c.local_node_id != node_id {
             c.local_node_id = node_id;
+            self.config.set(0, c, 0).map_err(map_err(abi::MAP_CONFIG))?;
+        }
+        Ok(())
+    }
+
+    /// Names the tunnel device whose packets may reach pods with any pod
+    /// source (`guard_tunnel` attaches its program too; tests name one).
+    pub fn set_tunnel_ifindex(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let mut c = self.config()?;
+        if c.tunnel_ifindex != ifindex {
+            c.tunnel_ifindex = ifindex;
             self.config.set(0, c, 0).map_err(map_err(abi::MAP_CONFIG))?;
         }
         Ok(())
@@ -528,29 +551,15 @@ impl Datapath {
         } else {
             (&mut self.to_pod, abi::PROG_TO_POD, TcAttachType::Egress)
         };
-        let perr = |source| DatapathError::Program { name: name.to_owned(), source };
-        let path = self.pin.link(ifindex, name);
-        let id = match prog.attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(LinkOrder::first())) {
-            Ok(id) => id,
-            // This program already sits on this hook, through the link we
-            // pinned (a restarted agent re-attaching its pods): nothing to do.
-            Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) && path.exists() => {
-                debug!(ifindex, ifname, program = name, "already attached");
-                return Ok(());
-            }
-            Err(e) => return Err(perr(e)),
-        };
-        let link = prog.take_link(id).map_err(perr)?;
-        let link = FdLink::try_from(link).map_err(|source| DatapathError::LinkKind { name, source })?;
-        // bpffs refuses names with a dot.
-        let tmp = self.pin.links().join(format!("{ifindex}-{name}-new"));
-        let _ = std::fs::remove_file(&tmp);
-        let pinned = link.pin(&tmp).map_err(|source| DatapathError::PinObject { path: tmp.display().to_string(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| DatapathError::Link { path: path.display().to_string(), source })?;
-        // The pin keeps the link; our descriptor may go.
-        drop(pinned);
+        attach_pinned(prog, name, ifname, kind, &self.pin.link(ifindex, name), &self.pin.links().join(format!("{ifindex}-{name}-new")))?;
         debug!(ifindex, ifname, program = name, "attached");
         Ok(())
+    }
+
+    /// The program a tunnel's link runs, and where its link is pinned (not
+    /// under an ifindex: [`Datapath::attached`] lists pods only).
+    fn tunnel_link(&self) -> std::path::PathBuf {
+        self.pin.links().join(format!("tunnel-{}", abi::PROG_TO_TUNNEL))
     }
 
     /// The pods with pinned links, by interface index.
@@ -673,6 +682,39 @@ fn program(ebpf: &mut Ebpf, pin: &PinLayout, name: &'static str) -> Result<Sched
         prog.pin(&path).map_err(|source| DatapathError::PinObject { path: path.display().to_string(), source })?;
     }
     SchedClassifier::from_pin(&path).map_err(perr)
+}
+
+/// Attaches `prog` to `ifname` with TCX, first in the chain, and pins the
+/// link at `path` (through `tmp`, so a link already pinned there is
+/// replaced only once the new one is on).
+fn attach_pinned(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    kind: TcAttachType,
+    path: &std::path::Path,
+    tmp: &std::path::Path,
+) -> Result<(), DatapathError> {
+    let perr = |source| DatapathError::Program { name: name.to_owned(), source };
+    let id = match prog.attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(LinkOrder::first())) {
+        Ok(id) => id,
+        // This program already sits on this hook, through the link we
+        // pinned (a restarted agent re-attaching): nothing to do.
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) && path.exists() => {
+            debug!(ifname, program = name, "already attached");
+            return Ok(());
+        }
+        Err(e) => return Err(perr(e)),
+    };
+    let link = prog.take_link(id).map_err(perr)?;
+    let link = FdLink::try_from(link).map_err(|source| DatapathError::LinkKind { name, source })?;
+    // bpffs refuses names with a dot.
+    let _ = std::fs::remove_file(tmp);
+    let pinned = link.pin(tmp).map_err(|source| DatapathError::PinObject { path: tmp.display().to_string(), source })?;
+    std::fs::rename(tmp, path).map_err(|source| DatapathError::Link { path: path.display().to_string(), source })?;
+    // The pin keeps the link; our descriptor may go.
+    drop(pinned);
+    Ok(())
 }
 
 /// (family, 16 address bytes) as the maps store addresses.
@@ -873,6 +915,29 @@ impl DatapathApi for Datapath {
             out.insert((direction, Code::from_code((slot % abi::MG_CODES_PER_DIR) as u8)), sum);
         }
         Ok(out)
+    }
+
+    fn guard_tunnel(&mut self, iface: &Interface) -> Result<u32, DatapathError> {
+        let (ifindex, ifname) = Self::resolve(iface)?;
+        let (path, tmp) = (self.tunnel_link(), self.pin.links().join(format!("tunnel-{}-new", abi::PROG_TO_TUNNEL)));
+        attach_pinned(&mut self.to_tunnel, abi::PROG_TO_TUNNEL, &ifname, TcAttachType::Egress, &path, &tmp)?;
+        self.set_tunnel_ifindex(ifindex)?;
+        info!(ifindex, %ifname, "tunnel guarded: only pods' own interfaces send into it with a pod source");
+        Ok(ifindex)
+    }
+
+    fn set_pod_ranges(&mut self, ranges: &[IpNet]) -> Result<(), DatapathError> {
+        let want: std::collections::BTreeSet<IpNet> = ranges.iter().map(IpNet::trunc).collect();
+        let have: Vec<LpmKey<IpcacheKeyData>> = self.pod_ranges.keys().filter_map(Result::ok).collect();
+        for prefix in &want {
+            self.pod_ranges.insert(&ipcache_key(*prefix), 1, 0).map_err(map_err(abi::MAP_POD_RANGES))?;
+        }
+        for k in have {
+            if !want.iter().map(|p| ipcache_key(*p)).any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data()) {
+                let _ = self.pod_ranges.remove(&k);
+            }
+        }
+        Ok(())
     }
 }
 

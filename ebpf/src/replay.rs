@@ -7,6 +7,12 @@
 //! takes the transmit path, TC egress included. Nothing here can let a
 //! frame past policy: without a live auth entry it is dropped again.
 //!
+//! A frame sent by a socket on the node has no ingress interface, and the
+//! datapath drops one with a pod source going to a pod unless it came out
+//! of the tunnel or a pod (`bpf/lib/origin.h`): so each frame replayed to a
+//! pod carries a random one-time mark, written to `mg_replay_marks` with
+//! the interface it is for just for the duration of the send.
+//!
 //! A pod's own packets leave it with their TCP or UDP checksum only
 //! partial (CHECKSUM_PARTIAL: veth offloads it, the stack completes it on
 //! the way out of the node); a copy sent again as a fresh frame would be
@@ -18,23 +24,30 @@
 use std::os::fd::AsFd;
 
 use aya::Ebpf;
+use aya::maps::{HashMap, Map, MapData};
 use aya::programs::Xdp;
 
-use crate::datapath::DatapathError;
-use crate::objects;
+use crate::datapath::{DatapathError, map_err};
+use crate::pin::PinLayout;
 use crate::policy::Direction;
 use crate::sys;
+use crate::{abi, objects};
 
 const PROG: &str = "mg_replay";
 
 /// The loaded replay program.
 pub struct Replayer {
     obj: Ebpf,
+    marks: std::sync::Mutex<HashMap<MapData, u32, u32>>,
 }
 
 impl Replayer {
-    /// Loads `mg_replay` (not attached anywhere; it only runs on demand).
-    pub fn load() -> Result<Self, DatapathError> {
+    /// Loads `mg_replay` (not attached anywhere; it only runs on demand)
+    /// and opens the replay marks of the datapath pinned at `pin`.
+    pub fn load(pin: &PinLayout) -> Result<Self, DatapathError> {
+        let path = pin.map(abi::MAP_REPLAY_MARKS);
+        let data = MapData::from_pin(&path).map_err(map_err(abi::MAP_REPLAY_MARKS))?;
+        let marks = HashMap::try_from(Map::HashMap(data)).map_err(map_err(abi::MAP_REPLAY_MARKS))?;
         let mut obj = Ebpf::load(objects::REPLAY).map_err(|e| DatapathError::Load(Box::new(e)))?;
         let prog: &mut Xdp = obj
             .program_mut(PROG)
@@ -42,7 +55,7 @@ impl Replayer {
             .try_into()
             .map_err(|source| DatapathError::Program { name: PROG.to_owned(), source })?;
         prog.load().map_err(|source| DatapathError::Program { name: PROG.to_owned(), source })?;
-        Ok(Self { obj })
+        Ok(Self { obj, marks: std::sync::Mutex::new(marks) })
     }
 
     /// Replays `frame` (Ethernet header first) where the datapath saw it:
@@ -63,7 +76,21 @@ impl Replayer {
                 sys::xdp_live_run(fd.as_fd(), ifindex, frame)
             }
             // The pod's ingress policy runs at TC egress: transmit it again.
-            Direction::Ingress => sys::packet_send(ifindex, frame),
+            Direction::Ingress => {
+                let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+                let mark = loop {
+                    let m = rand::random::<u32>();
+                    if m != 0 {
+                        break m;
+                    }
+                };
+                marks.insert(mark, ifindex, 0).map_err(std::io::Error::other)?;
+                let sent = sys::packet_send(ifindex, frame, mark);
+                // The send ran the interface's TC egress synchronously: the
+                // mark is spent either way.
+                let _ = marks.remove(&mark);
+                sent
+            }
         }
     }
 }

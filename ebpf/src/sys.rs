@@ -85,6 +85,37 @@ pub struct TestRun {
 /// Runs a program once per `repeat` on a copy of `packet` (an Ethernet
 /// frame for TC programs), in the kernel, without any interface.
 pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<TestRun> {
+    test_run_skb(prog, packet, repeat, SkbCtx::default())
+}
+
+/// What a TC test run sets in the packet's `struct __sk_buff`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SkbCtx {
+    pub mark: u32,
+    /// The interface the packet entered the host by (0: sent by the host).
+    pub ingress_ifindex: u32,
+}
+
+/// `struct __sk_buff` up to `ingress_ifindex` (the kernel refuses a context
+/// with fields set that a test run cannot take; the rest is zero).
+#[repr(C)]
+#[derive(Default)]
+struct SkBuffPrefix {
+    len: u32,
+    pkt_type: u32,
+    mark: u32,
+    queue_mapping: u32,
+    protocol: u32,
+    vlan_present: u32,
+    vlan_tci: u32,
+    vlan_proto: u32,
+    priority: u32,
+    ingress_ifindex: u32,
+}
+
+/// As [`test_run`], with `ctx` as the packet's `__sk_buff` fields.
+pub fn test_run_skb(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32, ctx: SkbCtx) -> io::Result<TestRun> {
+    let mut ctx = SkBuffPrefix { mark: ctx.mark, ingress_ifindex: ctx.ingress_ifindex, ..Default::default() };
     let mut out = vec![0u8; packet.len() + 256];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
@@ -93,10 +124,12 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<
         data_in: packet.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
         repeat,
+        ctx_size_in: size_of::<SkBuffPrefix>() as u32,
+        ctx_in: &mut ctx as *mut SkBuffPrefix as u64,
         ..Default::default()
     };
     // SAFETY: `attr` is a correctly laid out bpf_attr prefix whose pointers
-    // reference `packet` (read) and `out` (written up to data_size_out),
+    // reference `packet` and `ctx` (read) and `out` (written up to data_size_out),
     // both alive for the duration of the call; the kernel accepts a shorter
     // attr and zero-fills the rest.
     let rc = unsafe {
@@ -154,8 +187,8 @@ pub fn xdp_live_run(prog: BorrowedFd<'_>, ifindex: u32, frame: &[u8]) -> io::Res
 
 /// Sends `frame` (Ethernet header first) out of interface `ifindex` in the
 /// caller's network namespace through a packet socket: the frame takes the
-/// device's transmit path, TC egress included.
-pub fn packet_send(ifindex: u32, frame: &[u8]) -> io::Result<()> {
+/// device's transmit path, TC egress included, with `mark` as its skb mark.
+pub fn packet_send(ifindex: u32, frame: &[u8], mark: u32) -> io::Result<()> {
     if frame.len() < 14 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "a frame is at least an Ethernet header"));
     }
@@ -166,6 +199,15 @@ pub fn packet_send(ifindex: u32, frame: &[u8]) -> io::Result<()> {
     }
     // SAFETY: `fd` was just returned by socket(2) and is not owned elsewhere.
     let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    if mark != 0 {
+        // SAFETY: SO_MARK takes a u32 option value of the length given.
+        let rc = unsafe {
+            libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, (&mark as *const u32).cast(), size_of::<u32>() as u32)
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;

@@ -51,6 +51,9 @@ pub struct FakeDatapath {
     pub auth: BTreeMap<AuthPair, SystemTime>,
     pub counters: Counters,
     pub gc_runs: usize,
+    /// The guarded tunnel's index.
+    pub tunnel: Option<u32>,
+    pub pod_ranges: Vec<IpNet>,
 }
 
 impl Default for FakeDatapath {
@@ -69,6 +72,8 @@ impl Default for FakeDatapath {
             auth: BTreeMap::new(),
             counters: Counters::new(),
             gc_runs: 0,
+            tunnel: None,
+            pod_ranges: Vec::new(),
         }
     }
 }
@@ -197,6 +202,20 @@ impl DatapathApi for FakeDatapath {
 
     fn counters(&self) -> Result<Counters, DatapathError> {
         Ok(self.counters.clone())
+    }
+
+    fn guard_tunnel(&mut self, iface: &Interface) -> Result<u32, DatapathError> {
+        let (ifindex, name) = self.resolve(iface)?;
+        if self.failing_links.contains(&name) {
+            return Err(DatapathError::Interface { name, source: std::io::Error::from_raw_os_error(libc::EPERM) });
+        }
+        self.tunnel = Some(ifindex);
+        Ok(ifindex)
+    }
+
+    fn set_pod_ranges(&mut self, ranges: &[IpNet]) -> Result<(), DatapathError> {
+        self.pod_ranges = ranges.iter().map(IpNet::trunc).collect();
+        Ok(())
     }
 }
 

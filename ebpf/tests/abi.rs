@@ -23,7 +23,20 @@ fn btf() -> Btf {
 fn structs_match_the_c_headers() {
     let btf = btf();
     let mirrors = vec![
-        layout!("mg_config", Config { flags, policy_revision, local_node_id, any_subject_flags, hz, ct_timeout, auth_signal_interval_ns }),
+        layout!(
+            "mg_config",
+            Config {
+                flags,
+                policy_revision,
+                local_node_id,
+                any_subject_flags,
+                hz,
+                ct_timeout,
+                auth_signal_interval_ns,
+                tunnel_ifindex,
+                pad
+            }
+        ),
         layout!("mg_endpoint", Endpoint { identity, flags, mac, pad, ipv4, ipv6 }),
         layout!("mg_ipcache_key", IpcacheKey { prefixlen, family, pad, addr }),
         layout!("mg_ipcache_value", IpcacheValue { identity, node_id }),

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use meshguard_ebpf::abi::{DropReason as D, ForwardReason as F};
 use meshguard_ebpf::events::EventKind;
 use meshguard_ebpf::policy::{ANY, Action, Direction, PolicyEntry, PolicySet, Ports};
-use meshguard_ebpf::{AuthPair, DatapathApi, IpcacheEntry};
+use meshguard_ebpf::{AuthPair, DatapathApi, IpcacheEntry, PodEndpoint};
 use support::*;
 
 fn rule(direction: Direction, peer: u32, protocol: Option<u8>, ports: Ports, action: Action) -> PolicyEntry {
@@ -453,6 +453,65 @@ fn spoofed_sources_are_dropped() {
     assert_eq!(h.run(Direction::Egress, &arp(POD_MAC, other_v4().octets())), drop_(D::SpoofedIp));
     let kinds: Vec<_> = events.drain().into_iter().map(|e| e.kind).collect();
     assert!(kinds.contains(&EventKind::Drop(D::SpoofedMac)) && kinds.contains(&EventKind::Drop(D::SpoofedIp)), "{kinds:?}");
+}
+
+/// Issue 14, findings 4 and 5: a packet to a pod with a pod-range source
+/// must have entered the node by the tunnel or a local pod's interface.
+#[test]
+fn pod_sources_reach_pods_only_from_the_tunnel_or_a_pod() {
+    use meshguard_ebpf::sys::SkbCtx;
+    const TUNNEL: u32 = 77;
+    const UNDERLAY: u32 = 9;
+    const NEIGHBOUR: u32 = 5;
+    let mut h = Harness::new("origin").with_pod();
+    let from = |iif: u32| SkbCtx { ingress_ifindex: iif, ..Default::default() };
+    let v4 = |sport: u16| Packet::new(peer_v4(), pod_v4()).udp(sport, 53).build();
+    let v6 = |sport: u16| Packet::new(peer_v6(), pod_v6()).udp(sport, 53).build();
+
+    // What main did: with no pod ranges known, the underlay and the host
+    // itself are credited with the peer pod's identity.
+    assert_eq!(h.run_ctx(Direction::Ingress, &v4(1), from(UNDERLAY)), fwd(F::Unselected));
+    assert_eq!(h.run_ctx(Direction::Ingress, &v6(1), from(0)), fwd(F::Unselected));
+
+    let ranges: Vec<ipnet::IpNet> = vec!["10.244.0.0/16".parse().unwrap(), "fd00:244::/32".parse().unwrap()];
+    h.dp().set_pod_ranges(&ranges).unwrap();
+    h.dp().set_tunnel_ifindex(TUNNEL).unwrap();
+    let neighbour = PodEndpoint { identity: OTHER_ID, mac: [2, 0xcc, 0, 0, 0, 5], ipv4: Some(other_v4()), ipv6: None };
+    h.dp().set_endpoint(NEIGHBOUR, &neighbour).unwrap();
+    let mut events = h.dp().events().unwrap();
+    events.drain();
+    for (what, frame) in [("v4", v4 as fn(u16) -> Vec<u8>), ("v6", v6)] {
+        assert_eq!(h.run_ctx(Direction::Ingress, &frame(2), from(UNDERLAY)), drop_(D::SpoofedOrigin), "{what} from the underlay");
+        assert_eq!(h.run_ctx(Direction::Ingress, &frame(3), from(0)), drop_(D::SpoofedOrigin), "{what} from the host");
+        assert_eq!(h.run_ctx(Direction::Ingress, &frame(4), from(TUNNEL)), fwd(F::Unselected), "{what} from the tunnel");
+        assert_eq!(h.run_ctx(Direction::Ingress, &frame(5), from(NEIGHBOUR)), fwd(F::Unselected), "{what} from a local pod");
+        // A tracked flow's packets are checked too (the fast path).
+        assert_eq!(h.run_ctx(Direction::Ingress, &frame(4), from(TUNNEL)), fwd(F::CtEstablished), "{what} tracked, from the tunnel");
+        assert_eq!(h.run_ctx(Direction::Ingress, &frame(4), from(UNDERLAY)), drop_(D::SpoofedOrigin), "{what} tracked, from the underlay");
+    }
+    // A source outside the pod ranges is no pod's claim: the policy judges it.
+    let world = Packet::new(std::net::Ipv4Addr::new(192, 0, 2, 1), pod_v4()).udp(1, 53).build();
+    assert_eq!(h.run_ctx(Direction::Ingress, &world, from(UNDERLAY)), fwd(F::Unselected));
+    let kinds: Vec<_> = events.drain().into_iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&EventKind::Drop(D::SpoofedOrigin)), "{kinds:?}");
+
+    // A replay (sent by the host) passes only with a live one-time mark
+    // naming the interface it is sent out of.
+    let path = h.pin.map(meshguard_ebpf::abi::MAP_REPLAY_MARKS);
+    let data = aya::maps::MapData::from_pin(&path).unwrap();
+    let mut marks: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    let marked = |mark: u32| SkbCtx { mark, ..Default::default() };
+    marks.insert(0x5eed, TEST_IFINDEX, 0).unwrap();
+    marks.insert(0xbad, NEIGHBOUR, 0).unwrap();
+    assert_eq!(h.run_ctx(Direction::Ingress, &v4(6), marked(0x5eed)), fwd(F::Unselected), "a live mark for this interface");
+    assert_eq!(h.run_ctx(Direction::Ingress, &v4(7), marked(0xbad)), drop_(D::SpoofedOrigin), "a mark for another interface");
+    assert_eq!(h.run_ctx(Direction::Ingress, &v4(8), marked(0x1234)), drop_(D::SpoofedOrigin), "a mark nobody wrote");
+    marks.remove(&0x5eed).unwrap();
+    assert_eq!(h.run_ctx(Direction::Ingress, &v4(9), marked(0x5eed)), drop_(D::SpoofedOrigin), "a spent mark");
+
+    // Without the ranges the check is off again (nothing else depends on it).
+    h.dp().set_pod_ranges(&[]).unwrap();
+    assert_eq!(h.run_ctx(Direction::Ingress, &v4(10), from(UNDERLAY)), fwd(F::Unselected));
 }
 
 #[test]

@@ -94,9 +94,6 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
     device.apply(&DeviceUpdate { private_key: Some(Some(secret)), ..Default::default() })?;
     let _uapi = UapiServer::start(&cfg.uapi_socket_dir, &cfg.interface, device.clone(), Access::ReadOnly)?;
 
-    if cfg.strict {
-        routes::enable_strict_rp_filter().context("strict mode: cannot enable reverse-path filtering")?;
-    }
     let metrics = AgentMetrics::new(device.clone());
     let _metrics_task = cfg.metrics_address.map(|addr| {
         let m = metrics.clone();
@@ -142,6 +139,11 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
         .await
         .context("datapath loader panicked")??;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "datapath loaded");
+        // Pod sources only from the tunnel and the pods' own interfaces
+        // (issue 14, findings 4 and 5); a failure keeps the node not ready.
+        if let Err(error) = enforcer.guard_tunnel(&agent.cfg.interface, &agent.cfg.cluster_cidrs) {
+            tracing::error!(%error, "the tunnel is not guarded");
+        }
         enforcer.close_all_but_adopted()?;
         agent.stream_events(&mut enforcer)?;
         agent.enforcer = Some(enforcer);

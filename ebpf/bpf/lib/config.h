@@ -45,6 +45,10 @@ struct mg_config {
 	__u64 ct_timeout[MG_CT_TIMEOUT_MAX];
 	/* At most one auth-required signal per identity pair and node per interval. */
 	__u64 auth_signal_interval_ns;
+	/* The WireGuard tunnel device: packets out of it may carry any pod
+	 * source (lib/origin.h). 0 until user space guards the tunnel. */
+	__u32 tunnel_ifindex;
+	__u32 pad;
 };
 
 struct {

@@ -49,7 +49,8 @@ enum mg_drop_reason {
 	DROP_NOT_READY = 146,         /* the datapath config was never written */
 	DROP_TRUNCATED_ARP = 147,
 	DROP_INVALID_ND = 148,        /* ICMPv6 ND/MLD not confined to the link (hop limit, scope) */
-	MG_DROP_REASON_MAX = 149,
+	DROP_SPOOFED_ORIGIN = 149,    /* a pod-range source from neither the tunnel nor the pod's interface */
+	MG_DROP_REASON_MAX = 150,
 };
 
 #endif /* MG_DROP_REASONS_H */

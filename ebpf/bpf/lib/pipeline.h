@@ -30,6 +30,7 @@
 #include "events.h"
 #include "counters.h"
 #include "fastpath.h"
+#include "origin.h"
 #ifdef MG_BENCH_NEWFLOW
 #include "bench.h"
 #endif
@@ -330,6 +331,15 @@ static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg
 	info->subject = ep->identity;
 
 	mg_pull(skb);
+	if (dir == MG_DIR_INGRESS) {
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		if (data + ETH_HLEN > data_end)
+			return -DROP_TRUNCATED_ETH;
+		ret = mg_origin_to_pod(skb, cfg, *(__be16 *)(data + 12), pkt);
+		if (ret < 0)
+			return ret;
+	}
 	ret = mg_fastpath(skb, cfg, ep, dir, &info->ct_miss);
 	if (ret)
 		return ret;
@@ -378,7 +388,8 @@ static __always_inline int mg_process(struct __sk_buff *skb, __u8 dir, struct mg
 static __always_inline int mg_drop_has_event(__u32 reason)
 {
 	return reason == DROP_POLICY_DENY || reason == DROP_POLICY_DEFAULT ||
-	       reason == DROP_SPOOFED_MAC || reason == DROP_SPOOFED_IP || reason == DROP_INVALID_ND;
+	       reason == DROP_SPOOFED_MAC || reason == DROP_SPOOFED_IP || reason == DROP_INVALID_ND ||
+	       reason == DROP_SPOOFED_ORIGIN;
 }
 
 static __always_inline int mg_handle(struct __sk_buff *skb, __u8 dir)
@@ -404,6 +415,28 @@ static __always_inline int mg_handle(struct __sk_buff *skb, __u8 dir)
 	    mg_event_send(MG_EVENT_DROP, -ret, dir, skb->ifindex, &pkt, info.subject, info.peer,
 			  info.peer_node, info.cookie))
 		mg_count(dir, NOTICE_EVENT_LOST, 0);
+	return TC_ACT_SHOT;
+}
+
+/* The tunnel device's TC egress: only a pod's own interface may send into
+ * the tunnel with a pod source. Counted as the pods' egress. */
+static __always_inline int mg_handle_tunnel(struct __sk_buff *skb)
+{
+	const struct mg_config *cfg = mg_config_get();
+	struct mg_pkt pkt = {};
+	__u32 len = skb->len;
+	int ret;
+
+	if (!cfg || !(cfg->flags & MG_CFG_F_READY))
+		ret = -DROP_NOT_READY;
+	else
+		ret = mg_origin_to_tunnel(skb, &pkt);
+	if (ret == MG_OK)
+		return TC_ACT_OK;
+	mg_count(MG_DIR_EGRESS, -ret, len);
+	if (mg_drop_has_event(-ret) &&
+	    mg_event_send(MG_EVENT_DROP, -ret, MG_DIR_EGRESS, skb->ifindex, &pkt, 0, 0, 0, 0))
+		mg_count(MG_DIR_EGRESS, NOTICE_EVENT_LOST, 0);
 	return TC_ACT_SHOT;
 }
 

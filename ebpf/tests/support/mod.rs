@@ -118,10 +118,19 @@ impl Harness {
     /// As `run`, but returns the kernel's refusal of a frame (EINVAL for
     /// frames its test runner will not build an skb from).
     pub fn try_run(&mut self, dir: Direction, frame: &[u8]) -> std::io::Result<Code> {
+        self.try_run_ctx(dir, frame, meshguard_ebpf::sys::SkbCtx::default())
+    }
+
+    /// As `run`, with the packet's `__sk_buff` fields (ingress interface, mark).
+    pub fn run_ctx(&mut self, dir: Direction, frame: &[u8], ctx: meshguard_ebpf::sys::SkbCtx) -> Code {
+        self.try_run_ctx(dir, frame, ctx).expect("BPF_PROG_TEST_RUN")
+    }
+
+    pub fn try_run_ctx(&mut self, dir: Direction, frame: &[u8], ctx: meshguard_ebpf::sys::SkbCtx) -> std::io::Result<Code> {
         let before = self.counters();
         let dp = self.dp.as_ref().unwrap();
         let fd = dp.program_fd(dir == Direction::Egress).unwrap();
-        let r = meshguard_ebpf::sys::test_run(fd, frame, 1)?;
+        let r = meshguard_ebpf::sys::test_run_skb(fd, frame, 1, ctx)?;
         let after = self.counters();
         let changed: Vec<Code> = after
             .iter()

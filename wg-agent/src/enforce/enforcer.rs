@@ -71,6 +71,8 @@ pub struct EnforceState {
     /// Times a pod interface was held closed or failed, by reason
     /// (`HoldReason::as_str`, or `attach_failed_down` for `Failed`).
     pub refusals: BTreeMap<&'static str, u64>,
+    /// Why the tunnel is not guarded, if it is not (see `Enforcer::guard_tunnel`).
+    pub tunnel_unguarded: Option<String>,
 }
 
 impl EnforceState {
@@ -91,6 +93,9 @@ impl EnforceState {
         }
         for (file, error) in &self.unreadable {
             out.push(format!("endpoint file {file}: {error}"));
+        }
+        if let Some(why) = &self.tunnel_unguarded {
+            out.push(format!("tunnel not guarded against pod-source spoofing: {why}"));
         }
         out
     }
@@ -281,6 +286,38 @@ impl<D: DatapathApi> Enforcer<D> {
         Ok(())
     }
 
+    /// Where a pod source may come from (`bpf/lib/origin.h`): `ranges` (the
+    /// cluster's pod CIDRs) are pod sources; only packets out of `tunnel`
+    /// or a local pod's own interface may reach a pod with one, and only a
+    /// pod's own interface may send one into `tunnel`. Whatever the
+    /// interfaces' rp_filter settings say, and for IPv6 too. When the
+    /// tunnel cannot be guarded it is set down (nothing crosses unjudged)
+    /// and the node is not ready.
+    pub fn guard_tunnel(&mut self, tunnel: &str, ranges: &[IpNet]) -> Result<(), EnforceError> {
+        let guarded = self.dp.guard_tunnel(&Interface::Name(tunnel.to_owned()));
+        // The ranges go in either way: without a guarded tunnel, pods then
+        // take no pod-source packet from off the node at all.
+        self.dp.set_pod_ranges(ranges)?;
+        match guarded {
+            Ok(ifindex) => {
+                self.state.lock().tunnel_unguarded = None;
+                tracing::info!(%tunnel, ifindex, ranges = ?ranges, "pod sources accepted only from the tunnel and the pods' own interfaces");
+                Ok(())
+            }
+            Err(error) => {
+                let down = match meshguard_ebpf::sys::set_link_down(tunnel) {
+                    Ok(()) => "set down instead".to_owned(),
+                    Err(e) => format!("and setting it down failed too: {e}"),
+                };
+                let why = format!("{error}; {down}");
+                tracing::error!(%tunnel, %why, "cannot guard the tunnel");
+                *self.state.lock().refusals.entry("tunnel_unguarded").or_default() += 1;
+                self.state.lock().tunnel_unguarded = Some(why);
+                Err(error.into())
+            }
+        }
+    }
+
     /// Enforces or closes one interface; returns its index when known.
     fn apply(&mut self, iface: &str, want: &Want) -> (Option<u32>, PodState) {
         let name = Interface::Name(iface.to_owned());
@@ -418,6 +455,26 @@ mod tests {
         fn refusals(&self, reason: &str) -> u64 {
             self.enforcer.state.lock().refusals.get(reason).copied().unwrap_or(0)
         }
+    }
+
+    #[test]
+    fn an_unguarded_tunnel_keeps_the_node_not_ready_and_its_pods_closed_to_pod_sources() {
+        let mut n = node();
+        let ranges: Vec<IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+        // The tunnel device cannot take the program.
+        n.enforcer.dp.add_interface("mg-test-tun", 5);
+        n.enforcer.dp.failing_links.insert("mg-test-tun".into());
+        assert!(n.enforcer.guard_tunnel("mg-test-tun", &ranges).is_err());
+        assert_eq!(n.enforcer.dp.tunnel, None);
+        // The ranges are in all the same: no pod-source packet from off the node reaches a pod.
+        assert_eq!(n.enforcer.dp.pod_ranges, ranges);
+        assert!(n.problems().iter().any(|p| p.contains("tunnel not guarded")), "{:?}", n.problems());
+        assert_eq!(n.refusals("tunnel_unguarded"), 1);
+        // Guarded on a later try: ready again.
+        n.enforcer.dp.failing_links.clear();
+        n.enforcer.guard_tunnel("mg-test-tun", &ranges).unwrap();
+        assert_eq!(n.enforcer.dp.tunnel, Some(5));
+        assert!(n.problems().is_empty(), "{:?}", n.problems());
     }
 
     fn enforced_as(identity: u32, ep: &LocalEndpoint) -> Enforcement {

@@ -168,10 +168,3 @@ impl Routes {
         }
     }
 }
-
-/// Strict mode's inbound half: with strict reverse-path filtering, a packet
-/// arriving on the underlay with a pod source address is dropped, because the
-/// route back to that address is the tunnel (or the blackhole).
-pub fn enable_strict_rp_filter() -> std::io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "1")
-}
