@@ -122,6 +122,43 @@ pub struct CtTimeouts {
     pub other: Duration,
 }
 
+/// How programs are attached to interfaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX on Linux 6.6 and later, TC clsact before.
+    #[default]
+    Auto,
+    /// TCX links (Linux >= 6.6), pinned: they outlive the agent.
+    Tcx,
+    /// TC clsact filters (direct action, priority 1), for kernels before
+    /// 6.6: they outlive the agent by themselves; a pin of the program in
+    /// the link's place records each one.
+    Tc,
+}
+
+/// TC clsact filters' priority (first) and handle (ours).
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: u32 = 0x6d67;
+
+impl AttachMode {
+    /// `Auto` decided for the running kernel.
+    pub fn resolve(self) -> Self {
+        match self {
+            Self::Auto if sys::kernel_version() >= (6, 6) => Self::Tcx,
+            Self::Auto => Self::Tc,
+            m => m,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tcx => "tcx",
+            Self::Tc => "tc",
+        }
+    }
+}
+
 /// Everything an instance is loaded with.
 #[derive(Debug, Clone)]
 pub struct DatapathConfig {
@@ -134,6 +171,7 @@ pub struct DatapathConfig {
     pub auth_signal_interval: Duration,
     /// How long a first fragment's ports are kept for its later fragments.
     pub fragment_timeout: Duration,
+    pub attach: AttachMode,
 }
 
 /// A pod as its host-side interface sees it.
@@ -210,6 +248,8 @@ pub trait DatapathApi: Send {
 pub struct Datapath {
     pin: PinLayout,
     adopted: bool,
+    /// Tcx or Tc (resolved).
+    attach: AttachMode,
     fragment_timeout: Duration,
     from_pod: SchedClassifier,
     to_pod: SchedClassifier,
@@ -265,6 +305,7 @@ impl DatapathConfig {
             timeouts: CtTimeouts::default(),
             auth_signal_interval: Duration::from_secs(1),
             fragment_timeout: Duration::from_secs(30),
+            attach: AttachMode::Auto,
         }
     }
 }
@@ -334,6 +375,7 @@ impl Datapath {
         let mut dp = Self {
             pin: cfg.pin.clone(),
             adopted,
+            attach: cfg.attach.resolve(),
             fragment_timeout: cfg.fragment_timeout,
             from_pod,
             to_pod,
@@ -368,7 +410,7 @@ impl Datapath {
         config.flags |= abi::MG_CFG_F_READY;
         dp.config.set(0, config, 0).map_err(map_err(abi::MAP_CONFIG))?;
         dp.applied = dp.read_policy()?;
-        info!(pin = %cfg.pin.root().display(), adopted, revision = config.policy_revision, "datapath ready");
+        info!(pin = %cfg.pin.root().display(), adopted, revision = config.policy_revision, attach = dp.attach.as_str(), "datapath ready");
         Ok(dp)
     }
 
@@ -551,15 +593,21 @@ impl Datapath {
         } else {
             (&mut self.to_pod, abi::PROG_TO_POD, TcAttachType::Egress)
         };
-        attach_pinned(prog, name, ifname, kind, &self.pin.link(ifindex, name), &self.pin.links().join(format!("{ifindex}-{name}-new")))?;
+        let (path, tmp) = (self.pin.link(ifindex, name), self.pin.links().join(format!("{ifindex}-{name}-new")));
+        attach_pinned(prog, name, ifname, kind, &path, &tmp, self.attach)?;
         debug!(ifindex, ifname, program = name, "attached");
         Ok(())
     }
 
-    /// The program a tunnel's link runs, and where its link is pinned (not
-    /// under an ifindex: [`Datapath::attached`] lists pods only).
-    fn tunnel_link(&self) -> std::path::PathBuf {
-        self.pin.links().join(format!("tunnel-{}", abi::PROG_TO_TUNNEL))
+    /// Where the tunnel's link is pinned (not as `<ifindex>-...`:
+    /// [`Datapath::attached`] lists pods only).
+    fn tunnel_link(&self, ifindex: u32) -> std::path::PathBuf {
+        self.pin.links().join(format!("tunnel-{ifindex}-{}", abi::PROG_TO_TUNNEL))
+    }
+
+    /// How programs are attached (resolved: `Tcx` or `Tc`).
+    pub fn attach_mode(&self) -> AttachMode {
+        self.attach
     }
 
     /// The pods with pinned links, by interface index.
@@ -668,7 +716,7 @@ impl Datapath {
     pub fn remove(self) -> Result<(), DatapathError> {
         let pin = self.pin.clone();
         drop(self);
-        Ok(pin.remove()?)
+        remove_instance(&pin)
     }
 }
 
@@ -684,18 +732,45 @@ fn program(ebpf: &mut Ebpf, pin: &PinLayout, name: &'static str) -> Result<Sched
     SchedClassifier::from_pin(&path).map_err(perr)
 }
 
-/// Attaches `prog` to `ifname` with TCX, first in the chain, and pins the
-/// link at `path` (through `tmp`, so a link already pinned there is
-/// replaced only once the new one is on).
+/// Attaches `prog` to `ifname`, first in the chain, and pins its link at
+/// `path` (through `tmp`, so a link already pinned there is replaced only
+/// once the new one is on). In `Tc` mode the filter is replaced in place
+/// and the program itself is pinned at `path` as its record.
 fn attach_pinned(
     prog: &mut SchedClassifier,
     name: &'static str,
     ifname: &str,
     kind: TcAttachType,
-    path: &std::path::Path,
-    tmp: &std::path::Path,
+    path: &Path,
+    tmp: &Path,
+    mode: AttachMode,
 ) -> Result<(), DatapathError> {
     let perr = |source| DatapathError::Program { name: name.to_owned(), source };
+    if mode == AttachMode::Tc {
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            return Err(DatapathError::Interface { name: ifname.to_owned(), source: e });
+        }
+        let opts = aya::programs::tc::NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE };
+        let id = match prog.attach_with_options(ifname, kind, TcAttachOptions::Netlink(opts)) {
+            Ok(id) => id,
+            // Ours is there already (a restart, a re-attach): point it at
+            // this program, in place (never a moment without a filter).
+            Err(first) => {
+                let link = aya::programs::tc::SchedClassifierLink::attached(ifname, kind, TC_PRIORITY, TC_HANDLE)
+                    .map_err(|source| DatapathError::Interface { name: ifname.to_owned(), source })?;
+                prog.attach_to_link(link).map_err(|_| perr(first))?
+            }
+        };
+        // A netlink filter stays until deleted: dropping the link must not detach it.
+        std::mem::forget(prog.take_link(id).map_err(perr)?);
+        if !path.exists() {
+            prog.pin(path).map_err(|source| DatapathError::PinObject { path: path.display().to_string(), source })?;
+        }
+        debug!(ifname, program = name, "attached (tc clsact)");
+        return Ok(());
+    }
     let id = match prog.attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(LinkOrder::first())) {
         Ok(id) => id,
         // This program already sits on this hook, through the link we
@@ -715,6 +790,45 @@ fn attach_pinned(
     // The pin keeps the link; our descriptor may go.
     drop(pinned);
     Ok(())
+}
+
+/// Removes the link pinned at `path` for `program` on `ifindex`. A TCX
+/// link goes with its pin; a TC filter (whose pin is only its record) is
+/// deleted too, if the interface still exists.
+fn unpin_link(path: &Path, ifindex: u32, program: &str) -> Result<(), DatapathError> {
+    let kind = if program == abi::PROG_FROM_POD { TcAttachType::Ingress } else { TcAttachType::Egress };
+    if let Ok(ifname) = sys::ifname(ifindex)
+        && let Ok(link) = aya::programs::tc::SchedClassifierLink::attached(&ifname, kind, TC_PRIORITY, TC_HANDLE)
+    {
+        use aya::programs::links::Link as _;
+        // Fails harmlessly when there is no such filter (TCX mode).
+        let _ = link.detach();
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Link { path: path.display().to_string(), source }),
+    }
+}
+
+/// Removes an instance's pins, detaching every program it attached (TC
+/// filters included, which outlive their pins): for `Datapath::remove` and
+/// an uninstall that never loaded the datapath.
+pub fn remove_instance(pin: &PinLayout) -> Result<(), DatapathError> {
+    if let Ok(dir) = std::fs::read_dir(pin.links()) {
+        for e in dir.flatten() {
+            let Ok(name) = e.file_name().into_string() else { continue };
+            if name.ends_with("-new") {
+                continue;
+            }
+            let rest = name.strip_prefix("tunnel-").unwrap_or(&name);
+            let Some((ifindex, program)) = rest.split_once('-') else { continue };
+            if let Ok(ifindex) = ifindex.parse::<u32>() {
+                unpin_link(&e.path(), ifindex, program)?;
+            }
+        }
+    }
+    Ok(pin.remove()?)
 }
 
 /// (family, 16 address bytes) as the maps store addresses.
@@ -794,12 +908,7 @@ impl DatapathApi for Datapath {
             Interface::Name(_) => Self::resolve(iface)?.0,
         };
         for name in [abi::PROG_FROM_POD, abi::PROG_TO_POD] {
-            let path = self.pin.link(ifindex, name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Link { path: path.display().to_string(), source }),
-            }
+            unpin_link(&self.pin.link(ifindex, name), ifindex, name)?;
         }
         self.clear_endpoint(ifindex)?;
         info!(ifindex, "pod detached");
@@ -919,8 +1028,20 @@ impl DatapathApi for Datapath {
 
     fn guard_tunnel(&mut self, iface: &Interface) -> Result<u32, DatapathError> {
         let (ifindex, ifname) = Self::resolve(iface)?;
-        let (path, tmp) = (self.tunnel_link(), self.pin.links().join(format!("tunnel-{}-new", abi::PROG_TO_TUNNEL)));
-        attach_pinned(&mut self.to_tunnel, abi::PROG_TO_TUNNEL, &ifname, TcAttachType::Egress, &path, &tmp)?;
+        let (path, tmp) = (self.tunnel_link(ifindex), self.pin.links().join(format!("tunnel-{ifindex}-{}-new", abi::PROG_TO_TUNNEL)));
+        attach_pinned(&mut self.to_tunnel, abi::PROG_TO_TUNNEL, &ifname, TcAttachType::Egress, &path, &tmp, self.attach)?;
+        // A tunnel device of an earlier run, gone or replaced.
+        if let Ok(dir) = std::fs::read_dir(self.pin.links()) {
+            for e in dir.flatten().filter(|e| e.path() != path) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some((old, _)) = name.strip_prefix("tunnel-").and_then(|r| r.split_once('-'))
+                    && let Ok(old) = old.parse::<u32>()
+                    && !name.ends_with("-new")
+                {
+                    unpin_link(&e.path(), old, abi::PROG_TO_TUNNEL)?;
+                }
+            }
+        }
         self.set_tunnel_ifindex(ifindex)?;
         info!(ifindex, %ifname, "tunnel guarded: only pods' own interfaces send into it with a pod source");
         Ok(ifindex)

@@ -33,6 +33,7 @@ pub mod testing;
 
 pub use auth::{AuthPair, AuthTable};
 pub use datapath::{
-    Counters, CtTimeouts, Datapath, DatapathApi, DatapathConfig, DatapathError, GcStats, Interface, IpcacheEntry, MapSizes, PodEndpoint,
+    AttachMode, Counters, CtTimeouts, Datapath, DatapathApi, DatapathConfig, DatapathError, GcStats, Interface, IpcacheEntry, MapSizes,
+    PodEndpoint,
 };
 pub use pin::PinLayout;

@@ -71,6 +71,24 @@ struct TestRunAttr {
     _pad: u32,
 }
 
+/// The running kernel's (major, minor) version; (0, 0) if unreadable.
+pub fn kernel_version() -> (u32, u32) {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid utsname for uname to write.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return (0, 0);
+    }
+    let release: String = u.release.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect();
+    parse_kernel_version(&release)
+}
+
+/// "6.1.0-18-amd64" -> (6, 1).
+pub fn parse_kernel_version(release: &str) -> (u32, u32) {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
 /// What one BPF_PROG_TEST_RUN returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestRun {
@@ -274,4 +292,15 @@ pub fn set_link_down(name: &str) -> io::Result<()> {
     // SAFETY: `fd` is ours and closed exactly once.
     unsafe { libc::close(fd) };
     if rc < 0 { Err(err) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(super::parse_kernel_version("6.1.0-18-amd64"), (6, 1));
+        assert_eq!(super::parse_kernel_version("6.18.0"), (6, 18));
+        assert_eq!(super::parse_kernel_version("5.15.0-91-generic"), (5, 15));
+        assert_eq!(super::parse_kernel_version("garbage"), (0, 0));
+    }
 }

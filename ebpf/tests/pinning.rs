@@ -174,3 +174,87 @@ fn a_failed_attach_leaves_the_interface_closed_not_open() {
     });
     let _ = cleanup.remove();
 }
+
+/// Our TC clsact filters on a hook (`tc filter show`, by our handle).
+fn tc_filters(ifname: &str, hook: &str) -> usize {
+    let out = Command::new("tc").args(["filter", "show", "dev", ifname, hook]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("handle 0x6d67") && l.contains("direct-action")).count()
+}
+
+/// Issue 14: kernels before 6.6 have no TCX. Forced here, the fallback
+/// attaches the same programs as TC clsact filters, which outlive the
+/// agent, are replaced in place (never stacked), and go with detach and
+/// with the instance; traffic is judged by them (a real packet through
+/// the veth, dropped while the interface is held closed, passed once the
+/// pod is enforced).
+#[test]
+fn the_tc_clsact_fallback_attaches_the_same_programs_when_forced() {
+    require_root();
+    let pin = test_pin("attach-tc");
+    let cleanup = pin.clone();
+    in_netns(move || {
+        let mut cfg = small_config(pin.clone());
+        cfg.attach = meshguard_ebpf::AttachMode::Tc;
+        let mut dp = Datapath::load_or_adopt(&cfg).unwrap();
+        assert_eq!(dp.attach_mode(), meshguard_ebpf::AttachMode::Tc);
+        let iface = Interface::Name("mgt-host".into());
+        let ifindex = meshguard_ebpf::sys::ifindex("mgt-host").unwrap();
+        let pod = PodEndpoint { identity: POD_ID, mac: POD_MAC, ipv4: Some(pod_v4()), ipv6: None };
+
+        // Held closed: the filters drop what the pod sends.
+        dp.hold_closed(&iface).unwrap();
+        assert_eq!((tc_filters("mgt-host", "ingress"), tc_filters("mgt-host", "egress")), (1, 1));
+        assert_eq!(tcx_programs("mgt-host", TcAttachType::Ingress), 0, "no TCX link in tc mode");
+        let before = dp.counters().unwrap();
+        send_from_pod();
+        let after = dp.counters().unwrap();
+        let dropped = |c: &meshguard_ebpf::Counters| {
+            c.get(&(Direction::Egress, meshguard_ebpf::abi::Code::Drop(meshguard_ebpf::abi::DropReason::UnknownEndpoint)))
+                .map_or(0, |v| v.packets)
+        };
+        assert!(dropped(&after) > dropped(&before), "the tc filter judged the pod's packet");
+
+        // Enforced, attached again: replaced in place, not stacked.
+        dp.attach(&iface, &pod).unwrap();
+        dp.attach(&iface, &pod).unwrap();
+        assert_eq!((tc_filters("mgt-host", "ingress"), tc_filters("mgt-host", "egress")), (1, 1));
+        assert_eq!(dp.attached(), vec![ifindex]);
+        assert!(dp.enforced(&iface).unwrap().is_some());
+
+        // The agent exits: the filters stay; a restarted agent adopts them.
+        drop(dp);
+        assert_eq!((tc_filters("mgt-host", "ingress"), tc_filters("mgt-host", "egress")), (1, 1));
+        let mut dp = Datapath::load_or_adopt(&cfg).unwrap();
+        assert_eq!(dp.enforced(&iface).unwrap().map(|(i, p)| (i, p.identity)), Some((ifindex, POD_ID)));
+        dp.detach(&iface).unwrap();
+        assert_eq!((tc_filters("mgt-host", "ingress"), tc_filters("mgt-host", "egress")), (0, 0));
+        assert!(dp.attached().is_empty());
+
+        // Removing the instance deletes what is still attached.
+        dp.attach(&iface, &pod).unwrap();
+        dp.remove().unwrap();
+        assert_eq!((tc_filters("mgt-host", "ingress"), tc_filters("mgt-host", "egress")), (0, 0));
+    });
+    let _ = cleanup.remove();
+}
+
+/// One frame from the pod side of the veth pair (it arrives at the host
+/// side's ingress hook).
+fn send_from_pod() {
+    assert!(Command::new("ip").args(["link", "set", "mgt-host", "up"]).status().unwrap().success());
+    assert!(Command::new("ip").args(["link", "set", "mgt-pod", "up"]).status().unwrap().success());
+    let pod = meshguard_ebpf::sys::ifindex("mgt-pod").unwrap();
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&POD_MAC);
+    frame.extend_from_slice(&[0x08, 0x06]);
+    frame.extend_from_slice(&[0; 28]);
+    for _ in 0..50 {
+        // The veth may take a moment to come up (carrier).
+        if meshguard_ebpf::sys::packet_send(pod, &frame, 0).is_ok() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("cannot send from the pod side");
+}

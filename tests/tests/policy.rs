@@ -46,6 +46,11 @@ spec:
 "#;
 
 fn build() -> Cluster {
+    build_with("auto")
+}
+
+/// `attach`: the agents' `datapath.attachMode`.
+fn build_with(attach: &'static str) -> Cluster {
     let c = cluster()
         .nodes(2)
         .pod("shop/web")
@@ -62,6 +67,7 @@ fn build() -> Cluster {
         .policy(POLICIES)
         .build()
         .unwrap();
+    c.set_attach_mode(attach);
     c.start_agents().unwrap();
     let probe = bin_path("mg-probe");
     for p in ["shop/web", "shop/cache", "shop/api", "ops/probe"] {
@@ -270,4 +276,36 @@ fn root_a_pod_cannot_send_with_another_address_or_mac() {
     meshguard_meshctl::sim::cmd::ip_in(&web, &["link", "set", "eth0", "address", "02:00:00:00:be:ef"]).unwrap();
     assert!(!icmp(&c, "shop/web", "shop/api"), "web sent with a foreign MAC");
     counted("DROP_SPOOFED_MAC", 1.0).expect("a spoofed MAC is dropped and counted");
+}
+
+/// Issue 14: kernels before 6.6 have no TCX; the agent then attaches the
+/// same programs as TC clsact filters. Forced here: the filters sit on the
+/// pods' interfaces and the tunnel, the policy is the same, and it holds
+/// while the agent is down.
+#[test]
+fn root_the_tc_clsact_fallback_enforces_the_same_policy() {
+    let c = build_with("tc");
+    let ours = |node: &str, dev: &str, hook: &str| {
+        let out = c.exec_node(node, "tc", &["filter", "show", "dev", dev, hook]).unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("handle 0x6d67")).count()
+    };
+    let web_if = c.pod("shop/web").host_if.clone();
+    assert_eq!((ours("node-1", &web_if, "ingress"), ours("node-1", &web_if, "egress")), (1, 1), "web's interface");
+    assert_eq!(ours("node-1", meshguard_meshctl::sim::cluster::TUNNEL_IF, "egress"), 1, "the tunnel");
+    assert!(
+        c.agent_log("node-1").contains("attach=\"tc\"") || c.agent_log("node-1").contains("attach=tc"),
+        "the agent says how it attached"
+    );
+
+    assert_eq!(all(&c, "shop/web", "shop/api"), [true; 4], "web -> api");
+    assert_eq!(all(&c, "shop/cache", "shop/api"), [false; 4], "cache -> api");
+    assert_eq!(all(&c, "shop/web", "shop/cache"), [true, false, false, true], "web -> cache");
+
+    // The agent goes: same-node traffic is still judged by the filters.
+    c.stop_agent("node-2", false).unwrap();
+    assert!(!tcp(&c, "ops/probe", "shop/api"), "probe -> api passed while the agent was down");
+    assert!(tcp(&c, "shop/api", "ops/probe"), "api -> probe (allowed) while the agent was down");
+    c.start_agent("node-2").unwrap();
+    assert!(!tcp(&c, "ops/probe", "shop/api"), "probe -> api after the restart");
+    assert_eq!(ours("node-2", &c.pod("shop/api").host_if, "ingress"), 1, "replaced in place, not stacked");
 }

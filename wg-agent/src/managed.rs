@@ -134,7 +134,13 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
         let started = std::time::Instant::now();
         let mut enforcer = tokio::task::spawn_blocking(move || {
             // The node id comes with the view; the datapath does not need it to drop.
-            crate::enforce::Enforcer::start(meshguard_ebpf::PinLayout::new(&settings.pin_dir), 0, &node, &settings.endpoints_dir)
+            crate::enforce::Enforcer::start(
+                meshguard_ebpf::PinLayout::new(&settings.pin_dir),
+                0,
+                &node,
+                &settings.endpoints_dir,
+                settings.attach,
+            )
         })
         .await
         .context("datapath loader panicked")??;

@@ -149,6 +149,8 @@ pub struct Cluster {
     /// Renders the agents' `cluster:` source for a node; the shared
     /// directory when unset.
     agent_source: Mutex<Option<AgentSource>>,
+    /// The agents' `datapath.attachMode` (`auto` unless a test forces one).
+    attach_mode: Mutex<&'static str>,
 }
 
 /// What a persistent cluster saves in its state directory, so that later
@@ -269,6 +271,7 @@ impl ClusterBuilder {
             opened: false,
             handed_over: false,
             agent_source: Mutex::new(None),
+            attach_mode: Mutex::new("auto"),
         };
         // From here on, Drop cleans up whatever was created.
         c.create_underlay()?;
@@ -487,6 +490,12 @@ impl Cluster {
         *self.agent_source.lock().expect("source lock") = Some(Box::new(f));
     }
 
+    /// How the agents attach their programs from their next start: `auto`,
+    /// `tcx` or `tc` (the fallback for kernels before 6.6, forced).
+    pub fn set_attach_mode(&self, mode: &'static str) {
+        *self.attach_mode.lock().expect("attach mode lock") = mode;
+    }
+
     pub fn write_agent_config(&self, node: &str, strict: bool) -> Result<PathBuf> {
         let n = self.node(node);
         let source = match self.agent_source.lock().expect("source lock").as_ref() {
@@ -497,7 +506,7 @@ impl Cluster {
             "nodeName: {name}\nstateDir: {state}\ninterface: {TUNNEL_IF}\nlistenPort: {WG_PORT}\n\
              endpoint: {ip}:{WG_PORT}\npodCidrs: [{cidr}]\nclusterCidrs: [10.244.0.0/16]\nstrict: {strict}\n\
              uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {source}\n\
-             datapath: {{pinDir: {pin}, endpointsDir: {endpoints}, eventsSocket: {events}}}\n",
+             datapath: {{pinDir: {pin}, endpointsDir: {endpoints}, eventsSocket: {events}, attachMode: {attach}}}\n",
             name = n.name,
             state = n.dir.join("state").display(),
             ip = n.underlay_ip,
@@ -506,6 +515,7 @@ impl Cluster {
             pin = self.pin_dir(node).display(),
             endpoints = self.endpoints_dir(node).display(),
             events = self.events_socket(node).display(),
+            attach = self.attach_mode.lock().expect("attach mode lock"),
         );
         let path = self.agent_config_path(node);
         std::fs::write(&path, cfg)?;
@@ -954,6 +964,7 @@ impl Cluster {
             opened: true,
             handed_over: true,
             agent_source: Mutex::new(None),
+            attach_mode: Mutex::new("auto"),
         }
     }
 

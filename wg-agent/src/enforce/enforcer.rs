@@ -128,9 +128,17 @@ fn host_prefix(ip: IpAddr) -> IpNet {
 
 impl Enforcer<Datapath> {
     /// Loads the datapath under `pin`, or adopts the pinned one.
-    pub fn start(pin: PinLayout, node_id: u32, node: &str, endpoints_dir: &Path) -> Result<Self, EnforceError> {
+    pub fn start(
+        pin: PinLayout,
+        node_id: u32,
+        node: &str,
+        endpoints_dir: &Path,
+        attach: meshguard_ebpf::AttachMode,
+    ) -> Result<Self, EnforceError> {
         meshguard_ebpf::pin::ensure_bpffs().map_err(DatapathError::from)?;
-        let dp = Datapath::load_or_adopt(&DatapathConfig::new(pin, node_id))?;
+        let mut cfg = DatapathConfig::new(pin, node_id);
+        cfg.attach = attach;
+        let dp = Datapath::load_or_adopt(&cfg)?;
         Self::new(dp, node, endpoints_dir)
     }
 }

@@ -87,6 +87,18 @@ pub struct RawDatapath {
     /// The live event stream `meshctl observe` follows (a unix socket, 0600).
     #[serde(default)]
     pub events_socket: Option<PathBuf>,
+    /// `auto` (TCX on Linux >= 6.6, TC clsact before), `tcx` or `tc`.
+    #[serde(default)]
+    pub attach_mode: RawAttachMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawAttachMode {
+    #[default]
+    Auto,
+    Tcx,
+    Tc,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +152,7 @@ pub struct DatapathSettings {
     pub pin_dir: PathBuf,
     pub endpoints_dir: PathBuf,
     pub events_socket: PathBuf,
+    pub attach: meshguard_ebpf::AttachMode,
 }
 
 /// Where the event stream is served when `eventsSocket` is not given.
@@ -251,6 +264,11 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         pin_dir: d.pin_dir.unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&raw.node_name)),
         endpoints_dir: d.endpoints_dir,
         events_socket: d.events_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_EVENTS_SOCKET)),
+        attach: match d.attach_mode {
+            RawAttachMode::Auto => meshguard_ebpf::AttachMode::Auto,
+            RawAttachMode::Tcx => meshguard_ebpf::AttachMode::Tcx,
+            RawAttachMode::Tc => meshguard_ebpf::AttachMode::Tc,
+        },
     });
     Ok(AgentConfig {
         datapath,
@@ -315,5 +333,20 @@ mod tests {
             assert!(err.contains(want), "{want:?} not in {err:?}");
         }
         assert!(serde_yaml::from_str::<RawConfig>(&format!("{BASE}bogus: 1\n")).is_err());
+        let bad_mode = serde_yaml::from_str::<RawConfig>(&format!("{BASE}datapath: {{endpointsDir: /e, attachMode: xdp}}\n"));
+        let err = bad_mode.unwrap_err().to_string();
+        assert!(err.contains("attachMode") || err.contains("unknown variant `xdp`"), "{err}");
+    }
+
+    #[test]
+    fn the_attach_mode_can_be_forced() {
+        for (mode, want) in
+            [("tc", meshguard_ebpf::AttachMode::Tc), ("tcx", meshguard_ebpf::AttachMode::Tcx), ("auto", meshguard_ebpf::AttachMode::Auto)]
+        {
+            let c = construct_config(raw(&format!("{BASE}datapath: {{endpointsDir: /e, attachMode: {mode}}}\n"))).unwrap();
+            assert_eq!(c.datapath.unwrap().attach, want);
+        }
+        let c = construct_config(raw(&format!("{BASE}datapath: {{endpointsDir: /e}}\n"))).unwrap();
+        assert_eq!(c.datapath.unwrap().attach, meshguard_ebpf::AttachMode::Auto);
     }
 }

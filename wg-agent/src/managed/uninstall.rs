@@ -35,7 +35,7 @@ pub async fn uninstall(cfg: &AgentConfig) -> anyhow::Result<Removed> {
     }
     if let Some(dp) = &cfg.datapath {
         let pin = meshguard_ebpf::PinLayout::new(&dp.pin_dir);
-        match pin.remove() {
+        match meshguard_ebpf::datapath::remove_instance(&pin) {
             Ok(()) => removed.datapath = true,
             Err(e) => errors.push(format!("pinned datapath {}: {e}", dp.pin_dir.display())),
         }
