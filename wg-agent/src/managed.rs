@@ -31,6 +31,7 @@ pub mod reconcile;
 pub mod routes;
 pub mod signals;
 pub mod uninstall;
+pub mod watch_dir;
 
 use config::{AgentConfig, SourceConfig};
 use metrics::AgentMetrics;
@@ -39,8 +40,12 @@ use routes::Routes;
 
 /// How often the key file is checked for a rotation.
 const KEY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
-/// How often local pod endpoints are re-read (a new pod is enforced within this).
-const ENDPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// Local pod endpoints are re-read when their directory changes (inotify:
+/// a new pod is enforced as its file lands) and at least this often (an
+/// interface that appeared after its file, a failed attach to retry).
+const ENDPOINT_BACKSTOP: Duration = Duration::from_secs(5);
+/// How often they are re-read when the directory cannot be watched.
+const ENDPOINT_POLL: Duration = Duration::from_millis(200);
 /// Conntrack garbage collection.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// How fresh the datapath counters in `/metrics` are.
@@ -154,7 +159,9 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
         agent.stream_events(&mut enforcer)?;
         agent.enforcer = Some(enforcer);
     }
-    agent.publish().await;
+    let mut endpoints =
+        watch_dir::DirEvents::watch(agent.cfg.datapath.as_ref().map(|d| d.endpoints_dir.as_path()), ENDPOINT_BACKSTOP, ENDPOINT_POLL);
+    agent.publish(&mut endpoints).await;
     let mut views = agent.source.subscribe();
     let first = views.borrow_and_update().clone();
     agent.reconcile(&first).await;
@@ -166,7 +173,6 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
     let stop = signals::terminated();
     tokio::pin!(stop);
     let mut key_tick = tokio::time::interval(KEY_CHECK_INTERVAL);
-    let mut endpoint_tick = tokio::time::interval(ENDPOINT_INTERVAL);
     let mut housekeeping_tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     let mut counter_tick = tokio::time::interval(COUNTER_INTERVAL);
     loop {
@@ -179,7 +185,7 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
                 agent.reconcile(&view).await;
                 agent.enforce(&view, true);
             }
-            _ = endpoint_tick.tick() => {
+            () = endpoints.changed() => {
                 let view = views.borrow().clone();
                 agent.enforce(&view, false);
             }
@@ -193,7 +199,7 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
                     e.refresh_counters();
                 }
             }
-            _ = key_tick.tick() => agent.check_key_rotation().await,
+            _ = key_tick.tick() => agent.check_key_rotation(&mut endpoints).await,
             _ = &mut stop => break,
         }
     }
@@ -249,14 +255,33 @@ impl Agent {
     }
 
     /// Publishes this node's record, retrying until the source takes it.
-    async fn publish(&self) {
+    async fn publish(&mut self, endpoints: &mut watch_dir::DirEvents) {
         let record = self.record();
+        let source = &self.source;
+        let publishing = async {
+            loop {
+                match source.publish_node(&record).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot publish node record; retrying");
+                        tokio::time::sleep(PUBLISH_RETRY).await;
+                    }
+                }
+            }
+        };
+        tokio::pin!(publishing);
+        // The source may not answer for long (identity-ca down after a
+        // reboot): pods appearing meanwhile are closed at once all the same.
+        let view = source.subscribe().borrow().clone();
         loop {
-            match self.source.publish_node(&record).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot publish node record; retrying");
-                    tokio::time::sleep(PUBLISH_RETRY).await;
+            tokio::select! {
+                () = &mut publishing => return,
+                () = endpoints.changed() => {
+                    if let Some(e) = self.enforcer.as_mut()
+                        && let Err(error) = e.sync_endpoints(&view)
+                    {
+                        tracing::error!(%error, "cannot sync local endpoints");
+                    }
                 }
             }
         }
@@ -335,7 +360,7 @@ impl Agent {
 
     /// Picks up a key replaced by `wg-agent rotate-key`: new device key,
     /// new record; peers follow through the cluster source.
-    async fn check_key_rotation(&mut self) {
+    async fn check_key_rotation(&mut self, endpoints: &mut watch_dir::DirEvents) {
         let path = self.cfg.key_path();
         let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         if mtime == self.key_mtime {
@@ -358,7 +383,7 @@ impl Agent {
         }
         tracing::info!(old = %self.public_key, new = %public, "node key rotated");
         self.public_key = public;
-        self.publish().await;
+        self.publish(endpoints).await;
         self.device.initiate_handshakes();
     }
 }

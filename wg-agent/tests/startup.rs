@@ -45,11 +45,14 @@ fn ip(args: &[&str]) -> String {
 /// its endpoint file, the agent started on an unreachable cluster source;
 /// waits up to 30 s (loading the datapath is slow on a busy machine) for the
 /// pod's programs and the strict blackhole, then stops the agent and runs
-/// `after` (in the namespace). Returns (programs, blackhole, after's result).
-fn with_agent<T: Send + 'static>(
+/// `after` (in the namespace). `during` runs while the agent does, in the
+/// namespace, given the endpoints directory. Returns (programs, blackhole,
+/// during's and after's results).
+fn with_agent<D: Send + 'static, T: Send + 'static>(
     name: &'static str,
+    during: impl FnOnce(&std::path::Path, &PinLayout) -> D + Send + 'static,
     after: impl FnOnce(&meshguard_wg_agent::managed::config::AgentConfig, u32) -> T + Send + 'static,
-) -> (bool, bool, T) {
+) -> (bool, bool, D, T) {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_owned();
@@ -74,6 +77,7 @@ fn with_agent<T: Send + 'static>(
             ips: vec![Ipv4Addr::new(10, 244, 1, 10).into()],
         };
         std::fs::write(endpoints.join(ep.file_name()), serde_yaml::to_string(&ep).unwrap()).unwrap();
+        let endpoints_dir = endpoints.clone();
         let config = base.join("agent.yaml");
         std::fs::write(
             &config,
@@ -82,7 +86,7 @@ fn with_agent<T: Send + 'static>(
                  interface: mgs0\nstateDir: {b}/state\nuapiSocketDir: {b}/uapi\ncluster: {{dir: {b}/unused}}\n\
                  datapath: {{endpointsDir: {e}, pinDir: {p}, eventsSocket: {b}/events.sock}}\n",
                 b = base.display(),
-                e = endpoints.display(),
+                e = endpoints_dir.display(),
                 p = pin_root.display(),
             ),
         )
@@ -91,7 +95,7 @@ fn with_agent<T: Send + 'static>(
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let ifindex = meshguard_ebpf::sys::ifindex("mgs-web").unwrap();
         let agent_cfg = cfg.clone();
-        let (programs, blackhole) = rt.block_on(async move {
+        let (programs, blackhole, during) = rt.block_on(async move {
             let (view, _) = watch::channel(Arc::new(ClusterView::default()));
             let agent = tokio::spawn(meshguard_wg_agent::managed::run_with_source(agent_cfg, Box::new(Unreachable { view })));
             let pin = PinLayout::new(&pin_root);
@@ -104,13 +108,16 @@ fn with_agent<T: Send + 'static>(
                     [meshguard_ebpf::abi::PROG_FROM_POD, meshguard_ebpf::abi::PROG_TO_POD].iter().all(|p| pin.link(ifindex, p).exists());
                 blackhole = ip(&["route", "show", "proto", "201"]).contains("blackhole 10.244.0.0/16");
             }
+            // Blocking work on a pool thread (in this namespace: threads inherit it).
+            let during = tokio::task::spawn_blocking(move || during(&endpoints, &pin)).await;
+            assert!(!agent.is_finished(), "the agent stopped");
             agent.abort();
             let _ = agent.await;
-            (programs, blackhole)
+            (programs, blackhole, during.expect("during panicked"))
         });
         let result = after(&cfg, ifindex);
         drop(rt);
-        (programs, blackhole, result)
+        (programs, blackhole, during, result)
     })
     .join();
     let _ = pin.remove();
@@ -120,7 +127,7 @@ fn with_agent<T: Send + 'static>(
 
 #[test]
 fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_in() {
-    let (programs, blackhole, ()) = with_agent("startup", |_, _| ());
+    let (programs, blackhole, (), ()) = with_agent("startup", |_, _| (), |_, _| ());
     assert!(
         programs && blackhole,
         "30 s into start-up with the cluster source unreachable: the pod's interface has {} and the strict blackhole is {}",
@@ -131,17 +138,21 @@ fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_i
 
 #[test]
 fn root_uninstall_removes_routes_pins_and_the_tunnel() {
-    let (programs, blackhole, after) = with_agent("uninstall", |cfg, ifindex| {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let removed = rt.block_on(meshguard_wg_agent::managed::uninstall::uninstall(cfg)).unwrap();
-        let pin = cfg.datapath.as_ref().unwrap().pin_dir.clone();
-        let routes = ip(&["route", "show", "proto", "201"]) + &ip(&["-6", "route", "show", "proto", "201"]);
-        let tunnel = Command::new("ip").args(["link", "show", "mgs0"]).output().unwrap().status.success();
-        let links = PinLayout::new(&pin).link(ifindex, meshguard_ebpf::abi::PROG_FROM_POD).exists();
-        // Again: nothing left to remove is not an error.
-        let again = rt.block_on(meshguard_wg_agent::managed::uninstall::uninstall(cfg)).unwrap();
-        (removed, routes, tunnel, pin.exists(), links, again)
-    });
+    let (programs, blackhole, (), after) = with_agent(
+        "uninstall",
+        |_, _| (),
+        |cfg, ifindex| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let removed = rt.block_on(meshguard_wg_agent::managed::uninstall::uninstall(cfg)).unwrap();
+            let pin = cfg.datapath.as_ref().unwrap().pin_dir.clone();
+            let routes = ip(&["route", "show", "proto", "201"]) + &ip(&["-6", "route", "show", "proto", "201"]);
+            let tunnel = Command::new("ip").args(["link", "show", "mgs0"]).output().unwrap().status.success();
+            let links = PinLayout::new(&pin).link(ifindex, meshguard_ebpf::abi::PROG_FROM_POD).exists();
+            // Again: nothing left to remove is not an error.
+            let again = rt.block_on(meshguard_wg_agent::managed::uninstall::uninstall(cfg)).unwrap();
+            (removed, routes, tunnel, pin.exists(), links, again)
+        },
+    );
     assert!(programs && blackhole, "the agent did not come up");
     let (removed, routes, tunnel, pins, links, again) = after;
     assert!(removed.routes && removed.datapath && removed.interface, "{removed:?}");
@@ -149,4 +160,50 @@ fn root_uninstall_removes_routes_pins_and_the_tunnel() {
     assert!(!tunnel, "the tunnel interface is still there");
     assert!(!pins && !links, "pins left behind");
     assert!(!again.interface, "{again:?}");
+}
+
+/// Issue 14, finding 3: a pod is closed before it can send — attached as
+/// its endpoint file lands (inotify), not at a poll, and also while the
+/// cluster source does not answer (the agent is still publishing). Three
+/// pods, one after another, each with programs within a second of its file;
+/// the backstop that would otherwise find them runs every 5 s.
+#[test]
+fn root_a_new_pod_is_closed_as_its_endpoint_file_lands() {
+    let (programs, _, took, ()) = with_agent(
+        "sync-attach",
+        |endpoints, pin| {
+            let mut took = Vec::new();
+            for (i, name) in ["api", "db", "cache"].iter().enumerate() {
+                let host = format!("mgs-{name}");
+                ip(&["link", "add", &host, "type", "veth", "peer", "name", &format!("{host}-pod")]);
+                ip(&["link", "set", &host, "up"]);
+                let ifindex = meshguard_ebpf::sys::ifindex(&host).unwrap();
+                let ep = LocalEndpoint {
+                    namespace: "shop".into(),
+                    name: (*name).into(),
+                    interface: host.clone(),
+                    mac: format!("02:00:00:00:01:{i:02x}"),
+                    ips: vec![Ipv4Addr::new(10, 244, 1, 20 + i as u8).into()],
+                };
+                // As the CNI plugin does: written aside, renamed into place.
+                let tmp = endpoints.join(format!(".{}.tmp", ep.file_name()));
+                std::fs::write(&tmp, serde_yaml::to_string(&ep).unwrap()).unwrap();
+                let landed = Instant::now();
+                std::fs::rename(&tmp, endpoints.join(ep.file_name())).unwrap();
+                let attached =
+                    || [meshguard_ebpf::abi::PROG_FROM_POD, meshguard_ebpf::abi::PROG_TO_POD].iter().all(|p| pin.link(ifindex, p).exists());
+                while !attached() && landed.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                took.push((ifindex, landed.elapsed()));
+            }
+            took
+        },
+        |_, _| (),
+    );
+    assert!(programs, "the agent did not come up");
+    for (ifindex, t) in &took {
+        eprintln!("pod interface #{ifindex} closed {t:?} after its endpoint file landed");
+        assert!(*t < Duration::from_secs(1), "interface #{ifindex} had no programs {t:?} after its file landed");
+    }
 }
