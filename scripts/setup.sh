@@ -6,11 +6,12 @@ set -eu
 # clang/llvm build the eBPF programs; bpftool inspects them; iproute2,
 # iputils-ping and tcpdump drive and watch the simulated cluster;
 # wireguard-go and wireguard-tools are the interop peer and the `wg` tool;
-# protobuf-compiler builds the gRPC APIs.
+# protobuf-compiler builds the gRPC APIs; python3-venv holds the Python
+# SPIFFE client the interop tests run (below).
 PACKAGES="
   build-essential pkg-config ca-certificates curl
   clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool
-  iproute2 iputils-ping tcpdump python3
+  iproute2 iputils-ping tcpdump python3 python3-venv
   wireguard-go wireguard-tools
   protobuf-compiler
 "
@@ -59,3 +60,13 @@ fi
 
 # bpffs is not mounted at boot everywhere; the datapath pins its maps there.
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+# The Python SPIFFE client (PyPI `spiffe`, on gRPC C-core): the Workload API
+# interop test runs it unchanged. Pinned; installed once, in a virtualenv of
+# its own (Debian's python3 is externally managed).
+PY=/opt/meshguard/python
+if ! "$PY/bin/python3" -c 'import spiffe' >/dev/null 2>&1; then
+    echo "setup.sh: installing the Python SPIFFE client into $PY" >&2
+    python3 -m venv "$PY"
+    "$PY/bin/pip" install -q --disable-pip-version-check 'spiffe==0.3.2' 'grpcio==1.85.3'
+fi

@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod authority;
 pub mod ca_client;
 pub mod caller;
 pub mod config;

@@ -85,12 +85,14 @@ impl PeerProcess {
 pub struct CallerStream {
     inner: UnixStream,
     info: CallerInfo,
+    /// Makes a socket-path `:authority` acceptable (crate::authority).
+    fix: crate::authority::AuthorityFix,
 }
 
 impl CallerStream {
     pub fn new(inner: UnixStream) -> io::Result<Self> {
         let peer = PeerProcess::of(inner.as_fd())?;
-        Ok(Self { inner, info: CallerInfo(Arc::new(peer)) })
+        Ok(Self { inner, info: CallerInfo(Arc::new(peer)), fix: Default::default() })
     }
 }
 
@@ -104,7 +106,8 @@ impl tonic::transport::server::Connected for CallerStream {
 
 impl AsyncRead for CallerStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let me = self.get_mut();
+        crate::authority::poll_read_fixed(&mut me.inner, &mut me.fix, cx, buf)
     }
 }
 

@@ -62,7 +62,11 @@ impl TestCa {
         let mut p = CertificateParams::default();
         p.not_before = ts(not_before);
         p.not_after = ts(not_after);
-        p.is_ca = IsCa::ExplicitNoCa;
+        p.is_ca = IsCa::NoCa;
+        let (oid, der) = meshguard_common::svid::LEAF_BASIC_CONSTRAINTS;
+        let mut bc = rcgen::CustomExtension::from_oid_content(oid, der.to_vec());
+        bc.set_criticality(true);
+        p.custom_extensions = vec![bc];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];

@@ -250,6 +250,13 @@ fn can_sign(cert: &X509Certificate<'_>) -> bool {
 }
 
 /// Checks a leaf certificate's SVID fields (not its chain) and returns them.
+/// A leaf's basicConstraints (OID 2.5.29.19, critical): `cA` false as DER
+/// says it, an empty SEQUENCE (a DEFAULT value is never encoded). rcgen's
+/// `IsCa::ExplicitNoCa` writes `cA FALSE` explicitly, which strict DER
+/// parsers (Python's `cryptography`, so the Python SPIFFE client) refuse;
+/// signers add this as a custom extension instead.
+pub const LEAF_BASIC_CONSTRAINTS: (&[u64], &[u8]) = (&[2, 5, 29, 19], &[0x30, 0x00]);
+
 pub fn check_leaf(der: &[u8]) -> Result<LeafInfo, SvidError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Parse { index: 0, reason: e.to_string() })?;
     let spiffe_id = spiffe_id_of(&cert)?;

@@ -491,7 +491,11 @@ impl Authority {
         p.not_before = to_time(now - BACKDATE.as_secs() as i64);
         p.not_after = to_time(expires_at);
         p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(sign)?)];
-        p.is_ca = IsCa::ExplicitNoCa;
+        p.is_ca = IsCa::NoCa;
+        let (oid, der) = meshguard_common::svid::LEAF_BASIC_CONSTRAINTS;
+        let mut bc = rcgen::CustomExtension::from_oid_content(oid, der.to_vec());
+        bc.set_criticality(true);
+        p.custom_extensions = vec![bc];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
@@ -528,5 +532,30 @@ mod tests {
         assert_eq!(ca.prune_serials(Duration::ZERO).unwrap(), 1);
         assert_eq!(serials(true), live_serials);
         assert_eq!(ca.prune_serials(Duration::ZERO).unwrap(), 0);
+    }
+
+    /// Issue 18: the Python SPIFFE client (strict DER, via `cryptography`)
+    /// refused every SVID: rcgen wrote basicConstraints `cA FALSE`, a
+    /// DEFAULT value DER never encodes. Now an empty SEQUENCE, critical.
+    #[test]
+    fn a_leaf_encodes_basic_constraints_as_der_requires() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("td").unwrap();
+        let store = Store::open(dir.path(), "db", "td").unwrap();
+        let lifetimes = Lifetimes {
+            svid: Duration::from_secs(3600),
+            node_svid: Duration::from_secs(3600),
+            ca: Duration::from_secs(86400),
+            jwt_svid: Duration::from_secs(60),
+        };
+        let ca = Ca::open(td.clone(), store, lifetimes).unwrap();
+        let key = CsrKey::parse(&crate::csr::generate().unwrap().1).unwrap();
+        let svid = ca.sign_x509(&[(td.workload_id("shop", "web").unwrap(), key)], Duration::from_secs(60), "node-1").unwrap();
+        let der = svid[0].chain[0].as_ref();
+        let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+        let bc = cert.extensions().iter().find(|e| e.oid.to_id_string() == "2.5.29.19").expect("basicConstraints");
+        assert!(bc.critical);
+        assert_eq!(bc.value, &[0x30, 0x00], "cA FALSE must be left out, not encoded");
+        assert!(meshguard_common::svid::check_leaf(der).is_ok());
     }
 }

@@ -165,3 +165,66 @@ fn root_jwt_svid_proves_a_pod_to_a_pod_on_another_node_and_no_pod_gets_anothers(
     let o = id.fetch_jwt_in(&node1.netns, "node-1", &audience).unwrap();
     assert!(o.is_refused(), "a process in node-1's own namespace got a JWT-SVID: {o:?}");
 }
+
+/// The Python SPIFFE client from PyPI (`spiffe`, on gRPC C-core), in the
+/// virtualenv `scripts/setup.sh` makes. `MESHGUARD_PYTHON` overrides it.
+fn python_with_spiffe() -> String {
+    let python = std::env::var("MESHGUARD_PYTHON").unwrap_or_else(|_| "/opt/meshguard/python/bin/python3".to_owned());
+    let ok = std::process::Command::new(&python).args(["-c", "import spiffe"]).output().is_ok_and(|o| o.status.success());
+    assert!(ok, "{python} cannot import the Python `spiffe` package: run ./scripts/setup.sh (it installs it from PyPI)");
+    python
+}
+
+/// What the Python client does in the pod: its X.509-SVID (the key must be
+/// the leaf's), the bundle, and a JWT-SVID; one JSON line.
+const PY_CLIENT: &str = r#"
+import json, sys
+from spiffe import WorkloadApiClient
+with WorkloadApiClient(socket_path=sys.argv[1], default_timeout=10) as c:
+    svid = c.fetch_x509_svid()
+    key_matches = svid.private_key.public_key().public_numbers() == svid.leaf.public_key().public_numbers()
+    bundles = c.fetch_x509_bundles()
+    jwt = c.fetch_jwt_svid(audience={sys.argv[2]})
+    print(json.dumps({
+        "id": str(svid.spiffe_id),
+        "key_matches": key_matches,
+        "bundle_authorities": sum(len(b.x509_authorities) for b in bundles.bundles),
+        "jwt_id": str(jwt.spiffe_id),
+        "jwt_audience": sorted(jwt.audience),
+    }))
+"#;
+
+/// Issue 18: SPIFFE clients on gRPC C-core (Python, C++, Ruby, PHP), as
+/// grpc-java and grpc-swift, send the socket path as `:authority`; tonic's
+/// HTTP/2 layer refused them before any handler ran. The unchanged Python
+/// client from PyPI now gets its own pod's SVID, bundle and JWT-SVID — and
+/// nothing another pod or the node could.
+#[test]
+fn root_the_python_spiffe_client_gets_its_own_pods_identity() {
+    let python = python_with_spiffe();
+    let c = shop();
+    let id = c.identity().start().unwrap();
+    let run = |netns: &str, node: &str| {
+        let socket = format!("unix://{}", c.workload_api_socket(node).display());
+        std::process::Command::new("ip")
+            .args(["netns", "exec", netns, &python, "-c", PY_CLIENT, &socket, "spiffe://cluster.local/ns/shop/sa/db"])
+            .output()
+            .unwrap()
+    };
+    for pod in ["shop/web", "shop/cart", "shop/db"] {
+        let p = c.pod(pod);
+        let out = run(&p.netns, &p.node);
+        assert!(out.status.success(), "the Python client in {pod} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want = id.spiffe_id_of(pod);
+        assert_eq!(got["id"], want.as_str(), "{pod}'s X.509-SVID");
+        assert_eq!(got["key_matches"], true, "{pod}'s key is its leaf's");
+        assert_eq!(got["bundle_authorities"], id.ca_bundle().unwrap().len(), "{pod}'s bundle");
+        assert_eq!(got["jwt_id"], want.as_str(), "{pod}'s JWT-SVID");
+        assert_eq!(got["jwt_audience"], serde_json::json!(["spiffe://cluster.local/ns/shop/sa/db"]));
+    }
+    // A process in node-1's own namespace is no pod: refused, as for the Rust client.
+    let node1 = c.node("node-1").netns.clone();
+    let out = run(&node1, "node-1");
+    assert!(!out.status.success(), "a process in node-1's namespace got an identity: {}", String::from_utf8_lossy(&out.stdout));
+}

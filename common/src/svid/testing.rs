@@ -36,7 +36,11 @@ impl TestCa {
         let expires_at = now + ttl_secs;
         p.not_before = time::OffsetDateTime::from_unix_timestamp(now - 30).unwrap();
         p.not_after = time::OffsetDateTime::from_unix_timestamp(expires_at).unwrap();
-        p.is_ca = IsCa::ExplicitNoCa;
+        p.is_ca = IsCa::NoCa;
+        let (oid, der) = crate::svid::LEAF_BASIC_CONSTRAINTS;
+        let mut bc = rcgen::CustomExtension::from_oid_content(oid, der.to_vec());
+        bc.set_criticality(true);
+        p.custom_extensions = vec![bc];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
         let cert = p.signed_by(&key, &self.issuer).unwrap();
