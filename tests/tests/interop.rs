@@ -214,3 +214,68 @@ fn root_interop_bad_input_changes_nothing() {
     assert!(ping(c, "node-1", "10.9.0.2"), "session survives garbage");
     assert!(ping(c, "node-2", "10.9.0.1"));
 }
+
+/// Issue 18: `wg-quick` drives wg-agent as it drives wireguard-go
+/// (`WG_QUICK_USERSPACE_IMPLEMENTATION`, no kernel module here): `up`
+/// starts it, configures it from a stock wg-quick file (keys, address,
+/// routes, MTU) and traffic flows to a wireguard-go peer brought up the
+/// same way; `down` deletes the interface, and the agent exits and takes
+/// its socket with it.
+#[test]
+fn root_wg_quick_brings_a_wg_agent_interface_up_and_down() {
+    let c = cluster().nodes(2).build().unwrap();
+    let tag = &c.run_id[c.run_id.len() - 4..];
+    let (ours, theirs) = (format!("wqm{tag}"), format!("wqg{tag}"));
+    let (k1, ours_pub) = genkey(&c.dir, "wq-ours.key");
+    let (k2, theirs_pub) = genkey(&c.dir, "wq-theirs.key");
+    let conf = |ifname: &str, key: &Path, addr: &str, port: u16, peer: &str, peer_ip: &str, peer_end: &str| {
+        let path = c.dir.join(format!("{ifname}.conf"));
+        let key = std::fs::read_to_string(key).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "[Interface]\nPrivateKey = {}\nAddress = {addr}\nListenPort = {port}\n\n[Peer]\nPublicKey = {peer}\nAllowedIPs = {peer_ip}\nEndpoint = {peer_end}\n",
+                key.trim()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
+    let ours_conf = conf(&ours, &k1, "10.9.1.1/24", 51830, &theirs_pub, "10.9.1.2/32", "192.168.100.2:51831");
+    let theirs_conf = conf(&theirs, &k2, "10.9.1.2/24", 51831, &ours_pub, "10.9.1.1/32", "192.168.100.1:51830");
+    let agent = bin_path("wg-agent");
+    let wg_quick = |node: &str, verb: &str, conf: &Path, implementation: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &c.node(node).netns, "env"])
+            .arg(format!("WG_QUICK_USERSPACE_IMPLEMENTATION={implementation}"))
+            .args(["wg-quick", verb])
+            .arg(conf)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "wg-quick {verb} on {node}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = wg_quick("node-1", "up", &ours_conf, agent.to_str().unwrap());
+    assert!(said.contains("userspace"), "wg-quick took the userspace path: {said}");
+    wg_quick("node-2", "up", &theirs_conf, "wireguard-go");
+
+    // Configured as the file says, and traffic flows both ways.
+    assert_eq!(wg(&c, "node-1", &["show", &ours, "public-key"]).trim(), ours_pub);
+    assert_eq!(wg(&c, "node-1", &["show", &ours, "listen-port"]).trim(), "51830");
+    let addr = ip_in(&c.node("node-1").netns, &["-4", "addr", "show", "dev", &ours]).unwrap();
+    assert!(addr.contains("10.9.1.1/24") && addr.contains(",UP"), "{addr}");
+    assert!(ping(&c, "node-1", "10.9.1.2"), "wg-agent (wg-quick) -> wireguard-go (wg-quick)");
+    assert!(ping(&c, "node-2", "10.9.1.1"), "wireguard-go -> wg-agent");
+    assert!(dump_peer(&c, "node-1", &ours).0 > 0, "no handshake recorded");
+
+    // Down: the interface goes, and with it the agent and its socket.
+    wg_quick("node-1", "down", &ours_conf, agent.to_str().unwrap());
+    assert!(ip_in(&c.node("node-1").netns, &["link", "show", &ours]).is_err(), "the interface is still there");
+    wait_until("the agent to exit and remove its socket", Duration::from_secs(5), || !sock(&ours).exists()).unwrap();
+    let running =
+        || std::process::Command::new("pgrep").args(["-f", &format!("wg-agent device {ours}")]).output().unwrap().status.success();
+    wait_until("the agent to exit", Duration::from_secs(5), || !running()).unwrap();
+    wg_quick("node-2", "down", &theirs_conf, "wireguard-go");
+    let _ = std::fs::remove_file(sock(&theirs));
+}

@@ -1,6 +1,9 @@
 //! `wg-agent`: the meshguard node agent.
 //!
 //! - `wg-agent device <IFNAME>`: a plain WireGuard interface for the `wg` tool.
+//! - `wg-agent <IFNAME>`: the same, invoked as wireguard-go is (by `wg-quick`
+//!   with `WG_QUICK_USERSPACE_IMPLEMENTATION=wg-agent`): in the background,
+//!   returning once the interface and its socket are up.
 //! - `wg-agent run --config FILE`: the managed node agent.
 
 #![deny(rust_2018_idioms)]
@@ -20,7 +23,12 @@ use meshguard_wg_agent::managed;
 use meshguard_wg_agent::uapi::server::{Access, DEFAULT_SOCKET_DIR, UapiServer};
 
 #[derive(Parser)]
-#[command(name = "wg-agent", version, about = "meshguard node agent: userspace WireGuard and node-to-node encryption")]
+#[command(
+    name = "wg-agent",
+    version,
+    about = "meshguard node agent: userspace WireGuard and node-to-node encryption",
+    allow_external_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,6 +48,10 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET_DIR)]
         socket_dir: PathBuf,
     },
+    /// `wg-agent IFNAME`, as wireguard-go is run (wg-quick): the device in
+    /// the background (`WG_PROCESS_FOREGROUND=1`: in the foreground).
+    #[command(external_subcommand)]
+    Userspace(Vec<String>),
     /// Run the managed node agent.
     Run {
         #[arg(long)]
@@ -70,6 +82,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Device { ifname, mtu, socket_dir } => run_device(&ifname, mtu, &socket_dir),
+        Command::Userspace(args) => {
+            let [ifname] = args.as_slice() else {
+                anyhow::bail!("usage: wg-agent IFNAME (as wireguard-go), or wg-agent device IFNAME; see wg-agent --help")
+            };
+            let socket_dir = PathBuf::from(DEFAULT_SOCKET_DIR);
+            if std::env::var_os("WG_PROCESS_FOREGROUND").is_some_and(|v| v == "1") {
+                run_device(ifname, managed::config::DEFAULT_MTU, &socket_dir)
+            } else {
+                background_device(ifname, &socket_dir)
+            }
+        }
         Command::Run { config } => {
             let cfg = managed::config::load(&config)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -104,6 +127,39 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// wireguard-go's contract with wg-quick: start the device, return 0 once
+/// it can be configured (its socket answers), leave it running.
+fn background_device(ifname: &str, socket_dir: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !ifname.is_empty() && ifname.len() <= 15 && !ifname.contains(['/', ' ']),
+        "{ifname:?} is not an interface name (1-15 bytes, no '/' or space)"
+    );
+    let socket = socket_dir.join(format!("{ifname}.sock"));
+    let mut child = std::process::Command::new(std::env::current_exe().context("cannot find this executable")?)
+        .args(["device", ifname])
+        .arg("--socket-dir")
+        .arg(socket_dir)
+        // Like wireguard-go's daemon: detached from the caller's stdio (a
+        // caller reading our output to its end must not wait for the device).
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start the device")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the device for {ifname} exited before it was ready ({status})");
+        }
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    anyhow::bail!("the device for {ifname} was not ready within 10 s")
 }
 
 fn run_device(ifname: &str, mtu: u16, socket_dir: &std::path::Path) -> anyhow::Result<()> {
