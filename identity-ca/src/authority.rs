@@ -78,7 +78,10 @@ pub struct Authority {
     pub not_before: i64,
     pub not_after: i64,
     issuer: Issuer<'static, KeyPair>,
+    /// The JWT bundle's public key (`jwks`).
     jwt_signer: EcdsaKeyPair,
+    /// Signs JWT-SVIDs (jsonwebtoken, ES256), from the same key.
+    jwt_key: jsonwebtoken::EncodingKey,
 }
 
 /// What is stored per authority. The key is PKCS#8 DER in base64.
@@ -366,14 +369,12 @@ impl Ca {
         let active = self.active()?;
         let now = now_unix();
         let exp = (now + ttl.as_secs() as i64).min(active.not_after);
-        let header = serde_json::json!({"alg": "ES256", "kid": active.id, "typ": "JWT"});
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(active.id.clone());
         let claims = serde_json::json!({"sub": id.as_str(), "aud": audience, "exp": exp, "iat": now});
-        let signing_input = format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(claims.to_string()));
-        let sig = active
-            .jwt_signer
-            .sign(&ring::rand::SystemRandom::new(), signing_input.as_bytes())
-            .map_err(|_| CaError::BadAuthority { id: active.id.clone(), reason: "jwt signing failed".into() })?;
-        Ok((format!("{signing_input}.{}", B64URL.encode(sig.as_ref())), exp))
+        let token = jsonwebtoken::encode(&header, &claims, &active.jwt_key)
+            .map_err(|e| CaError::BadAuthority { id: active.id.clone(), reason: format!("jwt signing failed: {e}") })?;
+        Ok((token, exp))
     }
 
     /// Every SVID on record, by serial; expired ones only with `include_expired`.
@@ -446,6 +447,7 @@ impl Authority {
             let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| bad(e.to_string()))?;
             let jwt_signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &ring::rand::SystemRandom::new())
                 .map_err(|e| bad(e.to_string()))?;
+            let jwt_key = jsonwebtoken::EncodingKey::from_ec_der(&pkcs8);
             Ok(Self {
                 id: rec.id.clone(),
                 state: rec.state,
@@ -454,6 +456,7 @@ impl Authority {
                 not_after: rec.not_after,
                 issuer,
                 jwt_signer,
+                jwt_key,
             })
         })();
         pkcs8.zeroize();

@@ -179,13 +179,23 @@ fn python_with_spiffe() -> String {
 /// the leaf's), the bundle, and a JWT-SVID; one JSON line.
 const PY_CLIENT: &str = r#"
 import json, sys
-from spiffe import WorkloadApiClient
+from spiffe import JwtSvid, TrustDomain, WorkloadApiClient
 with WorkloadApiClient(socket_path=sys.argv[1], default_timeout=10) as c:
     svid = c.fetch_x509_svid()
     key_matches = svid.private_key.public_key().public_numbers() == svid.leaf.public_key().public_numbers()
     bundles = c.fetch_x509_bundles()
     jwt = c.fetch_jwt_svid(audience={sys.argv[2]})
+    # Verified by the client library (PyJWT) against the JWT bundle it fetched.
+    jwt_bundle = c.fetch_jwt_bundles().get_bundle_for_trust_domain(TrustDomain("cluster.local"))
+    verified = JwtSvid.parse_and_validate(jwt.token, jwt_bundle, {sys.argv[2]})
+    try:
+        JwtSvid.parse_and_validate(jwt.token, jwt_bundle, {"spiffe://cluster.local/ns/shop/sa/other"})
+        other_audience_refused = False
+    except Exception:
+        other_audience_refused = True
     print(json.dumps({
+        "jwt_verified_id": str(verified.spiffe_id),
+        "other_audience_refused": other_audience_refused,
         "id": str(svid.spiffe_id),
         "key_matches": key_matches,
         "bundle_authorities": sum(len(b.x509_authorities) for b in bundles.bundles),
@@ -197,8 +207,9 @@ with WorkloadApiClient(socket_path=sys.argv[1], default_timeout=10) as c:
 /// Issue 18: SPIFFE clients on gRPC C-core (Python, C++, Ruby, PHP), as
 /// grpc-java and grpc-swift, send the socket path as `:authority`; tonic's
 /// HTTP/2 layer refused them before any handler ran. The unchanged Python
-/// client from PyPI now gets its own pod's SVID, bundle and JWT-SVID — and
-/// nothing another pod or the node could.
+/// client from PyPI now gets its own pod's SVID, bundle and JWT-SVID (which
+/// it verifies itself against the JWT bundle) — and nothing another pod or
+/// the node could.
 #[test]
 fn root_the_python_spiffe_client_gets_its_own_pods_identity() {
     let python = python_with_spiffe();
@@ -222,6 +233,8 @@ fn root_the_python_spiffe_client_gets_its_own_pods_identity() {
         assert_eq!(got["bundle_authorities"], id.ca_bundle().unwrap().len(), "{pod}'s bundle");
         assert_eq!(got["jwt_id"], want.as_str(), "{pod}'s JWT-SVID");
         assert_eq!(got["jwt_audience"], serde_json::json!(["spiffe://cluster.local/ns/shop/sa/db"]));
+        assert_eq!(got["jwt_verified_id"], want.as_str(), "{pod}'s JWT-SVID verified by the Python library");
+        assert_eq!(got["other_audience_refused"], true);
     }
     // A process in node-1's own namespace is no pod: refused, as for the Rust client.
     let node1 = c.node("node-1").netns.clone();
