@@ -58,13 +58,18 @@ impl Agent {
         // Node SVID renewal at half-life.
         let c = ca.clone();
         tasks.spawn(async move {
+            let mut backoff = meshguard_common::retry::Backoff::default();
             loop {
                 sleep_until_unix(c.node_renew_at()).await;
                 match c.renew_node_svid().await {
-                    Ok(()) => tracing::info!(node = %c.node, "node SVID renewed"),
+                    Ok(()) => {
+                        backoff.reset();
+                        tracing::info!(node = %c.node, "node SVID renewed");
+                    }
                     Err(error) => {
-                        tracing::warn!(%error, "cannot renew the node SVID; retrying");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        let wait = backoff.next_delay();
+                        tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "cannot renew the node SVID; retrying");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }

@@ -14,8 +14,6 @@ use crate::ca_client::{CaBundle, CaClient, Svid, now_unix};
 
 /// Most SVIDs asked for in one call (the CA's limit).
 pub const BATCH: usize = 1000;
-/// Pause after a failed CA call before trying again.
-pub const RETRY: Duration = Duration::from_secs(1);
 
 /// What the Workload API serves from.
 #[derive(Clone, Default)]
@@ -48,6 +46,8 @@ pub async fn run(
     tx: watch::Sender<Arc<SvidState>>,
 ) {
     let mut next_bundle = tokio::time::Instant::now();
+    // After a failed CA call: jittered, growing pauses (meshguard_common::retry).
+    let mut backoff = meshguard_common::retry::Backoff::default();
     loop {
         if tx.is_closed() {
             return;
@@ -100,7 +100,9 @@ pub async fn run(
             wait = wait.min(Duration::from_secs((at - now_unix()).max(0) as u64));
         }
         if failed {
-            wait = wait.min(RETRY);
+            wait = wait.min(backoff.next_delay());
+        } else {
+            backoff.reset();
         }
         tokio::select! {
             r = view_rx.changed() => if r.is_err() { return },

@@ -14,6 +14,7 @@ pub mod flow;
 pub mod key;
 pub mod logging;
 pub mod policy;
+pub mod retry;
 pub mod spiffe;
 
 #[cfg(feature = "registry")]

@@ -27,8 +27,6 @@ pub const CA_SERVER_PATH: &str = "/meshguard/identity-ca";
 /// The largest message either side accepts: CSRs and SVIDs are a few KiB,
 /// a snapshot of 100,000 workloads is ~20 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// Delay before re-opening a failed watch stream.
-pub const WATCH_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -117,6 +115,8 @@ impl ClusterSource for RegistrySource {
 /// Follows the watch stream for as long as anyone listens, re-opening it
 /// (and so starting again from a snapshot) whenever it breaks.
 async fn follow(mut client: proto::node_api_client::NodeApiClient<Channel>, tx: watch::Sender<Arc<ClusterView>>) {
+    // Jittered: after a CA restart the nodes do not all re-open at once.
+    let mut backoff = crate::retry::Backoff::default();
     while !tx.is_closed() {
         match client.watch_cluster(proto::WatchClusterRequest {}).await {
             Ok(resp) => {
@@ -152,10 +152,12 @@ async fn follow(mut client: proto::node_api_client::NodeApiClient<Channel>, tx: 
                         }
                     });
                     view = Some(Arc::unwrap_or_clone(snapshot));
+                    // The stream works: a break later starts from the shortest delay.
+                    backoff.reset();
                 }
             }
             Err(status) => tracing::warn!(error = %status.message(), "cannot open the registry watch stream; retrying"),
         }
-        tokio::time::sleep(WATCH_RETRY).await;
+        backoff.wait().await;
     }
 }

@@ -50,8 +50,6 @@ const ENDPOINT_POLL: Duration = Duration::from_millis(200);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// How fresh the datapath counters in `/metrics` are.
 const COUNTER_INTERVAL: Duration = Duration::from_secs(1);
-/// Back-off between attempts to publish the node record.
-const PUBLISH_RETRY: Duration = Duration::from_secs(1);
 
 struct Agent {
     cfg: AgentConfig,
@@ -259,12 +257,14 @@ impl Agent {
         let record = self.record();
         let source = &self.source;
         let publishing = async {
+            let mut backoff = meshguard_common::retry::Backoff::default();
             loop {
                 match source.publish_node(&record).await {
                     Ok(()) => return,
                     Err(error) => {
-                        tracing::warn!(%error, "cannot publish node record; retrying");
-                        tokio::time::sleep(PUBLISH_RETRY).await;
+                        let wait = backoff.next_delay();
+                        tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "cannot publish node record; retrying");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }
