@@ -511,8 +511,8 @@ impl Authority {
 mod tests {
     use super::*;
 
-    #[test]
-    fn serial_records_list_and_prune_by_expiry() {
+    /// A CA of trust domain `td` on a fresh store (kept while the dir lives).
+    fn test_ca() -> (tempfile::TempDir, TrustDomain, Ca) {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("td").unwrap();
         let store = Store::open(dir.path(), "db", "td").unwrap();
@@ -523,6 +523,12 @@ mod tests {
             jwt_svid: Duration::from_secs(60),
         };
         let ca = Ca::open(td.clone(), store, lifetimes).unwrap();
+        (dir, td, ca)
+    }
+
+    #[test]
+    fn serial_records_list_and_prune_by_expiry() {
+        let (_dir, td, ca) = test_ca();
         let id = td.workload_id("shop", "web").unwrap();
         let key = || CsrKey::parse(&crate::csr::generate().unwrap().1).unwrap();
         let live = ca.sign_x509(&[(id.clone(), key()), (id.clone(), key())], Duration::from_secs(3600), "node-1").unwrap();
@@ -542,16 +548,7 @@ mod tests {
     /// DEFAULT value DER never encodes. Now an empty SEQUENCE, critical.
     #[test]
     fn a_leaf_encodes_basic_constraints_as_der_requires() {
-        let dir = tempfile::tempdir().unwrap();
-        let td = TrustDomain::new("td").unwrap();
-        let store = Store::open(dir.path(), "db", "td").unwrap();
-        let lifetimes = Lifetimes {
-            svid: Duration::from_secs(3600),
-            node_svid: Duration::from_secs(3600),
-            ca: Duration::from_secs(86400),
-            jwt_svid: Duration::from_secs(60),
-        };
-        let ca = Ca::open(td.clone(), store, lifetimes).unwrap();
+        let (_dir, td, ca) = test_ca();
         let key = CsrKey::parse(&crate::csr::generate().unwrap().1).unwrap();
         let svid = ca.sign_x509(&[(td.workload_id("shop", "web").unwrap(), key)], Duration::from_secs(60), "node-1").unwrap();
         let der = svid[0].chain[0].as_ref();

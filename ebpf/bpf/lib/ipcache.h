@@ -37,19 +37,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mg_ipcache SEC(".maps");
 
+/* The full-length key of one address (also keys lib/origin.h's ranges). */
+static __always_inline void mg_ipcache_key_of(struct mg_ipcache_key *key, __u8 family, const __u8 *addr)
+{
+	key->family = family;
+	if (family == MG_FAMILY_IPV4) {
+		key->prefixlen = MG_IPCACHE_PREFIX_BASE + 32;
+		mg_addr_copy(key->addr, addr, 4);
+	} else {
+		key->prefixlen = MG_IPCACHE_PREFIX_BASE + 128;
+		mg_addr_copy(key->addr, addr, 16);
+	}
+}
+
 static __always_inline struct mg_ipcache_value mg_ipcache_lookup(__u8 family, const __u8 *addr)
 {
 	struct mg_ipcache_key key = {};
 	struct mg_ipcache_value *v, out = { .identity = MG_IDENTITY_WORLD, .node_id = 0 };
 
-	key.family = family;
-	if (family == MG_FAMILY_IPV4) {
-		key.prefixlen = MG_IPCACHE_PREFIX_BASE + 32;
-		mg_addr_copy(key.addr, addr, 4);
-	} else {
-		key.prefixlen = MG_IPCACHE_PREFIX_BASE + 128;
-		mg_addr_copy(key.addr, addr, 16);
-	}
+	mg_ipcache_key_of(&key, family, addr);
 	v = bpf_map_lookup_elem(&mg_ipcache, &key);
 	if (v)
 		out = *v;

@@ -51,14 +51,7 @@ static __always_inline int mg_in_pod_ranges(__u8 family, const __u8 *addr)
 {
 	struct mg_ipcache_key key = {};
 
-	key.family = family;
-	if (family == MG_FAMILY_IPV4) {
-		key.prefixlen = MG_IPCACHE_PREFIX_BASE + 32;
-		mg_addr_copy(key.addr, addr, 4);
-	} else {
-		key.prefixlen = MG_IPCACHE_PREFIX_BASE + 128;
-		mg_addr_copy(key.addr, addr, 16);
-	}
+	mg_ipcache_key_of(&key, family, addr);
 	return bpf_map_lookup_elem(&mg_pod_ranges, &key) != 0;
 }
 
