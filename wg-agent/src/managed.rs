@@ -62,6 +62,8 @@ struct Agent {
     applied: BTreeMap<PublicKey, NodeRecord>,
     key_mtime: Option<SystemTime>,
     enforcer: Option<crate::enforce::Enforcer>,
+    /// Whether a cluster view has been applied to the enforcer yet.
+    enforced_a_view: bool,
 }
 
 /// Runs the agent until SIGINT/SIGTERM, on the cluster source `cfg` names.
@@ -116,6 +118,7 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
         public_key,
         applied: BTreeMap::new(),
         enforcer: None,
+        enforced_a_view: false,
     };
     tracing::info!(
         node = %agent.cfg.node_name,
@@ -272,14 +275,21 @@ impl Agent {
         tokio::pin!(publishing);
         // The source may not answer for long (identity-ca down after a
         // reboot): pods appearing meanwhile are closed at once all the same.
-        let view = source.subscribe().borrow().clone();
+        // Before any view was applied, pods enforced by a previous run's
+        // pinned datapath are adopted as they are, never re-judged against
+        // an empty view (which would cut their flows).
         loop {
             tokio::select! {
                 () = &mut publishing => return,
                 () = endpoints.changed() => {
-                    if let Some(e) = self.enforcer.as_mut()
-                        && let Err(error) = e.sync_endpoints(&view)
-                    {
+                    let Some(e) = self.enforcer.as_mut() else { continue };
+                    let synced = if self.enforced_a_view {
+                        let view = source.subscribe().borrow().clone();
+                        e.sync_endpoints(&view)
+                    } else {
+                        e.close_all_but_adopted()
+                    };
+                    if let Err(error) = synced {
                         tracing::error!(%error, "cannot sync local endpoints");
                     }
                 }
@@ -353,6 +363,7 @@ impl Agent {
         if view_changed && let Err(error) = e.sync_view(view) {
             tracing::error!(%error, "cannot apply the view to the datapath");
         }
+        self.enforced_a_view = true;
         if let Err(error) = e.sync_endpoints(view) {
             tracing::error!(%error, "cannot sync local endpoints");
         }

@@ -50,6 +50,7 @@ fn ip(args: &[&str]) -> String {
 /// during's and after's results).
 fn with_agent<D: Send + 'static, T: Send + 'static>(
     name: &'static str,
+    pre_enforced: Option<u32>,
     during: impl FnOnce(&std::path::Path, &PinLayout) -> D + Send + 'static,
     after: impl FnOnce(&meshguard_wg_agent::managed::config::AgentConfig, u32) -> T + Send + 'static,
 ) -> (bool, bool, D, T) {
@@ -92,6 +93,14 @@ fn with_agent<D: Send + 'static, T: Send + 'static>(
         )
         .unwrap();
         let cfg = meshguard_wg_agent::managed::config::load(&config).unwrap();
+        if let Some(identity) = pre_enforced {
+            // A previous run enforced web with `identity` and left it pinned.
+            let mut dp =
+                meshguard_ebpf::Datapath::load_or_adopt(&meshguard_ebpf::DatapathConfig::new(PinLayout::new(&pin_root), 1)).unwrap();
+            let pod =
+                meshguard_ebpf::PodEndpoint { identity, mac: [2, 0, 0, 0, 0, 0x0a], ipv4: Some(Ipv4Addr::new(10, 244, 1, 10)), ipv6: None };
+            meshguard_ebpf::DatapathApi::attach(&mut dp, &meshguard_ebpf::Interface::Name("mgs-web".into()), &pod).unwrap();
+        }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let ifindex = meshguard_ebpf::sys::ifindex("mgs-web").unwrap();
         let agent_cfg = cfg.clone();
@@ -127,7 +136,7 @@ fn with_agent<D: Send + 'static, T: Send + 'static>(
 
 #[test]
 fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_in() {
-    let (programs, blackhole, (), ()) = with_agent("startup", |_, _| (), |_, _| ());
+    let (programs, blackhole, (), ()) = with_agent("startup", None, |_, _| (), |_, _| ());
     assert!(
         programs && blackhole,
         "30 s into start-up with the cluster source unreachable: the pod's interface has {} and the strict blackhole is {}",
@@ -140,6 +149,7 @@ fn root_before_the_cluster_source_answers_pods_are_closed_and_the_blackhole_is_i
 fn root_uninstall_removes_routes_pins_and_the_tunnel() {
     let (programs, blackhole, (), after) = with_agent(
         "uninstall",
+        None,
         |_, _| (),
         |cfg, ifindex| {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -171,6 +181,7 @@ fn root_uninstall_removes_routes_pins_and_the_tunnel() {
 fn root_a_new_pod_is_closed_as_its_endpoint_file_lands() {
     let (programs, _, took, ()) = with_agent(
         "sync-attach",
+        None,
         |endpoints, pin| {
             let mut took = Vec::new();
             for (i, name) in ["api", "db", "cache"].iter().enumerate() {
@@ -206,4 +217,36 @@ fn root_a_new_pod_is_closed_as_its_endpoint_file_lands() {
         eprintln!("pod interface #{ifindex} closed {t:?} after its endpoint file landed");
         assert!(*t < Duration::from_secs(1), "interface #{ifindex} had no programs {t:?} after its file landed");
     }
+}
+
+/// A pod a previous run enforced (pinned) keeps its identity while the
+/// restarted agent waits for an unreachable cluster source, through the
+/// endpoint backstop and other pods' arrivals: it is adopted, never judged
+/// against the empty view (which would hold it closed and cut its flows).
+#[test]
+fn root_an_adopted_pod_stays_enforced_while_the_source_is_unreachable() {
+    let (programs, _, (), identity) = with_agent(
+        "adopt",
+        Some(4242),
+        |endpoints, _| {
+            // Another pod arrives (an inotify wake-up), and the 5 s backstop passes.
+            ip(&["link", "add", "mgs-db", "type", "veth", "peer", "name", "mgs-db-pod"]);
+            let ep = LocalEndpoint {
+                namespace: "shop".into(),
+                name: "db".into(),
+                interface: "mgs-db".into(),
+                mac: "02:00:00:00:00:0b".into(),
+                ips: vec![Ipv4Addr::new(10, 244, 1, 11).into()],
+            };
+            std::fs::write(endpoints.join(ep.file_name()), serde_yaml::to_string(&ep).unwrap()).unwrap();
+            std::thread::sleep(Duration::from_secs(6));
+        },
+        |cfg, ifindex| {
+            let pin = PinLayout::new(&cfg.datapath.as_ref().unwrap().pin_dir);
+            let dp = meshguard_ebpf::Datapath::load_or_adopt(&meshguard_ebpf::DatapathConfig::new(pin, 1)).unwrap();
+            dp.endpoint(ifindex).unwrap().map(|e| e.identity)
+        },
+    );
+    assert!(programs, "the agent did not come up");
+    assert_eq!(identity, Some(4242), "the adopted pod lost its enforcement while the source was unreachable");
 }
