@@ -602,6 +602,7 @@ impl Datapath {
     /// Where the tunnel's link is pinned (not as `<ifindex>-...`:
     /// [`Datapath::attached`] lists pods only).
     fn tunnel_link(&self, ifindex: u32) -> std::path::PathBuf {
+        // Read back by parse_link_pin.
         self.pin.links().join(format!("tunnel-{ifindex}-{}", abi::PROG_TO_TUNNEL))
     }
 
@@ -616,12 +617,9 @@ impl Datapath {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                if name.ends_with("-new") {
-                    return None;
-                }
-                name.split_once('-')?.0.parse().ok()
+            .filter_map(|e| match parse_link_pin(&e.file_name().into_string().ok()?)? {
+                (false, ifindex, _) => Some(ifindex),
+                (true, ..) => None,
             })
             .collect();
         out.sort_unstable();
@@ -817,18 +815,27 @@ fn unpin_link(path: &Path, ifindex: u32, program: &str) -> Result<(), DatapathEr
 pub fn remove_instance(pin: &PinLayout) -> Result<(), DatapathError> {
     if let Ok(dir) = std::fs::read_dir(pin.links()) {
         for e in dir.flatten() {
-            let Ok(name) = e.file_name().into_string() else { continue };
-            if name.ends_with("-new") {
-                continue;
-            }
-            let rest = name.strip_prefix("tunnel-").unwrap_or(&name);
-            let Some((ifindex, program)) = rest.split_once('-') else { continue };
-            if let Ok(ifindex) = ifindex.parse::<u32>() {
+            if let Some((_, ifindex, program)) = e.file_name().to_str().and_then(parse_link_pin) {
                 unpin_link(&e.path(), ifindex, program)?;
             }
         }
     }
     Ok(pin.remove()?)
+}
+
+/// A link pin's file name: `<ifindex>-<program>` for a pod's interface,
+/// `tunnel-<ifindex>-<program>` for the tunnel's, as (tunnel, ifindex,
+/// program). None for anything else, such as a `-new` pin being replaced.
+fn parse_link_pin(name: &str) -> Option<(bool, u32, &str)> {
+    if name.ends_with("-new") {
+        return None;
+    }
+    let (tunnel, rest) = match name.strip_prefix("tunnel-") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let (ifindex, program) = rest.split_once('-')?;
+    Some((tunnel, ifindex.parse().ok()?, program))
 }
 
 /// (family, 16 address bytes) as the maps store addresses.
@@ -1033,12 +1040,8 @@ impl DatapathApi for Datapath {
         // A tunnel device of an earlier run, gone or replaced.
         if let Ok(dir) = std::fs::read_dir(self.pin.links()) {
             for e in dir.flatten().filter(|e| e.path() != path) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some((old, _)) = name.strip_prefix("tunnel-").and_then(|r| r.split_once('-'))
-                    && let Ok(old) = old.parse::<u32>()
-                    && !name.ends_with("-new")
-                {
-                    unpin_link(&e.path(), old, abi::PROG_TO_TUNNEL)?;
+                if let Some((true, old, program)) = e.file_name().to_str().and_then(parse_link_pin) {
+                    unpin_link(&e.path(), old, program)?;
                 }
             }
         }
@@ -1065,4 +1068,18 @@ impl DatapathApi for Datapath {
 /// Whether `path` looks like an instance pin root (for tools).
 pub fn is_instance(path: &Path) -> bool {
     PinLayout::new(path).exists()
+}
+
+#[cfg(test)]
+mod link_pin_tests {
+    #[test]
+    fn link_pin_names_parse() {
+        use super::parse_link_pin as p;
+        assert_eq!(p("12-mg_from_pod"), Some((false, 12, "mg_from_pod")));
+        assert_eq!(p("tunnel-7-mg_to_tunnel"), Some((true, 7, "mg_to_tunnel")));
+        assert_eq!(p("12-mg_from_pod-new"), None);
+        assert_eq!(p("tunnel-7-mg_to_tunnel-new"), None);
+        assert_eq!(p("tunnel-x-mg_to_tunnel"), None);
+        assert_eq!(p("junk"), None);
+    }
 }

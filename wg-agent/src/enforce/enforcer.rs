@@ -319,8 +319,9 @@ impl<D: DatapathApi> Enforcer<D> {
                 };
                 let why = format!("{error}; {down}");
                 tracing::error!(%tunnel, %why, "cannot guard the tunnel");
-                *self.state.lock().refusals.entry("tunnel_unguarded").or_default() += 1;
-                self.state.lock().tunnel_unguarded = Some(why);
+                let mut st = self.state.lock();
+                *st.refusals.entry("tunnel_unguarded").or_default() += 1;
+                st.tunnel_unguarded = Some(why);
                 Err(error.into())
             }
         }
