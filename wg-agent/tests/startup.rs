@@ -41,6 +41,23 @@ fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Pod shop/<name> on host interface `mgs-<name>`, at 10.244.1.<ip>, its
+/// MAC ending in the same byte.
+fn endpoint(name: &str, ip: u8) -> LocalEndpoint {
+    LocalEndpoint {
+        namespace: "shop".into(),
+        name: name.into(),
+        interface: format!("mgs-{name}"),
+        mac: format!("02:00:00:00:00:{ip:02x}"),
+        ips: vec![Ipv4Addr::new(10, 244, 1, ip).into()],
+    }
+}
+
+/// Writes `ep`'s file into the endpoints directory, as the CNI plugin would.
+fn write_endpoint(dir: &std::path::Path, ep: &LocalEndpoint) {
+    std::fs::write(dir.join(ep.file_name()), serde_yaml::to_string(ep).unwrap()).unwrap();
+}
+
 /// In a fresh network namespace (on a thread of its own): a pod veth and
 /// its endpoint file, the agent started on an unreachable cluster source;
 /// waits up to 30 s (loading the datapath is slow on a busy machine) for the
@@ -70,14 +87,7 @@ fn with_agent<D: Send + 'static, T: Send + 'static>(
         ip(&["link", "set", "mgs-web", "up"]);
         let endpoints = base.join("endpoints");
         std::fs::create_dir_all(&endpoints).unwrap();
-        let ep = LocalEndpoint {
-            namespace: "shop".into(),
-            name: "web".into(),
-            interface: "mgs-web".into(),
-            mac: "02:00:00:00:00:0a".into(),
-            ips: vec![Ipv4Addr::new(10, 244, 1, 10).into()],
-        };
-        std::fs::write(endpoints.join(ep.file_name()), serde_yaml::to_string(&ep).unwrap()).unwrap();
+        write_endpoint(&endpoints, &endpoint("web", 10));
         let endpoints_dir = endpoints.clone();
         let config = base.join("agent.yaml");
         std::fs::write(
@@ -189,13 +199,7 @@ fn root_a_new_pod_is_closed_as_its_endpoint_file_lands() {
                 ip(&["link", "add", &host, "type", "veth", "peer", "name", &format!("{host}-pod")]);
                 ip(&["link", "set", &host, "up"]);
                 let ifindex = meshguard_ebpf::sys::ifindex(&host).unwrap();
-                let ep = LocalEndpoint {
-                    namespace: "shop".into(),
-                    name: (*name).into(),
-                    interface: host.clone(),
-                    mac: format!("02:00:00:00:01:{i:02x}"),
-                    ips: vec![Ipv4Addr::new(10, 244, 1, 20 + i as u8).into()],
-                };
+                let ep = endpoint(name, 20 + i as u8);
                 // As the CNI plugin does: written aside, renamed into place.
                 let tmp = endpoints.join(format!(".{}.tmp", ep.file_name()));
                 std::fs::write(&tmp, serde_yaml::to_string(&ep).unwrap()).unwrap();
@@ -231,14 +235,7 @@ fn root_an_adopted_pod_stays_enforced_while_the_source_is_unreachable() {
         |endpoints, _| {
             // Another pod arrives (an inotify wake-up), and the 5 s backstop passes.
             ip(&["link", "add", "mgs-db", "type", "veth", "peer", "name", "mgs-db-pod"]);
-            let ep = LocalEndpoint {
-                namespace: "shop".into(),
-                name: "db".into(),
-                interface: "mgs-db".into(),
-                mac: "02:00:00:00:00:0b".into(),
-                ips: vec![Ipv4Addr::new(10, 244, 1, 11).into()],
-            };
-            std::fs::write(endpoints.join(ep.file_name()), serde_yaml::to_string(&ep).unwrap()).unwrap();
+            write_endpoint(endpoints, &endpoint("db", 11));
             std::thread::sleep(Duration::from_secs(6));
         },
         |cfg, ifindex| {
