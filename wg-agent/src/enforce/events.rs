@@ -77,8 +77,6 @@ mod tests {
     use std::io::Write;
     use std::sync::Arc;
 
-    use meshguard_ebpf::abi::DropReason;
-
     use super::*;
 
     #[derive(Clone, Default)]
@@ -95,22 +93,7 @@ mod tests {
     }
 
     fn drop_event(protocol: u8) -> Event {
-        Event {
-            kind: EventKind::Drop(DropReason::PolicyDefault),
-            direction: Direction::Ingress,
-            ifindex: 7,
-            subject: 300,
-            peer: 301,
-            peer_node: 2,
-            cookie: 0,
-            protocol,
-            src: Some("10.244.2.10".parse().unwrap()),
-            dst: Some("10.244.1.10".parse().unwrap()),
-            sport: 40000,
-            dport: 7000,
-            timestamp_boot_ns: 0,
-            frame: Vec::new(),
-        }
+        Event { protocol, ..crate::managed::observe::tests::drop_event() }
     }
 
     /// JSON lines carry the 5-tuple as fields of their own (issue 18).
@@ -129,9 +112,9 @@ mod tests {
         assert_eq!(lines.len(), 2, "{text}");
         let f = &lines[0]["fields"];
         assert_eq!(f["protocol"], "TCP");
-        assert_eq!(f["src_addr"], "10.244.2.10");
+        assert_eq!(f["src_addr"], "10.244.1.10");
         assert_eq!(f["src_port"], 40000);
-        assert_eq!(f["dst_addr"], "10.244.1.10");
+        assert_eq!(f["dst_addr"], "10.244.2.10");
         assert_eq!(f["dst_port"], 7000);
         assert_eq!(f["event"], "DROP_POLICY_DEFAULT");
         // ICMP has no ports: none are logged.

@@ -133,11 +133,13 @@ fn now_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::AsyncBufReadExt;
 
-    fn drop_event() -> Event {
+    /// A policy drop of TCP 10.244.1.10:40000 -> 10.244.2.10:7000 (also
+    /// the log tests' fixture, enforce::events).
+    pub(crate) fn drop_event() -> Event {
         Event {
             kind: EventKind::Drop(meshguard_ebpf::abi::DropReason::PolicyDefault),
             direction: Direction::Ingress,
