@@ -5,8 +5,8 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use meshguard_ca_client::registry::RegistrySource;
 use meshguard_common::cluster::ClusterSource;
-use meshguard_common::registry::RegistrySource;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt as _;

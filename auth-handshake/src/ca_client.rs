@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use meshguard_ca_client::registry::{self, CA_SERVER_PATH, proto};
+use meshguard_ca_client::svid::node_file::{self, NodeCredential, NodeFileError};
+use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
 use meshguard_common::cluster::BoxFuture;
-use meshguard_common::registry::{self, CA_SERVER_PATH, proto};
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
-use meshguard_common::svid::node_file::{self, NodeCredential, NodeFileError};
-use meshguard_common::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
 use rustls::pki_types::CertificateDer;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;

@@ -11,10 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshguard_ca_client::svid::{BundleCell, CredentialCell, X509Bundle};
 use meshguard_common::cluster::ClusterView;
 use meshguard_common::policy::auth_pairs::needed_pairs;
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
-use meshguard_common::svid::{BundleCell, CredentialCell, X509Bundle};
 use meshguard_ebpf::policy::Direction;
 use meshguard_ebpf::replay::Replayer;
 use meshguard_ebpf::{AuthPair, DatapathError, PinLayout};

@@ -19,8 +19,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshguard_ca_client::svid::{BundleCell, CredentialCell};
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
-use meshguard_common::svid::{BundleCell, CredentialCell};
 use parking_lot::Mutex;
 use rustls::pki_types::UnixTime;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

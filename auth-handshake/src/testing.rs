@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use meshguard_ca_client::svid::{BundleCell, CredentialCell, X509Bundle};
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
-use meshguard_common::svid::{BundleCell, CredentialCell, X509Bundle};
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
@@ -63,7 +63,7 @@ impl TestCa {
         p.not_before = ts(not_before);
         p.not_after = ts(not_after);
         p.is_ca = IsCa::NoCa;
-        let (oid, der) = meshguard_common::svid::LEAF_BASIC_CONSTRAINTS;
+        let (oid, der) = meshguard_ca_client::svid::LEAF_BASIC_CONSTRAINTS;
         let mut bc = rcgen::CustomExtension::from_oid_content(oid, der.to_vec());
         bc.set_criticality(true);
         p.custom_extensions = vec![bc];

@@ -9,11 +9,11 @@ use meshguard_auth_handshake::agent::Agent;
 use meshguard_auth_handshake::ca_client::NODE_STATE_FILE;
 use meshguard_auth_handshake::caller::StaticResolver;
 use meshguard_auth_handshake::config::{Config, DEFAULT_POD_NETNS_PATH};
+use meshguard_ca_client::registry::{self, RegistrySource};
+use meshguard_ca_client::svid::node_tls::NodeTls;
 use meshguard_common::cluster::{ClusterSource as _, NodeRecord, Workload};
 use meshguard_common::key::PublicKey;
-use meshguard_common::registry::{self, RegistrySource};
 use meshguard_common::spiffe::TrustDomain;
-use meshguard_common::svid::node_tls::NodeTls;
 use meshguard_identity_ca::server::CaServer;
 
 fn pem(der: &[u8]) -> String {

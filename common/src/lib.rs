@@ -3,8 +3,8 @@
 //! Kept deliberately small: identities ([`spiffe`]), WireGuard key encoding
 //! ([`key`]), the cluster view every agent works from and the trait its
 //! sources implement ([`cluster`]), and the `MeshPolicy` resource ([`policy`]).
-//! With the `registry` feature: identity-ca's protobufs and the registry client
-//! ([`registry`]), and X.509-SVID verification for TLS ([`svid`]).
+//! The client side of identity-ca (its protobufs, the registry source, SVID
+//! verification and node TLS) lives in `meshguard-ca-client`.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -16,8 +16,3 @@ pub mod logging;
 pub mod policy;
 pub mod retry;
 pub mod spiffe;
-
-#[cfg(feature = "registry")]
-pub mod registry;
-#[cfg(feature = "registry")]
-pub mod svid;

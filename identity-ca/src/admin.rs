@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use meshguard_ca_client::registry::convert;
+use meshguard_ca_client::registry::proto::{self, admin_api_client::AdminApiClient, admin_api_server::AdminApi};
 use meshguard_common::policy::MeshPolicy;
-use meshguard_common::registry::convert;
-use meshguard_common::registry::proto::{self, admin_api_client::AdminApiClient, admin_api_server::AdminApi};
 use meshguard_common::spiffe::validate_segment;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -50,8 +50,8 @@ pub async fn connect(path: &Path) -> Result<AdminApiClient<Channel>, tonic::tran
         }))
         .await?;
     Ok(AdminApiClient::new(channel)
-        .max_decoding_message_size(meshguard_common::registry::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(meshguard_common::registry::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(meshguard_ca_client::registry::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(meshguard_ca_client::registry::MAX_MESSAGE_BYTES))
 }
 
 fn ca_status(e: CaError) -> Status {

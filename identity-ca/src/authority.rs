@@ -495,7 +495,7 @@ impl Authority {
         p.not_after = to_time(expires_at);
         p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(sign)?)];
         p.is_ca = IsCa::NoCa;
-        let (oid, der) = meshguard_common::svid::LEAF_BASIC_CONSTRAINTS;
+        let (oid, der) = meshguard_ca_client::svid::LEAF_BASIC_CONSTRAINTS;
         let mut bc = rcgen::CustomExtension::from_oid_content(oid, der.to_vec());
         bc.set_criticality(true);
         p.custom_extensions = vec![bc];
@@ -556,6 +556,6 @@ mod tests {
         let bc = cert.extensions().iter().find(|e| e.oid.to_id_string() == "2.5.29.19").expect("basicConstraints");
         assert!(bc.critical);
         assert_eq!(bc.value, &[0x30, 0x00], "cA FALSE must be left out, not encoded");
-        assert!(meshguard_common::svid::check_leaf(der).is_ok());
+        assert!(meshguard_ca_client::svid::check_leaf(der).is_ok());
     }
 }

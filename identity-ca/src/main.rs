@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use meshguard_common::registry::proto;
+use meshguard_ca_client::registry::proto;
 use meshguard_identity_ca::{admin, config, server::CaServer};
 
 #[derive(Parser)]

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshguard_common::registry::convert;
-use meshguard_common::registry::proto::{self, node_api_server::NodeApi};
+use meshguard_ca_client::registry::convert;
+use meshguard_ca_client::registry::proto::{self, node_api_server::NodeApi};
+use meshguard_ca_client::svid;
 use meshguard_common::spiffe::SpiffeId;
-use meshguard_common::svid;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 

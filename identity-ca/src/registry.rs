@@ -15,11 +15,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use meshguard_ca_client::registry::convert;
+use meshguard_ca_client::registry::proto::{self, cluster_event::Event};
 use meshguard_common::cluster::alloc::{self, AllocError, Allocations, Delta};
 use meshguard_common::cluster::{ClusterView, NodeRecord, Workload};
 use meshguard_common::policy::MeshPolicy;
-use meshguard_common::registry::convert;
-use meshguard_common::registry::proto::{self, cluster_event::Event};
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::broadcast;
 

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use meshguard_common::registry::proto::{admin_api_server::AdminApiServer, node_api_server::NodeApiServer};
-use meshguard_common::registry::{CA_SERVER_PATH, MAX_MESSAGE_BYTES};
+use meshguard_ca_client::registry::proto::{admin_api_server::AdminApiServer, node_api_server::NodeApiServer};
+use meshguard_ca_client::registry::{CA_SERVER_PATH, MAX_MESSAGE_BYTES};
+use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
 use meshguard_common::spiffe::SpiffeId;
-use meshguard_common::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshguard_ca_client::registry::{self, CA_SERVER_PATH, proto};
+use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, SvidError, X509Bundle};
 use meshguard_common::cluster::Workload;
-use meshguard_common::registry::{self, CA_SERVER_PATH, proto};
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
-use meshguard_common::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, SvidError, X509Bundle};
 use meshguard_identity_ca::config::Config;
 use meshguard_identity_ca::server::CaServer;
 use rustls::pki_types::{CertificateDer, UnixTime};

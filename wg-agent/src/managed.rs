@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use meshguard_ca_client::registry::{self, RegistrySource};
+use meshguard_ca_client::svid::node_tls::NodeTls;
 use meshguard_common::cluster::file::FileSource;
 use meshguard_common::cluster::{ClusterSource, ClusterView, NodeRecord};
 use meshguard_common::key::PublicKey;
-use meshguard_common::registry::{self, RegistrySource};
-use meshguard_common::svid::node_tls::NodeTls;
 
 use crate::device::{Device, DeviceUpdate};
 use crate::io::tun::LinuxTun;
@@ -219,7 +219,7 @@ fn registry_source(
     td: &meshguard_common::spiffe::TrustDomain,
     bundle_refresh: Duration,
 ) -> anyhow::Result<(Box<dyn ClusterSource>, Arc<NodeTls>)> {
-    let tls = Arc::new(NodeTls::follow(credentials, bundle, td, meshguard_common::svid::node_tls::DEFAULT_POLL_INTERVAL)?);
+    let tls = Arc::new(NodeTls::follow(credentials, bundle, td, meshguard_ca_client::svid::node_tls::DEFAULT_POLL_INTERVAL)?);
     anyhow::ensure!(
         tls.node_name() == node,
         "the node credential in {} is for node {:?}, but this agent is nodeName {node:?}",

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use meshguard_ca_client::svid::{SvidError, X509Bundle, check_leaf};
 use meshguard_common::spiffe::SpiffeId;
-use meshguard_common::svid::{SvidError, X509Bundle, check_leaf};
 use rustls::SignatureScheme;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::sign::SigningKey;
@@ -89,7 +89,7 @@ impl WorkloadKey {
     pub fn new(id: SpiffeId, chain: Vec<Vec<u8>>, key_pkcs8: &[u8]) -> Result<Self, ProofError> {
         let bad = |reason: String| ProofError::Key { id: id.to_string(), reason };
         let key = PrivateKeyDer::Pkcs8(key_pkcs8.to_vec().into());
-        let signer = meshguard_common::svid::provider().key_provider.load_private_key(key).map_err(|e| bad(e.to_string()))?;
+        let signer = meshguard_ca_client::svid::provider().key_provider.load_private_key(key).map_err(|e| bad(e.to_string()))?;
         if signer.choose_scheme(SCHEMES).is_none() {
             return Err(bad(format!("key algorithm {:?} is not one of {SCHEMES:?}", signer.algorithm())));
         }

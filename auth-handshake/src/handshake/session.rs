@@ -8,8 +8,8 @@ use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use meshguard_ca_client::svid::check_leaf;
 use meshguard_common::spiffe::SpiffeId;
-use meshguard_common::svid::check_leaf;
 use rustls::pki_types::{ServerName, UnixTime};
 
 use super::frame::{Frame, FrameError, HEADER, MAX_FRAME};

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
+use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier};
 use meshguard_common::spiffe::SpiffeId;
-use meshguard_common::svid::{self, BundleCell, CredentialCell, SpiffeVerifier};
 
 /// The protocol name negotiated by ALPN; a peer that does not offer it is refused.
 pub const ALPN: &[u8] = b"meshguard-auth/1";

@@ -9,8 +9,8 @@ use std::io::Read as _;
 use std::path::Path;
 use std::process::ExitCode;
 
+use meshguard_ca_client::registry::proto;
 use meshguard_common::policy::MeshPolicy;
-use meshguard_common::registry::proto;
 
 use crate::cli::table::Table;
 use crate::cli::{CliError, Output, PolicyCmd, state};

@@ -8,11 +8,11 @@ use ipnet::IpNet;
 
 use super::RegistryError;
 use super::proto::{self, cluster_event::Event};
-use crate::cluster::alloc::{FIRST_IDENTITY, FIRST_NODE_ID};
-use crate::cluster::{ClusterView, NodeRecord, Workload};
-use crate::key::PublicKey;
-use crate::policy::MeshPolicy;
-use crate::spiffe::{SpiffeId, TrustDomain, validate_segment};
+use meshguard_common::cluster::alloc::{FIRST_IDENTITY, FIRST_NODE_ID};
+use meshguard_common::cluster::{ClusterView, NodeRecord, Workload};
+use meshguard_common::key::PublicKey;
+use meshguard_common::policy::MeshPolicy;
+use meshguard_common::spiffe::{SpiffeId, TrustDomain, validate_segment};
 
 /// Numeric identities and node ids, as the view keeps them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

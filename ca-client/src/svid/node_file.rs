@@ -26,7 +26,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::spiffe::SpiffeId;
+use meshguard_common::spiffe::SpiffeId;
 
 /// The file's name in auth-handshake's state directory.
 pub const NODE_SVID_FILE: &str = "node-svid.json";

@@ -10,7 +10,7 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::cluster::{BoxFuture, ClusterSource, ClusterView, NodeRecord, SourceError};
+use meshguard_common::cluster::{BoxFuture, ClusterSource, ClusterView, NodeRecord, SourceError};
 
 pub mod convert;
 
@@ -116,7 +116,7 @@ impl ClusterSource for RegistrySource {
 /// (and so starting again from a snapshot) whenever it breaks.
 async fn follow(mut client: proto::node_api_client::NodeApiClient<Channel>, tx: watch::Sender<Arc<ClusterView>>) {
     // Jittered: after a CA restart the nodes do not all re-open at once.
-    let mut backoff = crate::retry::Backoff::default();
+    let mut backoff = meshguard_common::retry::Backoff::default();
     while !tx.is_closed() {
         match client.watch_cluster(proto::WatchClusterRequest {}).await {
             Ok(resp) => {

@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
+use meshguard_common::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 
 pub mod node_file;
 pub mod node_tls;
@@ -525,7 +525,7 @@ mod memo_tests {
 
     use super::testing::test_ca;
     use super::{SvidError, X509Bundle};
-    use crate::spiffe::SpiffeId;
+    use meshguard_common::spiffe::SpiffeId;
 
     #[test]
     fn a_remembered_chain_still_expires_and_stays_bound_to_its_bundle() {

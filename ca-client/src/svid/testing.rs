@@ -5,7 +5,7 @@ use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
 use super::node_file::NodeCredential;
-use crate::spiffe::{SpiffeId, TrustDomain};
+use meshguard_common::spiffe::{SpiffeId, TrustDomain};
 
 pub struct TestCa {
     pub trust_domain: TrustDomain,

@@ -12,9 +12,9 @@
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use meshguard_common::cluster::ClusterSource as _;
-//! use meshguard_common::registry::{self, RegistrySource};
+//! use meshguard_ca_client::registry::{self, RegistrySource};
 //! use meshguard_common::spiffe::TrustDomain;
-//! use meshguard_common::svid::node_tls::{DEFAULT_POLL_INTERVAL, NodeTls};
+//! use meshguard_ca_client::svid::node_tls::{DEFAULT_POLL_INTERVAL, NodeTls};
 //!
 //! let td = TrustDomain::new("cluster.local")?;
 //! let tls = NodeTls::follow(
@@ -44,7 +44,7 @@ use tonic::transport::Channel;
 use super::node_file::{self, NodeCredential, NodeFileError};
 use super::{BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
 use crate::registry::{self, CA_SERVER_PATH, proto};
-use crate::spiffe::{SpiffeId, TrustDomain};
+use meshguard_common::spiffe::{SpiffeId, TrustDomain};
 
 /// How often the credential and bundle files are checked for a change: a
 /// `stat` each, and renewals happen at half-life (30 minutes by default),
