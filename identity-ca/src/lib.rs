@@ -6,6 +6,7 @@
 //! | [`config`] | the YAML config and its defaults |
 //! | [`store`] | the embedded database (redb) |
 //! | [`authority`] | CA keys, X.509-/JWT-SVID signing, bundle, rotation |
+//! | [`spiffe_bundle`] | the bundle in the SPIFFE bundle format, for federation |
 //! | [`csr`] | checking PKCS#10 requests |
 //! | [`attest`] | node attestation: join tokens, Kubernetes TokenReview |
 //! | [`registry`] | nodes, workloads, policies and their watch stream |
@@ -28,4 +29,5 @@ pub mod metrics;
 pub mod node_api;
 pub mod registry;
 pub mod server;
+pub mod spiffe_bundle;
 pub mod store;

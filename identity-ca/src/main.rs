@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use meshguard_ca_client::registry::proto;
-use meshguard_identity_ca::{admin, config, server::CaServer};
+use meshguard_identity_ca::{admin, config, server::CaServer, spiffe_bundle};
 
 #[derive(Parser)]
 #[command(name = "identity-ca", version, about = "meshguard's SPIFFE CA and standalone registry")]
@@ -125,7 +125,8 @@ enum CaCmd {
 #[derive(Subcommand)]
 enum BundleCmd {
     Show {
-        /// pem (X.509 authorities), jwks, or json (everything)
+        /// pem (X.509 authorities), jwks, json (everything), or spiffe (the
+        /// SPIFFE bundle format a SPIRE server or SPIFFE library imports)
         #[arg(long, default_value = "pem")]
         format: String,
     },
@@ -337,7 +338,11 @@ async fn main() -> Result<()> {
                         "jwtAuthorities": jwks,
                     }));
                 }
-                other => bail!("unknown bundle format {other:?}: use pem, jwks or json"),
+                "spiffe" => println!(
+                    "{}",
+                    spiffe_bundle::render(&b.x509_authorities, &b.jwt_authorities_jwks, b.sequence, spiffe_bundle::REFRESH_HINT)?
+                ),
+                other => bail!("unknown bundle format {other:?}: use pem, jwks, json or spiffe"),
             }
         }
         Cmd::Workload { cmd: WorkloadCmd::Put { name, namespace, service_account, node, ips, labels } } => {
