@@ -127,16 +127,19 @@ impl Agent {
         });
         tracing::info!(node = %config.node_name, socket = %socket.display(), "auth-handshake serving the Workload API");
 
+        let metrics = Metrics::new();
+        if let Some(addr) = config.metrics_address {
+            let registry = Arc::new(metrics.registry(state.clone(), ca.clone()));
+            let (svids, c) = (state.clone(), ca.clone());
+            let ready: meshguard_common::telemetry::Readiness =
+                Arc::new(move || crate::metrics::readiness(&svids.borrow(), &c, std::time::SystemTime::now()));
+            tasks.spawn(async move {
+                if let Err(error) = meshguard_common::telemetry::serve(addr, registry, ready).await {
+                    tracing::error!(%error, %addr, "metrics server stopped");
+                }
+            });
+        }
         if let Some(h) = &config.handshake {
-            let metrics = Metrics::new();
-            if let Some(addr) = h.metrics_address {
-                let m = metrics.clone();
-                tasks.spawn(async move {
-                    if let Err(error) = crate::metrics::serve(addr, m).await {
-                        tracing::error!(%error, %addr, "metrics server stopped");
-                    }
-                });
-            }
             let settings = Settings {
                 node: config.node_name.clone(),
                 trust_domain: config.trust_domain.clone(),

@@ -189,6 +189,10 @@ impl GrpcCa {
         registry::node_client(self.channel())
     }
 
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
     pub fn node_svid(&self) -> Option<Svid> {
         self.node_svid.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

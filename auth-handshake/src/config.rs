@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use meshguard_common::config::parse_duration;
 use meshguard_common::spiffe::{TrustDomain, validate_segment};
 use serde::Deserialize;
 
@@ -13,10 +14,8 @@ pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/meshguard/workload-api.sock"
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshguard/auth-handshake";
 /// Where the simulated cluster (and `ip netns`) keeps pod network namespaces.
 pub const DEFAULT_POD_NETNS_PATH: &str = "/run/netns/{namespace}_{name}";
-/// How often the trust bundle is re-read from the CA: a rotation's prepare
-/// step must reach every node before activation, so keep this well under
-/// the operator's wait between the two.
-pub const DEFAULT_BUNDLE_REFRESH: Duration = Duration::from_secs(10);
+/// How often the trust bundle is re-read from the CA (shared with wg-agent).
+pub const DEFAULT_BUNDLE_REFRESH: Duration = meshguard_ca_client::registry::DEFAULT_BUNDLE_REFRESH;
 
 /// The node-to-node handshake port, the same on every node (peers are
 /// dialled at their node record's endpoint address on this port).
@@ -36,7 +35,7 @@ pub enum ConfigError {
     #[error("config file is not valid YAML for auth-handshake: {source}")]
     Yaml {
         #[source]
-        source: serde_yaml::Error,
+        source: meshguard_common::yaml::YamlError,
     },
     #[error("config key {key} = {value:?} is invalid: {reason}")]
     Invalid { key: &'static str, value: String, reason: String },
@@ -81,7 +80,6 @@ pub struct HandshakeConfig {
     /// Where the port listens: every address of the node.
     pub listen: SocketAddr,
     pub pin_dir: PathBuf,
-    pub metrics_address: Option<SocketAddr>,
     pub prove_ahead: bool,
 }
 
@@ -96,13 +94,15 @@ pub struct Config {
     pub workload_api_socket: PathBuf,
     pub pod_netns_path: String,
     pub bundle_refresh: Duration,
+    /// `/metrics`, `/healthz`, `/readyz`; off when absent.
+    pub metrics_address: Option<SocketAddr>,
     /// `None`: the agent only keeps SVIDs and serves the Workload API.
     pub handshake: Option<HandshakeConfig>,
 }
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let mut file: ConfigFile = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml { source })?;
+    let mut file: ConfigFile = meshguard_common::yaml::from_str(&text).map_err(|source| ConfigError::Yaml { source })?;
     if let Some(p) = file.join_token_file.take() {
         let t = std::fs::read_to_string(&p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
         file.join_token = Some(t.trim().to_owned());
@@ -121,7 +121,7 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
     check_netns_template(&pod_netns_path).map_err(|reason| invalid("podNetnsPath", &pod_netns_path, reason))?;
     let bundle_refresh = match &f.bundle_refresh {
         None => DEFAULT_BUNDLE_REFRESH,
-        Some(s) => parse_secs(s).ok_or_else(|| invalid("bundleRefresh", s, "write e.g. 10s, 1m".into()))?,
+        Some(s) => parse_duration(s).map_err(|reason| invalid("bundleRefresh", s, reason))?,
     };
     let metrics_address = match &f.metrics_address {
         None => None,
@@ -132,7 +132,6 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         port,
         listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
         pin_dir: f.pin_dir.clone().unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&f.node_name)),
-        metrics_address,
         prove_ahead: f.prove_ahead.unwrap_or(true),
     });
     Ok(Config {
@@ -145,6 +144,7 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         workload_api_socket: f.workload_api_socket.unwrap_or_else(|| DEFAULT_WORKLOAD_API_SOCKET.into()),
         pod_netns_path,
         bundle_refresh,
+        metrics_address,
         handshake,
     })
 }
@@ -164,19 +164,6 @@ fn check_netns_template(t: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn parse_secs(s: &str) -> Option<Duration> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = n.parse().ok()?;
-    let mul = match unit {
-        "ms" => return Some(Duration::from_millis(n)),
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return None,
-    };
-    Some(Duration::from_secs(n * mul))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! `auth-handshake run --config FILE`.
+//! `auth-handshake run [--config FILE]` and `auth-handshake healthcheck`.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -17,16 +18,25 @@ struct Cli {
 enum Cmd {
     /// Attest, keep this node's workload SVIDs, serve the Workload API.
     Run {
-        #[arg(long)]
+        #[arg(long, default_value_os_t = meshguard_common::config::default_path("auth-handshake"))]
+        config: PathBuf,
+    },
+    /// Ask the running agent's /readyz (on the config's metricsAddress); exit 0 when ready.
+    Healthcheck {
+        #[arg(long, default_value_os_t = meshguard_common::config::default_path("auth-handshake"))]
         config: PathBuf,
     },
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> Result<ExitCode> {
     meshguard_common::logging::init();
-    let Cmd::Run { config } = Cli::parse().cmd;
-    let cfg = config::load(&config).with_context(|| format!("loading {}", config.display()))?;
+    let cmd = Cli::parse().cmd;
+    let (Cmd::Run { config } | Cmd::Healthcheck { config }) = &cmd;
+    let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
+    if let Cmd::Healthcheck { .. } = cmd {
+        return Ok(meshguard_common::telemetry::healthcheck(cfg.metrics_address).await);
+    }
     let agent = Agent::start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -34,5 +44,5 @@ async fn main() -> Result<()> {
         _ = term.recv() => {}
     }
     agent.shutdown().await;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,21 +1,25 @@
-//! Prometheus metrics of the handshake agent, served on `metricsAddress`
-//! at `/metrics` (and `/healthz`).
+//! Prometheus metrics of the agent, served on `metricsAddress` by the
+//! shared telemetry server: the handshakes' series, and the credential
+//! expiry and CA sync gauges operators alert on.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 
+use crate::ca_client::GrpcCa;
 use crate::entries::Deletion;
 use crate::handshake::{Refusal, Role};
+use crate::svids::SvidState;
+use meshguard_common::spiffe::TrustDomain;
 
 type Labels = Vec<(String, String)>;
 
@@ -38,7 +42,6 @@ pub struct Metrics {
     /// First packets held with a signal, by `result`: held, replayed,
     /// expired (no entry in time), overflow (over the bounds), failed.
     pub held_packets: Family<Labels, Counter>,
-    registry: Registry,
 }
 
 impl Metrics {
@@ -52,7 +55,30 @@ impl Metrics {
         let signals_unresolved = Counter::default();
         let signal_to_entry_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
         let held_packets = Family::<Labels, Counter>::default();
-        let mut r = Registry::default();
+        Arc::new(Self {
+            handshakes,
+            handshake_seconds,
+            entries,
+            renewals,
+            deletions,
+            signals,
+            signals_unresolved,
+            signal_to_entry_seconds,
+            held_packets,
+        })
+    }
+
+    /// Registers every series (they are shared handles) into `r`.
+    pub fn register(&self, r: &mut Registry) {
+        let handshakes = self.handshakes.clone();
+        let handshake_seconds = self.handshake_seconds.clone();
+        let entries = self.entries.clone();
+        let renewals = self.renewals.clone();
+        let deletions = self.deletions.clone();
+        let signals = self.signals.clone();
+        let signals_unresolved = self.signals_unresolved.clone();
+        let signal_to_entry_seconds = self.signal_to_entry_seconds.clone();
+        let held_packets = self.held_packets.clone();
         r.register("meshguard_auth_handshakes", "Identity-pair proofs, by result, refusal reason and role.", handshakes.clone());
         r.register(
             "meshguard_auth_handshake_seconds",
@@ -76,20 +102,18 @@ impl Metrics {
         r.register(
             "meshguard_auth_held_packets",
             "Packets the datapath held with an auth-required signal, by what became of them.",
-            held_packets.clone(),
-        );
-        Arc::new(Self {
-            handshakes,
-            handshake_seconds,
-            entries,
-            renewals,
-            deletions,
-            signals,
-            signals_unresolved,
-            signal_to_entry_seconds,
             held_packets,
-            registry: r,
-        })
+        );
+    }
+
+    /// Everything the agent serves: build info, these series, and the
+    /// credential gauges read from `svids` and `ca` at scrape time.
+    pub fn registry(&self, svids: watch::Receiver<Arc<SvidState>>, ca: Arc<GrpcCa>) -> Registry {
+        let mut r = Registry::default();
+        meshguard_common::telemetry::register_build_info(&mut r, "auth-handshake");
+        self.register(&mut r);
+        r.register_collector(Box::new(Credentials { svids, ca }));
+        r
     }
 
     pub fn ok(&self, role: &str) {
@@ -108,9 +132,12 @@ impl Metrics {
         self.held_packets.get_or_create(&labels(&[("result", result)])).inc_by(n);
     }
 
+    /// The handshakes' series alone, as text (tests).
     pub fn encode(&self) -> String {
+        let mut r = Registry::default();
+        self.register(&mut r);
         let mut text = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut text, &r);
         text
     }
 }
@@ -126,33 +153,117 @@ fn labels(kv: &[(&str, &str)]) -> Labels {
     kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
-/// Serves `/metrics` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving metrics");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-        });
+/// Expiry and sync times, read when scraped.
+struct Credentials {
+    svids: watch::Receiver<Arc<SvidState>>,
+    ca: Arc<GrpcCa>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").finish_non_exhaustive()
     }
 }
 
-fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, metrics.encode()),
-        "/healthz" => (StatusCode::OK, "ok\n".into()),
-        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts are valid")
+impl Collector for Credentials {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let st = self.svids.borrow().clone();
+        if let Some(node) = self.ca.node_svid() {
+            ConstGauge::new(node.expires_at).encode(enc.encode_descriptor(
+                "meshguard_auth_node_svid_expiry_timestamp_seconds",
+                "Unix time this node's SVID (its credential towards identity-ca and peers) expires.",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "meshguard_auth_workload_svid_expiry_timestamp_seconds",
+            "Unix time each hosted workload identity's X.509-SVID expires.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (id, svid) in &st.svids {
+            ConstGauge::new(svid.expires_at).encode(m.encode_family(&labels(&[("spiffe_id", id.as_str())]))?)?;
+        }
+        let td = self.ca.trust_domain();
+        let without = st.workloads.iter().filter(|w| w.spiffe_id(td).ok().is_none_or(|id| !st.svids.contains_key(&id)));
+        ConstGauge::new(without.count() as i64).encode(enc.encode_descriptor(
+            "meshguard_auth_workloads_without_svid",
+            "Workloads placed on this node that hold no SVID yet.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        if let Some(at) = st.synced_at {
+            let g = Gauge::<i64>::default();
+            meshguard_common::telemetry::set_timestamp(&g, at);
+            g.encode(enc.encode_descriptor(
+                "meshguard_auth_ca_last_sync_timestamp_seconds",
+                "Unix time of the latest successful call to identity-ca (bundle or SVIDs).",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Ready when the node holds an unexpired SVID, identity-ca has answered,
+/// and every workload placed here holds a valid SVID.
+pub fn readiness(svids: &SvidState, ca: &GrpcCa, now: SystemTime) -> Result<(), Vec<String>> {
+    let now = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    check_ready(svids, ca.node_svid().map(|s| s.expires_at), ca.trust_domain(), now)
+}
+
+fn check_ready(svids: &SvidState, node_expires_at: Option<i64>, td: &TrustDomain, now: i64) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    match node_expires_at {
+        None => problems.push("no node SVID: not attested".to_owned()),
+        Some(at) if at <= now => problems.push(format!("the node SVID expired at Unix time {at}")),
+        Some(_) => {}
+    }
+    if svids.synced_at.is_none() {
+        problems.push("no answer from identity-ca yet".to_owned());
+    }
+    let missing: Vec<String> = svids
+        .workloads
+        .iter()
+        .filter_map(|w| w.spiffe_id(td).ok())
+        .filter(|id| svids.svids.get(id).is_none_or(|s| s.expires_at <= now))
+        .map(|id| id.to_string())
+        .collect();
+    if !missing.is_empty() {
+        problems.push(format!("{} workload(s) without a valid SVID: {}", missing.len(), missing.join(", ")));
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshguard_common::cluster::Workload;
+
+    use super::*;
+
+    #[test]
+    fn not_ready_says_why_for_each_missing_credential() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let web = Workload {
+            name: "web".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            node: "node-1".into(),
+            ips: vec![],
+            labels: Default::default(),
+        };
+        let mut st = SvidState { workloads: vec![web], ..Default::default() };
+        let why = check_ready(&st, None, &td, 100).unwrap_err();
+        assert_eq!(why.len(), 3, "{why:?}");
+        assert!(
+            why[0].contains("not attested") && why[1].contains("identity-ca") && why[2].contains("spiffe://cluster.local/ns/shop/sa/web")
+        );
+        st.synced_at = Some(SystemTime::now());
+        let why = check_ready(&st, Some(100), &td, 100).unwrap_err();
+        assert!(why.len() == 2 && why[0].contains("expired"), "{why:?}");
+        st.workloads.clear();
+        assert_eq!(check_ready(&st, Some(101), &td, 100), Ok(()));
+    }
 }

@@ -57,6 +57,7 @@ async fn a_second_process_speaks_for_the_node_across_renewals() {
         pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
         handshake: None,
         bundle_refresh: Duration::from_secs(10),
+        metrics_address: None,
     };
     let agent = Agent::start_with(config, Some(std::sync::Arc::new(StaticResolver::default()))).await.unwrap();
 

@@ -46,6 +46,7 @@ fn agent_config(ca: &CaServer, dir: &std::path::Path) -> Config {
         pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),
         handshake: None,
         bundle_refresh: Duration::from_millis(500),
+        metrics_address: None,
     }
 }
 
@@ -189,4 +190,48 @@ async fn a_connection_outliving_its_process_gets_nothing_when_its_pid_names_anot
     assert!(jwt.is_err(), "nor a JWT-SVID");
     agent.shutdown().await;
     ca.shutdown().await;
+}
+
+/// The shared telemetry server on auth-handshake: /readyz reflects the
+/// node's credentials and the SVIDs of the workloads placed on it, and
+/// /metrics carries the expiry and sync gauges operators alert on.
+#[tokio::test]
+async fn readyz_and_the_expiry_gauges_follow_the_credentials() {
+    use meshguard_common::telemetry::get;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CaServer::start(meshguard_identity_ca::config::Config::for_test("cluster.local", dir.path())).await.unwrap();
+    ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
+    let mut config = agent_config(&ca, dir.path());
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    config.metrics_address = Some(addr);
+    let agent = Agent::start(config).await.unwrap();
+    let t = Duration::from_secs(2);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = Err(String::new());
+    while tokio::time::Instant::now() < deadline {
+        last = get(addr, "/readyz", t).await;
+        if matches!(last, Ok((200, _))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(last, Ok((200, _))), "not ready within 10 s: {last:?}");
+    let (status, metrics) = get(addr, "/metrics", t).await.unwrap();
+    assert_eq!(status, 200);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;
+    let value = |series: &str| -> f64 {
+        metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    let node = value("meshguard_auth_node_svid_expiry_timestamp_seconds ");
+    assert!(node > now && node <= now + 3700.0, "node SVID expiry {node} (now {now})");
+    let web = value("meshguard_auth_workload_svid_expiry_timestamp_seconds{spiffe_id=\"spiffe://cluster.local/ns/shop/sa/web\"} ");
+    assert!(web > now, "web's SVID expiry {web}");
+    assert!((value("meshguard_auth_ca_last_sync_timestamp_seconds ") - now).abs() < 30.0);
+    assert_eq!(value("meshguard_auth_workloads_without_svid "), 0.0);
+    assert!(metrics.contains("meshguard_build_info{component=\"auth-handshake\""), "{metrics}");
+
+    ca.shutdown().await;
+    agent.shutdown().await;
 }

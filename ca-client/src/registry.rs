@@ -22,6 +22,10 @@ pub mod proto {
 
 /// The SNI name clients send; peers are checked by SPIFFE ID, never by name.
 pub const TLS_SERVER_NAME: &str = "identity-ca";
+/// How often agents re-fetch the trust bundle, in every binary: a CA
+/// rotation's prepare step must reach every node before activation, so
+/// the wait between the two is a small multiple of this.
+pub const DEFAULT_BUNDLE_REFRESH: Duration = Duration::from_secs(10);
 /// The CA server's own SPIFFE ID path: `spiffe://<td>/meshguard/identity-ca`.
 pub const CA_SERVER_PATH: &str = "/meshguard/identity-ca";
 /// The largest message either side accepts: CSRs and SVIDs are a few KiB,

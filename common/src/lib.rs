@@ -10,9 +10,12 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod config;
 pub mod flow;
 pub mod key;
 pub mod logging;
 pub mod policy;
 pub mod retry;
 pub mod spiffe;
+pub mod telemetry;
+pub mod yaml;

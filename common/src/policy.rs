@@ -20,7 +20,7 @@ pub const KIND: &str = "MeshPolicy";
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("policy YAML is invalid: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] crate::yaml::YamlError),
     #[error("apiVersion must be {API_VERSION:?}, got {got:?}")]
     ApiVersion { got: String },
     #[error("kind must be {KIND:?}, got {got:?}")]
@@ -336,7 +336,7 @@ impl LabelSelector {
 impl MeshPolicy {
     /// Parses one policy from YAML and validates it.
     pub fn from_yaml(text: &str) -> Result<Self, PolicyError> {
-        let p: Self = serde_yaml::from_str(text)?;
+        let p: Self = crate::yaml::from_str(text)?;
         p.validate()?;
         Ok(p)
     }
@@ -347,10 +347,9 @@ impl MeshPolicy {
     pub fn all_from_yaml(text: &str) -> Result<Vec<Self>, PolicyError> {
         let starts = document_start_lines(text);
         let mut out = Vec::new();
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            // Deserialized straight from the stream (not via a Value), so the
-            // parser's locations survive into the error.
-            let Some(p) = Option::<Self>::deserialize(doc)? else { continue };
+        // Deserialized straight from the stream (not via a Value), so the
+        // parser's locations survive into the error.
+        for (i, p) in crate::yaml::documents::<Self>(text)?.into_iter().enumerate() {
             let in_doc =
                 |e: PolicyError| PolicyError::InDocument { index: i + 1, line: starts.get(i).copied().unwrap_or(1), source: Box::new(e) };
             p.validate().map_err(in_doc)?;
@@ -496,7 +495,7 @@ spec:
         let egress = &p.spec.egress.as_ref().unwrap()[0];
         assert_eq!(egress.action, Action::Allow);
         // Round trip.
-        let again = MeshPolicy::from_yaml(&serde_yaml::to_string(&p).unwrap()).unwrap();
+        let again = MeshPolicy::from_yaml(&crate::yaml::to_string(&p).unwrap()).unwrap();
         assert_eq!(again, p);
     }
 
@@ -511,7 +510,7 @@ spec:
             (EXAMPLE.replace("- to: [", "- from: ["), "not `from`"),
             (EXAMPLE.replace("serviceAccount: web", "serviceAcount: web"), "unknown field"),
             (EXAMPLE.replace("spiffe://cluster.local/ns/batch", "spiffe://Cluster/ns/batch"), "trust domain"),
-            (EXAMPLE.replace("port: 8080", "port: 80800"), "invalid value"),
+            (EXAMPLE.replace("port: 8080", "port: 80800"), "invalid u16"),
             ("{".to_owned(), "policy YAML is invalid"),
         ];
         for (yaml, want) in cases {
@@ -522,9 +521,9 @@ spec:
 
     #[test]
     fn protocols_by_name_and_number() {
-        let p: PortRule = serde_yaml::from_str("{protocol: 47}").unwrap();
+        let p: PortRule = crate::yaml::from_str("{protocol: 47}").unwrap();
         assert_eq!(p.protocol, Protocol::Other(47));
-        let p: PortRule = serde_yaml::from_str("{protocol: \"6\"}").unwrap();
+        let p: PortRule = crate::yaml::from_str("{protocol: \"6\"}").unwrap();
         assert_eq!(p.protocol, Protocol::Tcp);
         assert!(validate_port(&PortRule { protocol: Protocol::Other(47), port: Some(1), end_port: None }).is_err());
     }
@@ -555,12 +554,12 @@ spec:
                     apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: b, namespace: shop}\nspec:\n  ingress:\n\
                     \x20   - ports:\n        - {protocol: SCTP, port: 9010, endPort: 9000}\n";
         let e = MeshPolicy::all_from_yaml(text).unwrap_err().to_string();
-        assert!(e.contains("spec.ingress[0].ports:") && e.contains("endPort 9000 is below port 9010") && e.contains("line 11"), "{e}");
+        assert!(e.contains("spec.ingress[0].ports[0]:") && e.contains("endPort 9000 is below port 9010") && e.contains("line 11"), "{e}");
         // An empty peer.
         let e = MeshPolicy::all_from_yaml(&text.replace("ports:\n        - {protocol: SCTP, port: 9010, endPort: 9000}", "from: [{}]"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("spec.ingress[0].from:") && e.contains("empty peer") && e.contains("line 10"), "{e}");
+        assert!(e.contains("spec.ingress[0].from[0]:") && e.contains("empty peer") && e.contains("line 10"), "{e}");
         // A document-level mistake names the document and where it starts.
         let valid = text.replace("endPort: 9000", "endPort: 9020");
         MeshPolicy::all_from_yaml(&valid).unwrap();

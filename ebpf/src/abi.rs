@@ -505,6 +505,27 @@ impl Code {
             Self::Unknown(code)
         }
     }
+
+    /// The `verdict` metric label: forward, drop, or unknown.
+    pub fn verdict(&self) -> &'static str {
+        match self {
+            Self::Forward(_) => "forward",
+            Self::Drop(_) => "drop",
+            Self::Unknown(_) => "unknown",
+        }
+    }
+
+    /// The `reason` metric label: the C name in lowercase without its
+    /// verdict prefix (`DROP_POLICY_DENY` → `policy_deny`), or `code_<n>`.
+    pub fn reason(&self) -> String {
+        let name = match self {
+            Self::Forward(r) => r.c_name(),
+            Self::Drop(r) => r.c_name(),
+            Self::Unknown(c) => return format!("code_{c}"),
+        };
+        let bare = name.strip_prefix("FWD_").or_else(|| name.strip_prefix("DROP_")).unwrap_or(name);
+        bare.to_ascii_lowercase()
+    }
 }
 
 impl fmt::Display for Code {
@@ -542,3 +563,27 @@ const _: () = {
     assert!(std::mem::offset_of!(IpcacheKey, addr) == 4 + std::mem::offset_of!(IpcacheKeyData, addr));
     assert!(std::mem::offset_of!(PolicyKey, port) == 4 + std::mem::offset_of!(PolicyKeyData, port));
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_follow_prometheus_conventions() {
+        let c = Code::from_code(DropReason::PolicyDeny.code());
+        assert_eq!((c.verdict(), c.reason().as_str()), ("drop", "policy_deny"));
+        let c = Code::from_code(ForwardReason::CtEstablished.code());
+        assert_eq!((c.verdict(), c.reason().as_str()), ("forward", "ct_established"));
+        assert_eq!((Code::Unknown(99).verdict(), Code::Unknown(99).reason().as_str()), ("unknown", "code_99"));
+        // Every known code gives a distinct lowercase label.
+        let mut seen = std::collections::BTreeSet::new();
+        for code in 0..=u8::MAX {
+            let c = Code::from_code(code);
+            if !matches!(c, Code::Unknown(_)) {
+                let r = c.reason();
+                assert!(r.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_'), "{r}");
+                assert!(seen.insert((c.verdict(), r)), "duplicate label for code {code}");
+            }
+        }
+    }
+}

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use meshguard_common::config::{Deprecations, parse_duration};
 use meshguard_common::spiffe::TrustDomain;
 use serde::Deserialize;
 
@@ -42,7 +43,7 @@ pub enum ConfigError {
     #[error("config file is not valid YAML for identity-ca: {source}")]
     Yaml {
         #[source]
-        source: serde_yaml::Error,
+        source: meshguard_common::yaml::YamlError,
     },
     #[error("config key {key} = {value:?} is invalid: {reason}")]
     Invalid { key: &'static str, value: String, reason: String },
@@ -61,7 +62,9 @@ pub struct ConfigFile {
     pub ca_ttl: Option<String>,
     pub jwt_svid_ttl: Option<String>,
     pub join_token_ttl: Option<String>,
-    /// Plain-HTTP Prometheus endpoint; off when absent.
+    /// Plain-HTTP `/metrics`, `/healthz` and `/readyz`; off when absent.
+    pub metrics_address: Option<String>,
+    /// Deprecated name of `metricsAddress`.
     pub metrics_addr: Option<String>,
 }
 
@@ -77,7 +80,9 @@ pub struct Config {
     pub ca_ttl: Duration,
     pub jwt_svid_ttl: Duration,
     pub join_token_ttl: Duration,
-    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_address: Option<SocketAddr>,
+    /// Renamed keys the file used; logged by [`load`].
+    pub deprecations: Deprecations,
 }
 
 impl Config {
@@ -97,7 +102,8 @@ impl Config {
             ca_ttl: DEFAULT_CA_TTL,
             jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
             join_token_ttl: DEFAULT_JOIN_TOKEN_TTL,
-            metrics_addr: None,
+            metrics_address: None,
+            deprecations: Deprecations::default(),
         }
     }
 }
@@ -105,8 +111,10 @@ impl Config {
 /// Reads and constructs the configuration from `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let file: ConfigFile = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml { source })?;
-    construct_config(file)
+    let file: ConfigFile = meshguard_common::yaml::from_str(&text).map_err(|source| ConfigError::Yaml { source })?;
+    let cfg = construct_config(file)?;
+    cfg.deprecations.warn();
+    Ok(cfg)
 }
 
 /// Fills in defaults and validates; touches nothing outside its argument.
@@ -123,6 +131,10 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         None => Ok(default),
         Some(s) => parse_duration(s).map_err(|reason| ConfigError::Invalid { key, value: s.clone(), reason }),
     };
+    let mut deprecations = Deprecations::default();
+    let metrics_address = deprecations
+        .pick("metricsAddress", f.metrics_address, "metricsAddr", f.metrics_addr)
+        .map_err(|reason| ConfigError::Invalid { key: "metricsAddress", value: String::new(), reason })?;
     let cfg = Config {
         trust_domain,
         listen_addr: addr("listenAddr", f.listen_addr.as_deref().unwrap_or(DEFAULT_LISTEN_ADDR))?,
@@ -133,7 +145,8 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         ca_ttl: dur("caTtl", &f.ca_ttl, DEFAULT_CA_TTL)?,
         jwt_svid_ttl: dur("jwtSvidTtl", &f.jwt_svid_ttl, DEFAULT_JWT_SVID_TTL)?,
         join_token_ttl: dur("joinTokenTtl", &f.join_token_ttl, DEFAULT_JOIN_TOKEN_TTL)?,
-        metrics_addr: f.metrics_addr.as_deref().map(|v| addr("metricsAddr", v)).transpose()?,
+        metrics_address: metrics_address.as_deref().map(|v| addr("metricsAddress", v)).transpose()?,
+        deprecations,
     };
     for (key, ttl) in [("svidTtl", cfg.svid_ttl), ("nodeSvidTtl", cfg.node_svid_ttl)] {
         if ttl < Duration::from_secs(10) || ttl * 2 > cfg.ca_ttl {
@@ -145,35 +158,6 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         }
     }
     Ok(cfg)
-}
-
-/// `90s`, `15m`, `1h`, `7d`, or a combination such as `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let mut total = 0u64;
-    let mut num = String::new();
-    if s.trim().is_empty() {
-        return Err("empty duration: write e.g. 30s, 15m, 1h or 7d".into());
-    }
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(format!("unknown unit {c:?}: use s, m, h or d")),
-        };
-        let n: u64 = num.parse().map_err(|_| "a number must precede each unit".to_string())?;
-        total = total.checked_add(n.checked_mul(unit).ok_or("duration too large")?).ok_or("duration too large")?;
-        num.clear();
-    }
-    if !num.is_empty() {
-        return Err("missing unit after the last number: use s, m, h or d".into());
-    }
-    Ok(Duration::from_secs(total))
 }
 
 #[cfg(test)]
@@ -190,15 +174,19 @@ mod tests {
         let bad = construct_config(ConfigFile { trust_domain: "td".into(), svid_ttl: Some("1s".into()), ..Default::default() });
         assert!(matches!(bad, Err(ConfigError::Invalid { key: "svidTtl", .. })));
         let yaml = "trustDomain: td\nbogus: 1\n";
-        assert!(serde_yaml::from_str::<ConfigFile>(yaml).is_err());
+        assert!(meshguard_common::yaml::from_str::<ConfigFile>(yaml).is_err());
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("45s").unwrap(), Duration::from_secs(45));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("").is_err());
+    fn durations_are_human_and_the_old_metrics_key_still_works() {
+        let f = |yaml: &str| construct_config(meshguard_common::yaml::from_str::<ConfigFile>(yaml).unwrap());
+        let cfg = f("trustDomain: td\nsvidTtl: 1h30m\njwtSvidTtl: 5m\nmetricsAddress: 127.0.0.1:9090\n").unwrap();
+        assert_eq!((cfg.svid_ttl, cfg.jwt_svid_ttl), (Duration::from_secs(5400), Duration::from_secs(300)));
+        assert!(cfg.deprecations.messages().is_empty());
+        assert!(matches!(f("trustDomain: td\nsvidTtl: \"3600\"\n"), Err(ConfigError::Invalid { key: "svidTtl", .. })));
+        let old = f("trustDomain: td\nmetricsAddr: 127.0.0.1:9090\n").unwrap();
+        assert_eq!(old.metrics_address, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(old.deprecations.messages().len(), 1);
+        assert!(f("trustDomain: td\nmetricsAddr: 127.0.0.1:1\nmetricsAddress: 127.0.0.1:2\n").is_err());
     }
 }

@@ -25,7 +25,12 @@ struct Cli {
 enum Cmd {
     /// Run the CA.
     Run {
-        #[arg(long)]
+        #[arg(long, default_value_os_t = meshguard_common::config::default_path("identity-ca"))]
+        config: PathBuf,
+    },
+    /// Ask the running CA's /readyz (on the config's metricsAddress); exit 0 when ready.
+    Healthcheck {
+        #[arg(long, default_value_os_t = meshguard_common::config::default_path("identity-ca"))]
         config: PathBuf,
     },
     /// Join tokens for node attestation.
@@ -198,9 +203,13 @@ fn pem(label: &str, der: &[u8]) -> String {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> Result<std::process::ExitCode> {
     meshguard_common::logging::init();
     let cli = Cli::parse();
+    if let Cmd::Healthcheck { config } = &cli.cmd {
+        let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
+        return Ok(meshguard_common::telemetry::healthcheck(cfg.metrics_address).await);
+    }
     if let Cmd::Run { config } = &cli.cmd {
         let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
         let server = CaServer::start(cfg).await?;
@@ -213,7 +222,7 @@ async fn main() -> Result<()> {
                 }
             })
             .await;
-        return Ok(());
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     let mut c = admin::connect(&cli.admin_socket).await.with_context(|| {
         format!("cannot reach identity-ca's admin socket {} (is it running, and are you root?)", cli.admin_socket.display())
@@ -221,10 +230,10 @@ async fn main() -> Result<()> {
     let json = cli.json;
     let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cli.cmd {
-        Cmd::Run { .. } => unreachable!("handled above"),
+        Cmd::Run { .. } | Cmd::Healthcheck { .. } => unreachable!("handled above"),
         Cmd::Token { cmd: TokenCmd::Create { node, ttl } } => {
             let ttl_seconds = match ttl {
-                Some(t) => config::parse_duration(&t).map_err(anyhow::Error::msg)?.as_secs() as i64,
+                Some(t) => meshguard_common::config::parse_duration(&t).map_err(anyhow::Error::msg)?.as_secs() as i64,
                 None => 0,
             };
             let r = c.create_join_token(proto::CreateJoinTokenRequest { node_name: node, ttl_seconds }).await?.into_inner();
@@ -386,5 +395,5 @@ async fn main() -> Result<()> {
         }
         Cmd::Metrics => print!("{}", c.metrics(proto::MetricsRequest {}).await?.into_inner().text),
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

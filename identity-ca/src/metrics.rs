@@ -1,14 +1,20 @@
-//! Prometheus counters of what the CA issued and refused.
+//! Prometheus counters of what the CA issued and refused, and the expiry of
+//! its authorities, served by the shared telemetry server.
+
+use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::authority::{Authority, AuthorityState};
 
 type Labels = Vec<(String, String)>;
 
 pub struct Metrics {
-    registry: Registry,
+    registry: Arc<Registry>,
     /// By `kind`: node, workload, server, jwt.
     pub issued: Family<Labels, Counter>,
     /// By `reason`: not_hosted, wrong_trust_domain, not_a_workload, bad_request.
@@ -18,6 +24,9 @@ pub struct Metrics {
     /// Work refused to bound the CA's load, by `reason`: handshakes_full,
     /// handshakes_per_address, attestations_full, watches_per_node.
     pub overload: Family<Labels, Counter>,
+    /// Unix time each authority's certificate expires, by `authority` and
+    /// `state` (prepared, active, previous): what operators alert on.
+    pub authority_expiry: Family<Labels, Gauge>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -28,16 +37,42 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("meshguard_ca");
+        let mut root = Registry::default();
+        meshguard_common::telemetry::register_build_info(&mut root, "identity-ca");
+        let registry = root.sub_registry_with_prefix("meshguard_ca");
         let issued = Family::<Labels, Counter>::default();
         let denied = Family::<Labels, Counter>::default();
         let attestations = Family::<Labels, Counter>::default();
         let overload = Family::<Labels, Counter>::default();
+        let authority_expiry = Family::<Labels, Gauge>::default();
         registry.register("svids_issued", "SVIDs signed, by kind", issued.clone());
         registry.register("authorization_denied", "SVID requests refused by authorization, by reason", denied.clone());
         registry.register("attestations", "Node attestations, by method and result", attestations.clone());
         registry.register("overload_refusals", "Connections and calls refused to bound the CA's load, by reason", overload.clone());
-        Self { registry, issued, denied, attestations, overload }
+        registry.register(
+            "authority_expiry_timestamp_seconds",
+            "Unix time each signing authority's certificate expires, by authority and state",
+            authority_expiry.clone(),
+        );
+        Self { registry: Arc::new(root), issued, denied, attestations, overload, authority_expiry }
+    }
+
+    /// The registry the telemetry server encodes.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Mirrors the authority set; call after anything changes it.
+    pub fn observe_authorities(&self, list: &[Arc<Authority>]) {
+        self.authority_expiry.clear();
+        for a in list {
+            let state = match a.state {
+                AuthorityState::Prepared => "prepared",
+                AuthorityState::Active => "active",
+                AuthorityState::Previous => "previous",
+            };
+            self.authority_expiry.get_or_create(&labels(&[("authority", &a.id), ("state", state)])).set(a.not_after);
+        }
     }
 
     pub fn issued(&self, kind: &str, n: u64) {
@@ -72,26 +107,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Serves `/metrics` (any path, really) as plain HTTP/1.1 on `addr`.
-pub async fn serve(addr: std::net::SocketAddr, metrics: std::sync::Arc<Metrics>) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    loop {
-        let (mut conn, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await;
-            let body = metrics.render();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-        });
     }
 }

@@ -178,6 +178,17 @@ pub struct CaServer {
 // === impl CaState ===
 
 impl CaState {
+    /// Why the CA cannot sign now, if it cannot: no active authority, or
+    /// an expired one.
+    pub fn signing_problem(&self) -> Option<String> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        match self.ca.list().iter().find(|a| a.state == crate::authority::AuthorityState::Active) {
+            None => Some("no active signing authority".into()),
+            Some(a) if a.not_after <= now => Some(format!("the active authority {} expired at Unix time {}", a.id, a.not_after)),
+            Some(_) => None,
+        }
+    }
+
     pub fn open(config: Config, shutdown: watch::Receiver<bool>) -> Result<Self, ServerError> {
         let td = config.trust_domain.clone();
         let store = Store::open(&config.state_dir, DB_FILE, td.as_str())?;
@@ -189,12 +200,14 @@ impl CaState {
         let nodes: BTreeMap<String, NodeAttestation> = store.load_all(ATTESTED_NODES, "attested_nodes")?.into_iter().collect();
         // Attested nodes have node ids even before they publish a record.
         registry.allocate_node_ids(nodes.keys().map(String::as_str))?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.observe_authorities(&ca.list());
         Ok(Self {
             ca,
             registry,
             attestors: vec![Box::new(tokens.clone())],
             tokens,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             config,
             nodes: RwLock::new(nodes),
             shutdown,
@@ -410,10 +423,16 @@ impl CaServer {
             }
         });
 
-        if let Some(maddr) = config.metrics_addr {
-            let m = state.metrics.clone();
+        if let Some(maddr) = config.metrics_address {
+            let registry = state.metrics.registry();
+            let weak = Arc::downgrade(&state);
+            // Ready while an unexpired authority signs.
+            let ready: meshguard_common::telemetry::Readiness = Arc::new(move || match weak.upgrade() {
+                None => Err(vec!["shutting down".into()]),
+                Some(st) => st.signing_problem().map_or(Ok(()), |p| Err(vec![p])),
+            });
             tasks.spawn(async move {
-                if let Err(error) = crate::metrics::serve(maddr, m).await {
+                if let Err(error) = meshguard_common::telemetry::serve(maddr, registry, ready).await {
                     tracing::error!(%error, addr = %maddr, "metrics endpoint stopped");
                 }
             });

@@ -665,3 +665,46 @@ async fn a_node_cannot_publish_another_nodes_cidr_or_key() {
     sources[1].0.publish_node(&record("node-2", 2, "10.244.2.0/24")).await.unwrap();
     ca.shutdown().await;
 }
+
+/// The shared telemetry server on identity-ca: /readyz while an authority
+/// signs, and each authority's expiry as a gauge that follows rotation.
+#[tokio::test]
+async fn readyz_and_authority_expiry_follow_rotation() {
+    use meshguard_common::telemetry::get;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::for_test(TD, dir.path());
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    cfg.metrics_address = Some(addr);
+    let ca = CaServer::start(cfg).await.unwrap();
+    let t = Duration::from_secs(2);
+    let mut ready = Err(String::new());
+    for _ in 0..100 {
+        ready = get(addr, "/readyz", t).await;
+        if ready.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready.unwrap().0, 200);
+    let series = |text: &str, state: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("meshguard_ca_authority_expiry_timestamp_seconds{") && l.contains(&format!("state=\"{state}\"")))
+            .count()
+    };
+    let (_, m) = get(addr, "/metrics", t).await.unwrap();
+    assert_eq!((series(&m, "active"), series(&m, "prepared")), (1, 0), "{m}");
+    assert!(m.contains("meshguard_build_info{component=\"identity-ca\""), "{m}");
+    let active = ca.state.ca.list().into_iter().find(|a| a.state == meshguard_identity_ca::authority::AuthorityState::Active).unwrap();
+    assert!(m.contains(&format!("authority=\"{}\",state=\"active\"}} {}", active.id, active.not_after)), "{m}");
+
+    let mut admin = meshguard_identity_ca::admin::connect(&ca.admin_socket).await.unwrap();
+    admin.prepare_authority(proto::PrepareAuthorityRequest {}).await.unwrap();
+    let (_, m) = get(addr, "/metrics", t).await.unwrap();
+    assert_eq!((series(&m, "active"), series(&m, "prepared")), (1, 1), "{m}");
+    admin.activate_authority(proto::ActivateAuthorityRequest {}).await.unwrap();
+    let (_, m) = get(addr, "/metrics", t).await.unwrap();
+    assert_eq!((series(&m, "active"), series(&m, "previous"), series(&m, "prepared")), (1, 1, 0), "{m}");
+    ca.shutdown().await;
+}

@@ -33,7 +33,7 @@ fn tcp(c: &Cluster) -> bool {
 
 fn allocations(c: &Cluster) -> Allocations {
     let text = std::fs::read_to_string(c.cluster_dir().join("allocations.yaml")).unwrap();
-    serde_yaml::from_str(&text).unwrap()
+    meshguard_common::yaml::from_str(&text).unwrap()
 }
 
 #[test]

@@ -78,7 +78,8 @@ fn send_raw(netns: &str, src: &str, dst: &str, payload: &str) {
 }
 
 fn spoofed_origin(c: &Cluster, node: &str, direction: &str) -> f64 {
-    c.metric(node, &format!("meshguard_datapath_packets_total{{direction=\"{direction}\",reason=\"DROP_SPOOFED_ORIGIN\"}}")).unwrap_or(0.0)
+    c.metric(node, &format!("meshguard_datapath_packets_total{{direction=\"{direction}\",verdict=\"drop\",reason=\"spoofed_origin\"}}"))
+        .unwrap_or(0.0)
 }
 
 #[test]

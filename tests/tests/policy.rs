@@ -127,7 +127,7 @@ fn root_policy_allows_and_denies_every_protocol_on_the_same_node_and_across_node
         })
     })
     .unwrap();
-    let series = "meshguard_datapath_packets_total{direction=\"ingress\",reason=\"DROP_POLICY_DEFAULT\"}";
+    let series = "meshguard_datapath_packets_total{direction=\"ingress\",verdict=\"drop\",reason=\"policy_default\"}";
     wait_until("default-deny drops to be counted", Duration::from_secs(5), || c.metric("node-2", series).is_ok_and(|n| n > 0.0)).unwrap();
 }
 
@@ -267,15 +267,15 @@ fn root_a_pod_cannot_send_with_another_address_or_mac() {
         meshguard_meshctl::sim::cmd::ip_in(&web, &["addr", "del", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
     }
     let counted = |reason: &str, at_least: f64| {
-        let series = format!("meshguard_datapath_packets_total{{direction=\"egress\",reason=\"{reason}\"}}");
+        let series = format!("meshguard_datapath_packets_total{{direction=\"egress\",verdict=\"drop\",reason=\"{reason}\"}}");
         wait_until(&format!("{reason} >= {at_least}"), Duration::from_secs(5), || c.metric("node-1", &series).is_ok_and(|n| n >= at_least))
     };
-    counted("DROP_SPOOFED_IP", 2.0).expect("spoofed source addresses are dropped and counted");
+    counted("spoofed_ip", 2.0).expect("spoofed source addresses are dropped and counted");
 
     // web changes its MAC: nothing it sends passes any more.
     meshguard_meshctl::sim::cmd::ip_in(&web, &["link", "set", "eth0", "address", "02:00:00:00:be:ef"]).unwrap();
     assert!(!icmp(&c, "shop/web", "shop/api"), "web sent with a foreign MAC");
-    counted("DROP_SPOOFED_MAC", 1.0).expect("a spoofed MAC is dropped and counted");
+    counted("spoofed_mac", 1.0).expect("a spoofed MAC is dropped and counted");
 }
 
 /// Issue 14: kernels before 6.6 have no TCX; the agent then attaches the

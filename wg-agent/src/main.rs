@@ -4,7 +4,9 @@
 //! - `wg-agent <IFNAME>`: the same, invoked as wireguard-go is (by `wg-quick`
 //!   with `WG_QUICK_USERSPACE_IMPLEMENTATION=wg-agent`): in the background,
 //!   returning once the interface and its socket are up.
-//! - `wg-agent run --config FILE`: the managed node agent.
+//! - `wg-agent run [--config FILE]`: the managed node agent
+//!   (default `/etc/meshguard/wg-agent.yaml`).
+//! - `wg-agent healthcheck`: asks the running agent's `/readyz`.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -54,33 +56,53 @@ enum Command {
     Userspace(Vec<String>),
     /// Run the managed node agent.
     Run {
-        #[arg(long)]
+        #[arg(long, default_value_os_t = default_config())]
         config: PathBuf,
     },
     /// Replace the node key with a fresh one; a running agent picks it up
     /// and its peers follow through the cluster source.
     RotateKey {
-        #[arg(long)]
+        #[arg(long, default_value_os_t = default_config())]
         config: PathBuf,
     },
     /// Print the node's public key (creating the key on first use).
     PublicKey {
-        #[arg(long)]
+        #[arg(long, default_value_os_t = default_config())]
         config: PathBuf,
     },
     /// Remove the agent from this node: its routes, pinned datapath (pods'
     /// programs detach) and tunnel interface. Stop the agent first. The
     /// node key stays.
     Uninstall {
-        #[arg(long)]
+        #[arg(long, default_value_os_t = default_config())]
+        config: PathBuf,
+    },
+    /// Ask the running agent's /readyz (on the config's metricsAddress);
+    /// exit 0 when ready, print why not otherwise.
+    Healthcheck {
+        #[arg(long, default_value_os_t = default_config())]
         config: PathBuf,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn default_config() -> PathBuf {
+    meshguard_common::config::default_path("wg-agent")
+}
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
     logging::init();
     let cli = Cli::parse();
-    match cli.command {
+    if let Command::Healthcheck { config } = &cli.command {
+        let cfg = managed::config::load(config)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+        return Ok(rt.block_on(meshguard_common::telemetry::healthcheck(cfg.metrics_address)));
+    }
+    run(cli.command).map(|()| std::process::ExitCode::SUCCESS)
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Healthcheck { .. } => unreachable!("handled in main"),
         Command::Device { ifname, mtu, socket_dir } => run_device(&ifname, mtu, &socket_dir),
         Command::Userspace(args) => {
             let [ifname] = args.as_slice() else {

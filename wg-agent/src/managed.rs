@@ -77,14 +77,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             source
         }
     };
-    let result = run_with_source(cfg, source).await;
+    let identity = node_tls.as_ref().map(|t: &Arc<NodeTls>| t.identity());
+    let result = run_with_source(cfg, source, identity).await;
     drop(node_tls);
     result
 }
 
 /// Runs the agent until SIGINT/SIGTERM on `source` (tests give one that
 /// never answers, as an unreachable identity-ca).
-pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -> anyhow::Result<()> {
+/// `node_identity`: in registry mode, the node SVID presented to identity-ca (for its expiry gauge).
+pub async fn run_with_source(
+    cfg: AgentConfig,
+    source: Box<dyn ClusterSource>,
+    node_identity: Option<tokio::sync::watch::Receiver<meshguard_ca_client::svid::node_tls::NodeIdentity>>,
+) -> anyhow::Result<()> {
     let key_path = cfg.key_path();
     let (secret, public_key) = node_key::load_or_create(&key_path)?;
 
@@ -100,10 +106,11 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
     let _uapi = UapiServer::start(&cfg.uapi_socket_dir, &cfg.interface, device.clone(), Access::ReadOnly)?;
 
     let metrics = AgentMetrics::new(device.clone());
+    *metrics.node_identity.lock() = node_identity;
     let _metrics_task = cfg.metrics_address.map(|addr| {
-        let m = metrics.clone();
+        let (registry, ready) = (Arc::new(metrics.registry()), metrics.readiness_fn());
         tokio::spawn(async move {
-            if let Err(error) = metrics::serve(addr, m).await {
+            if let Err(error) = meshguard_common::telemetry::serve(addr, registry, ready).await {
                 tracing::error!(%addr, %error, "metrics server stopped");
             }
         })
@@ -165,6 +172,7 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
     agent.publish(&mut endpoints).await;
     let mut views = agent.source.subscribe();
     let first = views.borrow_and_update().clone();
+    *agent.metrics.view_at.lock() = Some(std::time::SystemTime::now());
     agent.reconcile(&first).await;
     agent.enforce(&first, true);
     // Sessions before the first packet needs one: no first-packet stall.
@@ -183,6 +191,7 @@ pub async fn run_with_source(cfg: AgentConfig, source: Box<dyn ClusterSource>) -
                     anyhow::bail!("cluster source stopped");
                 }
                 let view = views.borrow_and_update().clone();
+                *agent.metrics.view_at.lock() = Some(std::time::SystemTime::now());
                 agent.reconcile(&view).await;
                 agent.enforce(&view, true);
             }

@@ -55,7 +55,7 @@ fn endpoint(name: &str, ip: u8) -> LocalEndpoint {
 
 /// Writes `ep`'s file into the endpoints directory, as the CNI plugin would.
 fn write_endpoint(dir: &std::path::Path, ep: &LocalEndpoint) {
-    std::fs::write(dir.join(ep.file_name()), serde_yaml::to_string(ep).unwrap()).unwrap();
+    std::fs::write(dir.join(ep.file_name()), meshguard_common::yaml::to_string(ep).unwrap()).unwrap();
 }
 
 /// In a fresh network namespace (on a thread of its own): a pod veth and
@@ -116,7 +116,7 @@ fn with_agent<D: Send + 'static, T: Send + 'static>(
         let agent_cfg = cfg.clone();
         let (programs, blackhole, during) = rt.block_on(async move {
             let (view, _) = watch::channel(Arc::new(ClusterView::default()));
-            let agent = tokio::spawn(meshguard_wg_agent::managed::run_with_source(agent_cfg, Box::new(Unreachable { view })));
+            let agent = tokio::spawn(meshguard_wg_agent::managed::run_with_source(agent_cfg, Box::new(Unreachable { view }), None));
             let pin = PinLayout::new(&pin_root);
             let deadline = Instant::now() + Duration::from_secs(30);
             let (mut programs, mut blackhole) = (false, false);
@@ -202,7 +202,7 @@ fn root_a_new_pod_is_closed_as_its_endpoint_file_lands() {
                 let ep = endpoint(name, 20 + i as u8);
                 // As the CNI plugin does: written aside, renamed into place.
                 let tmp = endpoints.join(format!(".{}.tmp", ep.file_name()));
-                std::fs::write(&tmp, serde_yaml::to_string(&ep).unwrap()).unwrap();
+                std::fs::write(&tmp, meshguard_common::yaml::to_string(&ep).unwrap()).unwrap();
                 let landed = Instant::now();
                 std::fs::rename(&tmp, endpoints.join(ep.file_name())).unwrap();
                 let attached =

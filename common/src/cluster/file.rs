@@ -119,7 +119,7 @@ impl ClusterSource for FileSource {
     fn publish_node<'a>(&'a self, node: &'a NodeRecord) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
             let path = self.dir.join(NODES_DIR).join(format!("{}.yaml", node.name));
-            let text = serde_yaml::to_string(node)
+            let text = crate::yaml::to_string(node)
                 .map_err(|e| SourceError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
             write_atomic(&path, text.as_bytes()).await
         })
@@ -207,7 +207,7 @@ impl PollState {
             if self.nodes.get(&stem).is_some_and(|(raw, _)| *raw == bytes) {
                 continue;
             }
-            match serde_yaml::from_slice::<NodeRecord>(&bytes) {
+            match crate::yaml::from_slice::<NodeRecord>(&bytes) {
                 Ok(n) if n.name == stem => {
                     self.nodes.insert(stem, (bytes, n));
                 }
@@ -241,7 +241,7 @@ fn wanted_identities(view: &ClusterView) -> Vec<crate::spiffe::SpiffeId> {
 fn read_allocations(path: &Path) -> Result<Allocations, String> {
     match std::fs::read(path) {
         Ok(bytes) => {
-            let a: Allocations = serde_yaml::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            let a: Allocations = crate::yaml::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
             a.validate().map_err(|e| format!("{}: {e}", path.display()))?;
             Ok(a)
         }
@@ -270,7 +270,7 @@ fn allocate(dir: &Path, view: &ClusterView) -> Result<Allocations, String> {
     // Re-read under the lock: another agent may have just allocated.
     let mut a = read_allocations(&path)?;
     if a.allocate(&ids, nodes).map_err(|e| e.to_string())? {
-        let text = serde_yaml::to_string(&a).map_err(|e| e.to_string())?;
+        let text = crate::yaml::to_string(&a).map_err(|e| e.to_string())?;
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| format!("{}: {e}", path.display()))?;
     }
@@ -280,7 +280,7 @@ fn allocate(dir: &Path, view: &ClusterView) -> Result<Allocations, String> {
 
 /// Parses and validates `cluster.yaml`.
 pub fn parse_cluster_file(bytes: &[u8]) -> Result<ClusterFile, String> {
-    let c: ClusterFile = serde_yaml::from_slice(bytes).map_err(|e| e.to_string())?;
+    let c: ClusterFile = crate::yaml::from_slice(bytes).map_err(|e| e.to_string())?;
     for p in &c.policies {
         p.validate().map_err(|e| e.to_string())?;
     }

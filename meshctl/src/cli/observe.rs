@@ -72,7 +72,7 @@ pub fn run(dir: &Path, args: &ObserveArgs) -> Result<ExitCode, CliError> {
         let line = match args.output {
             Output::Json => serde_json::to_string(&ev).map_err(|e| CliError::Failed(e.to_string()))?,
             Output::Yaml => {
-                format!("---\n{}", serde_yaml::to_string(&ev).map_err(|e| CliError::Failed(e.to_string()))?.trim_end())
+                format!("---\n{}", meshguard_common::yaml::to_string(&ev).map_err(|e| CliError::Failed(e.to_string()))?.trim_end())
             }
             Output::Table => render(&ev),
         };

@@ -130,7 +130,7 @@ fn print_policies(ps: &[MeshPolicy], output: Output) -> Result<(), CliError> {
         Output::Yaml => {
             // One document per policy: the file `policy apply -f` takes back.
             for p in ps {
-                print!("---\n{}", serde_yaml::to_string(p).map_err(|e| CliError::Failed(e.to_string()))?);
+                print!("---\n{}", meshguard_common::yaml::to_string(p).map_err(|e| CliError::Failed(e.to_string()))?);
             }
         }
         Output::Table => {

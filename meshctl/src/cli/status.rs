@@ -291,11 +291,7 @@ pub fn drops(metrics: &str) -> BTreeMap<String, u64> {
         let Some((labels, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let Some(reason) = label(labels, "reason") else {
-            continue;
-        };
-        let lower = reason.to_ascii_lowercase();
-        let Some(reason) = lower.strip_prefix("drop_") else {
+        let (Some("drop"), Some(reason)) = (label(labels, "verdict"), label(labels, "reason")) else {
             continue;
         };
         *out.entry(reason.to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0) as u64;
@@ -392,10 +388,11 @@ mod tests {
 
     #[test]
     fn drops_are_summed_by_reason_across_directions() {
-        let m = "# HELP x\nmeshguard_datapath_packets_total{direction=\"ingress\",reason=\"DROP_POLICY_DEFAULT\"} 3\n\
-                 meshguard_datapath_packets_total{direction=\"egress\",reason=\"DROP_POLICY_DEFAULT\"} 2\n\
-                 meshguard_datapath_packets_total{direction=\"ingress\",reason=\"FWD_POLICY_ALLOW\"} 9\n\
-                 meshguard_datapath_packets_total{direction=\"ingress\",reason=\"drop_spoofed_ip\"} 1\n";
+        let m = "# HELP x\nmeshguard_datapath_packets_total{direction=\"ingress\",verdict=\"drop\",reason=\"policy_default\"} 3\n\
+                 meshguard_datapath_packets_total{direction=\"egress\",verdict=\"drop\",reason=\"policy_default\"} 2\n\
+                 meshguard_datapath_packets_total{direction=\"ingress\",verdict=\"forward\",reason=\"policy_allow\"} 9\n\
+                 meshguard_datapath_bytes_total{direction=\"ingress\",verdict=\"drop\",reason=\"policy_default\"} 900\n\
+                 meshguard_datapath_packets_total{direction=\"ingress\",verdict=\"drop\",reason=\"spoofed_ip\"} 1\n";
         let d = drops(m);
         assert_eq!(d.get("policy_default"), Some(&5));
         assert_eq!(d.get("spoofed_ip"), Some(&1));

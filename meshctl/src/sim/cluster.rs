@@ -399,7 +399,7 @@ impl Cluster {
         let node = pod.node.clone();
         let dir = self.endpoints_dir(&node);
         std::fs::create_dir_all(&dir)?;
-        let text = serde_yaml::to_string(&ep).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let text = meshguard_common::yaml::to_string(&ep).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         std::fs::write(dir.join(ep.file_name()), text)?;
         Ok(())
     }
@@ -437,7 +437,7 @@ impl Cluster {
         };
         let dir = self.cluster_dir();
         std::fs::create_dir_all(&dir)?;
-        let text = serde_yaml::to_string(&file).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let text = meshguard_common::yaml::to_string(&file).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         let tmp = dir.join("cluster.yaml.tmp");
         std::fs::write(&tmp, text)?;
         std::fs::rename(tmp, dir.join("cluster.yaml"))?;
@@ -1016,7 +1016,8 @@ impl Cluster {
     pub fn node_public_key(&self, node: &str) -> Result<String> {
         let path = self.cluster_dir().join("nodes").join(format!("{node}.yaml"));
         let text = std::fs::read_to_string(&path)?;
-        let rec: meshguard_common::cluster::NodeRecord = serde_yaml::from_str(&text).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let rec: meshguard_common::cluster::NodeRecord =
+            meshguard_common::yaml::from_str(&text).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         Ok(rec.public_key.to_base64())
     }
 }

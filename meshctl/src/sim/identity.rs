@@ -419,7 +419,7 @@ impl Identity<'_> {
             c.nodes.iter().map(|n| (n.name.clone(), self.node_credentials(&n.name))).collect();
         c.set_agent_source(move |node| {
             format!(
-                "{{registry: {{address: \"{addr}\", nodeCredentials: {}, trustBundle: {}, trustDomain: {td}}}}}",
+                "{{registry: {{caAddress: \"{addr}\", nodeCredentials: {}, trustBundleFile: {}, trustDomain: {td}}}}}",
                 creds[node].display(),
                 bundle.display()
             )

@@ -22,7 +22,7 @@ use crate::sim::cluster::{ClusterBuilder, MAX_NODES, MAX_PODS_PER_NODE, PodSpec,
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("cluster spec is invalid: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] meshguard_common::yaml::YamlError),
     #[error("cluster spec is invalid: {field}: {what}")]
     Invalid { field: String, what: String },
 }
@@ -83,7 +83,7 @@ fn dns_label(s: &str) -> Result<(), String> {
 impl ClusterSpec {
     /// Parses and checks a spec; nothing is built.
     pub fn from_yaml(text: &str) -> Result<Self, SpecError> {
-        let spec: Self = serde_yaml::from_str(text)?;
+        let spec: Self = meshguard_common::yaml::from_str(text)?;
         spec.validate()?;
         Ok(spec)
     }

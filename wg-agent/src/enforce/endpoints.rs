@@ -31,7 +31,7 @@ pub fn read_endpoints(dir: &Path) -> Result<Vec<EndpointFile>, EnforceError> {
         let file = e.file_name().to_string_lossy().into_owned();
         let endpoint = std::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read: {e}"))
-            .and_then(|text| serde_yaml::from_str::<LocalEndpoint>(&text).map_err(|e| format!("invalid: {e}")))
+            .and_then(|text| meshguard_common::yaml::from_str::<LocalEndpoint>(&text).map_err(|e| format!("invalid: {e}")))
             .and_then(|ep| {
                 if ep.file_name() == file { Ok(ep) } else { Err(format!("describes pod {} but is not named {}", ep.key(), ep.file_name())) }
             });
@@ -55,7 +55,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             ips: vec!["10.244.1.2".parse().unwrap()],
         };
-        let text = serde_yaml::to_string(&ep).unwrap();
+        let text = meshguard_common::yaml::to_string(&ep).unwrap();
         std::fs::write(dir.path().join("shop_web.yaml"), &text).unwrap();
         std::fs::write(dir.path().join("shop_api.yaml"), &text).unwrap();
         std::fs::write(dir.path().join("shop_db.yaml"), "namespace: sh").unwrap();

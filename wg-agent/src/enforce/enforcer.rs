@@ -432,7 +432,7 @@ mod tests {
         }
 
         fn write(&self, ep: &LocalEndpoint) {
-            std::fs::write(self.dir.path().join(ep.file_name()), serde_yaml::to_string(ep).unwrap()).unwrap();
+            std::fs::write(self.dir.path().join(ep.file_name()), meshguard_common::yaml::to_string(ep).unwrap()).unwrap();
         }
 
         /// The view learns of the pod as a workload of `sa` on this node.

@@ -11,6 +11,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use meshguard_common::config::{Deprecations, parse_duration};
+
 use crate::io::tun::validate_ifname;
 
 /// WireGuard's customary MTU: 1500 minus the largest (IPv6) encapsulation overhead.
@@ -40,7 +42,7 @@ pub enum ConfigError {
     Parse {
         path: String,
         #[source]
-        source: serde_yaml::Error,
+        source: meshguard_common::yaml::YamlError,
     },
     #[error("config: {0}")]
     Invalid(String),
@@ -107,6 +109,10 @@ pub struct RawSource {
     /// A shared directory (see `meshguard_common::cluster::file`).
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// How often the directory is re-read (a duration, e.g. `100ms`).
+    #[serde(default)]
+    pub poll_interval: Option<String>,
+    /// Deprecated: `pollInterval` in milliseconds.
     #[serde(default)]
     pub poll_interval_ms: Option<u64>,
     /// identity-ca's registry (standalone mode).
@@ -117,14 +123,26 @@ pub struct RawSource {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawRegistry {
-    /// `host:port` of identity-ca's node API.
-    pub address: String,
+    /// `host:port` of identity-ca's node API (the same key as auth-handshake's).
+    #[serde(default)]
+    pub ca_address: Option<String>,
+    /// Deprecated name of `caAddress`.
+    #[serde(default)]
+    pub address: Option<String>,
     /// The node's SVID and key, kept fresh by auth-handshake (`node-svid.json`).
     pub node_credentials: PathBuf,
     /// PEM trust bundle to verify identity-ca with (until the first refresh).
-    pub trust_bundle: PathBuf,
+    #[serde(default)]
+    pub trust_bundle_file: Option<PathBuf>,
+    /// Deprecated name of `trustBundleFile`.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
     #[serde(default)]
     pub trust_domain: Option<meshguard_common::spiffe::TrustDomain>,
+    /// How often the trust bundle is re-fetched (a duration, e.g. `10s`).
+    #[serde(default)]
+    pub bundle_refresh: Option<String>,
+    /// Deprecated: `bundleRefresh` in milliseconds.
     #[serde(default)]
     pub bundle_refresh_ms: Option<u64>,
 }
@@ -145,6 +163,8 @@ pub struct AgentConfig {
     pub metrics_address: Option<SocketAddr>,
     pub source: SourceConfig,
     pub datapath: Option<DatapathSettings>,
+    /// Renamed keys the file used; logged by [`load`].
+    pub deprecations: Deprecations,
 }
 
 #[derive(Debug, Clone)]
@@ -176,8 +196,9 @@ pub enum SourceConfig {
     },
 }
 
-/// How often the registry's trust bundle is re-fetched (CA rotations).
-pub const DEFAULT_BUNDLE_REFRESH: Duration = Duration::from_secs(60);
+/// How often the registry's trust bundle is re-fetched (CA rotations):
+/// the same default as auth-handshake's.
+pub const DEFAULT_BUNDLE_REFRESH: Duration = meshguard_ca_client::registry::DEFAULT_BUNDLE_REFRESH;
 
 // === impl AgentConfig ===
 
@@ -189,8 +210,11 @@ impl AgentConfig {
 
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let raw: RawConfig = serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
-    construct_config(raw)
+    let raw: RawConfig =
+        meshguard_common::yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
+    let cfg = construct_config(raw)?;
+    cfg.deprecations.warn();
+    Ok(cfg)
 }
 
 pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
@@ -239,20 +263,42 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
             return invalid(format!("podCidr {pod} is outside every clusterCidr"));
         }
     }
+    let mut deprecations = Deprecations::default();
+    let duration = |key: &str, text: Option<String>| {
+        text.map(|t| parse_duration(&t).map_err(|e| ConfigError::Invalid(format!("{key} {t:?}: {e}")))).transpose()
+    };
     let source = match (raw.cluster.dir, raw.cluster.registry) {
-        (Some(path), None) => SourceConfig::Dir {
-            path,
-            poll: raw.cluster.poll_interval_ms.map(Duration::from_millis).unwrap_or(meshguard_common::cluster::file::DEFAULT_POLL_INTERVAL),
-        },
-        (None, Some(r)) => SourceConfig::Registry {
-            address: r.address,
-            node_credentials: r.node_credentials,
-            trust_bundle: r.trust_bundle,
-            trust_domain: r.trust_domain.unwrap_or_else(|| {
-                meshguard_common::spiffe::TrustDomain::new(meshguard_common::cluster::DEFAULT_TRUST_DOMAIN).expect("valid constant")
-            }),
-            bundle_refresh: r.bundle_refresh_ms.map(Duration::from_millis).unwrap_or(DEFAULT_BUNDLE_REFRESH),
-        },
+        (Some(path), None) => {
+            let poll = duration("cluster.pollInterval", raw.cluster.poll_interval)?;
+            let old = raw.cluster.poll_interval_ms.map(Duration::from_millis);
+            let poll = deprecations.pick("cluster.pollInterval", poll, "cluster.pollIntervalMs", old).map_err(ConfigError::Invalid)?;
+            SourceConfig::Dir { path, poll: poll.unwrap_or(meshguard_common::cluster::file::DEFAULT_POLL_INTERVAL) }
+        }
+        (None, Some(r)) => {
+            fn required<T>(v: Option<T>, key: &str) -> Result<T, ConfigError> {
+                v.ok_or_else(|| ConfigError::Invalid(format!("cluster.registry.{key} is required")))
+            }
+            let address = deprecations
+                .pick("cluster.registry.caAddress", r.ca_address, "cluster.registry.address", r.address)
+                .map_err(ConfigError::Invalid)?;
+            let bundle = deprecations
+                .pick("cluster.registry.trustBundleFile", r.trust_bundle_file, "cluster.registry.trustBundle", r.trust_bundle)
+                .map_err(ConfigError::Invalid)?;
+            let refresh = duration("cluster.registry.bundleRefresh", r.bundle_refresh)?;
+            let old = r.bundle_refresh_ms.map(Duration::from_millis);
+            let refresh = deprecations
+                .pick("cluster.registry.bundleRefresh", refresh, "cluster.registry.bundleRefreshMs", old)
+                .map_err(ConfigError::Invalid)?;
+            SourceConfig::Registry {
+                address: required(address, "caAddress")?,
+                node_credentials: r.node_credentials,
+                trust_bundle: required(bundle, "trustBundleFile")?,
+                trust_domain: r.trust_domain.unwrap_or_else(|| {
+                    meshguard_common::spiffe::TrustDomain::new(meshguard_common::cluster::DEFAULT_TRUST_DOMAIN).expect("valid constant")
+                }),
+                bundle_refresh: refresh.unwrap_or(DEFAULT_BUNDLE_REFRESH),
+            }
+        }
         (Some(_), Some(_)) => return invalid("cluster: give one source, `dir` or `registry`, not both".into()),
         (None, None) => {
             return invalid(
@@ -284,6 +330,7 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         uapi_socket_dir: raw.uapi_socket_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_UAPI_DIR)),
         metrics_address: raw.metrics_address,
         source,
+        deprecations,
     })
 }
 
@@ -292,7 +339,7 @@ mod tests {
     use super::*;
 
     fn raw(yaml: &str) -> RawConfig {
-        serde_yaml::from_str(yaml).unwrap()
+        meshguard_common::yaml::from_str(yaml).unwrap()
     }
 
     const BASE: &str =
@@ -306,6 +353,35 @@ mod tests {
         assert_eq!(c.interface, "mg0");
         assert!(c.strict);
         assert_eq!(c.key_path(), PathBuf::from("/var/lib/meshguard/node.key"));
+    }
+
+    #[test]
+    fn registry_keys_match_auth_handshakes_and_old_names_still_work_with_a_warning() {
+        let reg = |body: &str| BASE.replace("cluster: {dir: /tmp/c}", &format!("cluster: {{registry: {{nodeCredentials: /n, {body}}}}}"));
+        let c = construct_config(raw(&reg("caAddress: \"ca:8443\", trustBundleFile: /b, bundleRefresh: 1m30s"))).unwrap();
+        let SourceConfig::Registry { address, trust_bundle, bundle_refresh, .. } = &c.source else { panic!("{:?}", c.source) };
+        assert_eq!((address.as_str(), trust_bundle.as_path(), *bundle_refresh), ("ca:8443", Path::new("/b"), Duration::from_secs(90)));
+        assert!(c.deprecations.messages().is_empty());
+        let c = construct_config(raw(&reg("caAddress: \"ca:8443\", trustBundleFile: /b"))).unwrap();
+        let SourceConfig::Registry { bundle_refresh, .. } = &c.source else { panic!() };
+        assert_eq!(*bundle_refresh, meshguard_ca_client::registry::DEFAULT_BUNDLE_REFRESH, "the same default as auth-handshake");
+        let old = construct_config(raw(&reg("address: \"ca:8443\", trustBundle: /b, bundleRefreshMs: 2500"))).unwrap();
+        let SourceConfig::Registry { address, trust_bundle, bundle_refresh, .. } = &old.source else { panic!() };
+        assert_eq!((address.as_str(), trust_bundle.as_path(), *bundle_refresh), ("ca:8443", Path::new("/b"), Duration::from_millis(2500)));
+        assert_eq!(old.deprecations.messages().len(), 3, "{:?}", old.deprecations);
+        let both = construct_config(raw(&reg("address: a, caAddress: b, trustBundleFile: /b"))).unwrap_err().to_string();
+        assert!(both.contains("caAddress only"), "{both}");
+        let missing = construct_config(raw(&reg("trustBundleFile: /b"))).unwrap_err().to_string();
+        assert!(missing.contains("caAddress is required"), "{missing}");
+        let bad = construct_config(raw(&reg("caAddress: a, trustBundleFile: /b, bundleRefresh: \"10\""))).unwrap_err().to_string();
+        assert!(bad.contains("bundleRefresh") && bad.contains("10s"), "{bad}");
+        let dir =
+            |extra: &str| construct_config(raw(&BASE.replace("cluster: {dir: /tmp/c}", &format!("cluster: {{dir: /tmp/c, {extra}}}"))));
+        let SourceConfig::Dir { poll, .. } = dir("pollInterval: 250ms").unwrap().source else { panic!() };
+        assert_eq!(poll, Duration::from_millis(250));
+        let c = dir("pollIntervalMs: 300").unwrap();
+        assert!(matches!(c.source, SourceConfig::Dir { poll, .. } if poll == Duration::from_millis(300)));
+        assert_eq!(c.deprecations.messages().len(), 1);
     }
 
     #[test]
@@ -332,8 +408,8 @@ mod tests {
             let err = construct_config(raw(&yaml)).unwrap_err().to_string();
             assert!(err.contains(want), "{want:?} not in {err:?}");
         }
-        assert!(serde_yaml::from_str::<RawConfig>(&format!("{BASE}bogus: 1\n")).is_err());
-        let bad_mode = serde_yaml::from_str::<RawConfig>(&format!("{BASE}datapath: {{endpointsDir: /e, attachMode: xdp}}\n"));
+        assert!(meshguard_common::yaml::from_str::<RawConfig>(&format!("{BASE}bogus: 1\n")).is_err());
+        let bad_mode = meshguard_common::yaml::from_str::<RawConfig>(&format!("{BASE}datapath: {{endpointsDir: /e, attachMode: xdp}}\n"));
         let err = bad_mode.unwrap_err().to_string();
         assert!(err.contains("attachMode") || err.contains("unknown variant `xdp`"), "{err}");
     }

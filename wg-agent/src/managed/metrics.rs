@@ -1,15 +1,12 @@
 //! Prometheus metrics, read from the live device at scrape time, served on
-//! `metricsAddress` at `/metrics` (and `/healthz`).
+//! `metricsAddress` by the shared telemetry server (`/metrics`, `/healthz`,
+//! `/readyz`).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use meshguard_ca_client::svid::node_tls::NodeIdentity;
 use meshguard_common::key::PublicKey;
 use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
@@ -32,6 +29,10 @@ pub struct AgentMetrics {
     datapath: Mutex<Option<Arc<Mutex<EnforceState>>>>,
     /// Peers applied and, with a datapath, the datapath loaded and pods attached.
     ready: std::sync::atomic::AtomicBool,
+    /// In registry mode: the node SVID this agent presents to identity-ca.
+    pub node_identity: Mutex<Option<tokio::sync::watch::Receiver<NodeIdentity>>>,
+    /// When the cluster source last delivered a view.
+    pub view_at: Mutex<Option<SystemTime>>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -50,6 +51,8 @@ impl AgentMetrics {
             refusals: Mutex::default(),
             datapath: Mutex::default(),
             ready: std::sync::atomic::AtomicBool::new(false),
+            node_identity: Mutex::default(),
+            view_at: Mutex::default(),
         })
     }
 
@@ -85,8 +88,14 @@ impl AgentMetrics {
 
     pub fn registry(self: &Arc<Self>) -> Registry {
         let mut r = Registry::default();
+        meshguard_common::telemetry::register_build_info(&mut r, "wg-agent");
         r.register_collector(Box::new(self.clone()));
         r
+    }
+
+    pub fn readiness_fn(self: &Arc<Self>) -> meshguard_common::telemetry::Readiness {
+        let me = self.clone();
+        Arc::new(move || me.readiness())
     }
 }
 
@@ -141,13 +150,28 @@ impl Collector for AgentMetrics {
             let st = dp.lock();
             let mut m = enc.encode_descriptor(
                 "meshguard_datapath_packets",
-                "Packets through the policy datapath, by direction (pod's view) and verdict reason.",
+                "Packets through the policy datapath, by direction (pod's view), verdict (forward, drop) and reason.",
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
+            let series = |dir: &meshguard_ebpf::policy::Direction, code: &meshguard_ebpf::abi::Code| {
+                vec![
+                    ("direction".to_owned(), format!("{dir:?}").to_lowercase()),
+                    ("verdict".to_owned(), code.verdict().to_owned()),
+                    ("reason".to_owned(), code.reason()),
+                ]
+            };
             for ((dir, code), c) in &st.counters {
-                let l = vec![("direction".to_owned(), format!("{dir:?}").to_lowercase()), ("reason".to_owned(), code.to_string())];
-                ConstCounter::new(c.packets).encode(m.encode_family(&l)?)?;
+                ConstCounter::new(c.packets).encode(m.encode_family(&series(dir, code))?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "meshguard_datapath",
+                "Bytes through the policy datapath, by direction (pod's view), verdict and reason.",
+                Some(&prometheus_client::registry::Unit::Bytes),
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for ((dir, code), c) in &st.counters {
+                ConstCounter::new(c.bytes).encode(m.encode_family(&series(dir, code))?)?;
             }
             let mut m = enc.encode_descriptor(
                 "meshguard_datapath_events",
@@ -186,8 +210,25 @@ impl Collector for AgentMetrics {
                 ConstCounter::new(*n).encode(m.encode_family(&label("reason", reason))?)?;
             }
         }
+        if let Some(id) = self.node_identity.lock().as_ref() {
+            ConstGauge::new(id.borrow().expires_at).encode(enc.encode_descriptor(
+                "meshguard_wg_node_svid_expiry_timestamp_seconds",
+                "Unix time the node SVID this agent presents to identity-ca expires (registry mode).",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?)?;
+        }
+        if let Some(at) = *self.view_at.lock() {
+            let t = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            ConstGauge::new(t).encode(enc.encode_descriptor(
+                "meshguard_wg_cluster_view_timestamp_seconds",
+                "Unix time the cluster source last delivered a view.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?)?;
+        }
         let mut m = enc.encode_descriptor(
-            "meshguard_wg_peer_last_handshake_seconds",
+            "meshguard_wg_peer_last_handshake_timestamp_seconds",
             "Unix time of the latest handshake with a peer (0: never).",
             None,
             prometheus_client::metrics::MetricType::Gauge,
@@ -199,48 +240,4 @@ impl Collector for AgentMetrics {
         }
         Ok(())
     }
-}
-
-/// Serves `/metrics` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving metrics");
-    let registry = Arc::new(metrics.registry());
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let registry = registry.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
-                let ready = metrics.readiness();
-                async move { Ok::<_, Infallible>(respond(&req, &registry, ready)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
-        });
-    }
-}
-
-fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry, ready: Result<(), Vec<String>>) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
-        "/metrics" => {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, registry) {
-                Ok(()) => (StatusCode::OK, text),
-                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n".into()),
-            }
-        }
-        "/healthz" => (StatusCode::OK, "ok\n".into()),
-        "/readyz" => match ready {
-            Ok(()) => (StatusCode::OK, "ready\n".into()),
-            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", why.join("\n"))),
-        },
-        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts are valid")
 }

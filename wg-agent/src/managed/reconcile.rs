@@ -145,7 +145,7 @@ mod tests {
     use crate::managed::config::{RawConfig, construct_config};
 
     fn cfg() -> AgentConfig {
-        let raw: RawConfig = serde_yaml::from_str(
+        let raw: RawConfig = meshguard_common::yaml::from_str(
             "nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nclusterCidrs: [10.244.0.0/16]\ncluster: {dir: /x}\n",
         )
         .unwrap();
@@ -218,7 +218,7 @@ mod tests {
     /// tunnel. Either the configuration is refused or the record is.
     #[test]
     fn a_non_strict_node_never_accepts_a_range_outside_the_cluster() {
-        let raw: RawConfig = serde_yaml::from_str(
+        let raw: RawConfig = meshguard_common::yaml::from_str(
             "nodeName: node-1\nendpoint: 192.168.50.1\npodCidrs: [10.244.1.0/24]\nstrict: false\ncluster: {dir: /x}\n",
         )
         .unwrap();

@@ -1,0 +1,83 @@
+//! What every binary's configuration file shares: where it lives by
+//! default, how durations are written, and how renamed keys keep working
+//! for a release.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Each binary reads `/etc/meshguard/<binary>.yaml` unless told otherwise.
+pub const CONFIG_DIR: &str = "/etc/meshguard";
+
+/// The default config file of `binary` (`wg-agent`, `auth-handshake`, `identity-ca`).
+pub fn default_path(binary: &str) -> PathBuf {
+    PathBuf::from(CONFIG_DIR).join(format!("{binary}.yaml"))
+}
+
+/// A duration as people write them: `500ms`, `10s`, `1h30m`, `2h 5m`.
+/// A bare number is refused: its unit would be a guess.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("{e}; write a duration such as 500ms, 10s or 1h30m"))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Renamed keys read while a file is constructed; each use is reported once
+/// the binary logs, and giving both names is an error.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Deprecations(Vec<String>);
+
+impl Deprecations {
+    /// The value under `key`, or under its deprecated name `old_key`.
+    pub fn pick<T>(&mut self, key: &str, value: Option<T>, old_key: &str, old: Option<T>) -> Result<Option<T>, String> {
+        match (value, old) {
+            (Some(_), Some(_)) => Err(format!("give {key} only: {old_key} is its deprecated name")),
+            (None, Some(v)) => {
+                self.0.push(format!("config key {old_key} is deprecated and will be removed in the next release: write {key}"));
+                Ok(Some(v))
+            }
+            (v, None) => Ok(v),
+        }
+    }
+
+    pub fn messages(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Logs each deprecation as a warning.
+    pub fn warn(&self) {
+        for m in &self.0 {
+            tracing::warn!("{m}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_durations_parse_and_bare_numbers_do_not() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration(" 2h 5m ").unwrap(), Duration::from_secs(7500));
+        for bad in ["10", "", "ten seconds", "-1s", "1x"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(parse_duration(&format_duration(Duration::from_millis(90_500))).unwrap(), Duration::from_millis(90_500));
+    }
+
+    #[test]
+    fn an_old_key_works_with_a_warning_and_both_keys_is_an_error() {
+        let mut d = Deprecations::default();
+        assert_eq!(d.pick("metricsAddress", None, "metricsAddr", Some(1)).unwrap(), Some(1));
+        assert_eq!(d.pick("caAddress", Some(2), "address", None).unwrap(), Some(2));
+        assert_eq!(d.pick::<u8>("x", None, "y", None).unwrap(), None);
+        assert_eq!(d.messages().len(), 1);
+        assert!(d.messages()[0].contains("metricsAddr") && d.messages()[0].contains("metricsAddress"));
+        assert!(d.pick("metricsAddress", Some(1), "metricsAddr", Some(2)).is_err());
+    }
+}
