@@ -101,9 +101,26 @@ pub struct Config {
 }
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, true)
+}
+
+/// The configuration without reading the join token file: what
+/// `auth-handshake healthcheck` needs, after the token file is gone.
+pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, false)
+}
+
+fn load_with(path: &Path, secrets: bool) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
     let mut file: ConfigFile = meshguard_common::yaml::from_str(&text).map_err(|source| ConfigError::Yaml { source })?;
-    if let Some(p) = file.join_token_file.take() {
+    if file.join_token.is_some() && file.join_token_file.is_some() {
+        return Err(ConfigError::Invalid {
+            key: "joinTokenFile",
+            value: String::new(),
+            reason: "give joinToken or joinTokenFile, not both".into(),
+        });
+    }
+    if let Some(p) = file.join_token_file.take().filter(|_| secrets) {
         let t = std::fs::read_to_string(&p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
         file.join_token = Some(t.trim().to_owned());
     }

@@ -32,11 +32,12 @@ enum Cmd {
 async fn main() -> Result<ExitCode> {
     meshguard_common::logging::init();
     let cmd = Cli::parse().cmd;
-    let (Cmd::Run { config } | Cmd::Healthcheck { config }) = &cmd;
-    let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
-    if let Cmd::Healthcheck { .. } = cmd {
+    if let Cmd::Healthcheck { config } = &cmd {
+        let cfg = config::load_without_secrets(config).with_context(|| format!("loading {}", config.display()))?;
         return Ok(meshguard_common::telemetry::healthcheck(cfg.metrics_address).await);
     }
+    let Cmd::Run { config } = &cmd else { unreachable!("healthcheck returned") };
+    let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
     let agent = Agent::start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

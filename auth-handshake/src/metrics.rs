@@ -185,11 +185,11 @@ impl Collector for Credentials {
         for (id, svid) in &st.svids {
             ConstGauge::new(svid.expires_at).encode(m.encode_family(&labels(&[("spiffe_id", id.as_str())]))?)?;
         }
-        let td = self.ca.trust_domain();
-        let without = st.workloads.iter().filter(|w| w.spiffe_id(td).ok().is_none_or(|id| !st.svids.contains_key(&id)));
-        ConstGauge::new(without.count() as i64).encode(enc.encode_descriptor(
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let without = missing_svids(&st, self.ca.trust_domain(), now);
+        ConstGauge::new(without.len() as i64).encode(enc.encode_descriptor(
             "meshguard_auth_workloads_without_svid",
-            "Workloads placed on this node that hold no SVID yet.",
+            "Workloads placed on this node without a valid SVID (none yet, or expired).",
             None,
             MetricType::Gauge,
         )?)?;
@@ -205,6 +205,17 @@ impl Collector for Credentials {
         }
         Ok(())
     }
+}
+
+/// This node's workloads without a valid SVID (none yet, or expired).
+fn missing_svids(svids: &SvidState, td: &TrustDomain, now: i64) -> Vec<String> {
+    svids
+        .workloads
+        .iter()
+        .filter_map(|w| w.spiffe_id(td).ok())
+        .filter(|id| svids.svids.get(id).is_none_or(|s| s.expires_at <= now))
+        .map(|id| id.to_string())
+        .collect()
 }
 
 /// Ready when the node holds an unexpired SVID, identity-ca has answered,
@@ -224,13 +235,7 @@ fn check_ready(svids: &SvidState, node_expires_at: Option<i64>, td: &TrustDomain
     if svids.synced_at.is_none() {
         problems.push("no answer from identity-ca yet".to_owned());
     }
-    let missing: Vec<String> = svids
-        .workloads
-        .iter()
-        .filter_map(|w| w.spiffe_id(td).ok())
-        .filter(|id| svids.svids.get(id).is_none_or(|s| s.expires_at <= now))
-        .map(|id| id.to_string())
-        .collect();
+    let missing = missing_svids(svids, td, now);
     if !missing.is_empty() {
         problems.push(format!("{} workload(s) without a valid SVID: {}", missing.len(), missing.join(", ")));
     }

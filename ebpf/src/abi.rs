@@ -506,9 +506,11 @@ impl Code {
         }
     }
 
-    /// The `verdict` metric label: forward, drop, or unknown.
+    /// The `verdict` metric label: forward, drop, notice (counted, never a
+    /// verdict: `NOTICE_*`), or unknown.
     pub fn verdict(&self) -> &'static str {
         match self {
+            Self::Forward(r) if r.c_name().starts_with("NOTICE_") => "notice",
             Self::Forward(_) => "forward",
             Self::Drop(_) => "drop",
             Self::Unknown(_) => "unknown",
@@ -523,7 +525,7 @@ impl Code {
             Self::Drop(r) => r.c_name(),
             Self::Unknown(c) => return format!("code_{c}"),
         };
-        let bare = name.strip_prefix("FWD_").or_else(|| name.strip_prefix("DROP_")).unwrap_or(name);
+        let bare = ["FWD_", "DROP_", "NOTICE_"].iter().find_map(|p| name.strip_prefix(p)).unwrap_or(name);
         bare.to_ascii_lowercase()
     }
 }
@@ -574,6 +576,8 @@ mod tests {
         assert_eq!((c.verdict(), c.reason().as_str()), ("drop", "policy_deny"));
         let c = Code::from_code(ForwardReason::CtEstablished.code());
         assert_eq!((c.verdict(), c.reason().as_str()), ("forward", "ct_established"));
+        let c = Code::from_code(ForwardReason::NoticeEventLost.code());
+        assert_eq!((c.verdict(), c.reason().as_str()), ("notice", "event_lost"));
         assert_eq!((Code::Unknown(99).verdict(), Code::Unknown(99).reason().as_str()), ("unknown", "code_99"));
         // Every known code gives a distinct lowercase label.
         let mut seen = std::collections::BTreeSet::new();

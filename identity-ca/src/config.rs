@@ -132,9 +132,10 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         Some(s) => parse_duration(s).map_err(|reason| ConfigError::Invalid { key, value: s.clone(), reason }),
     };
     let mut deprecations = Deprecations::default();
+    let old = f.metrics_addr.clone().unwrap_or_default();
     let metrics_address = deprecations
         .pick("metricsAddress", f.metrics_address, "metricsAddr", f.metrics_addr)
-        .map_err(|reason| ConfigError::Invalid { key: "metricsAddress", value: String::new(), reason })?;
+        .map_err(|reason| ConfigError::Invalid { key: "metricsAddr", value: old, reason })?;
     let cfg = Config {
         trust_domain,
         listen_addr: addr("listenAddr", f.listen_addr.as_deref().unwrap_or(DEFAULT_LISTEN_ADDR))?,

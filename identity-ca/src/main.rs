@@ -28,6 +28,11 @@ enum Cmd {
         #[arg(long, default_value_os_t = meshguard_common::config::default_path("identity-ca"))]
         config: PathBuf,
     },
+    /// The state database's file format, with the CA stopped.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
     /// Ask the running CA's /readyz (on the config's metricsAddress); exit 0 when ready.
     Healthcheck {
         #[arg(long, default_value_os_t = meshguard_common::config::default_path("identity-ca"))]
@@ -128,6 +133,16 @@ enum CaCmd {
 }
 
 #[derive(Subcommand)]
+enum StoreCmd {
+    /// Rewrite identity-ca.redb in redb's newest file format (v3), ahead of
+    /// a release built on redb 3. Stop the CA and back up stateDir first.
+    Upgrade {
+        #[arg(long, default_value_os_t = meshguard_common::config::default_path("identity-ca"))]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum BundleCmd {
     Show {
         /// pem (X.509 authorities), jwks, json (everything), or spiffe (the
@@ -206,6 +221,17 @@ fn pem(label: &str, der: &[u8]) -> String {
 async fn main() -> Result<std::process::ExitCode> {
     meshguard_common::logging::init();
     let cli = Cli::parse();
+    if let Cmd::Store { cmd: StoreCmd::Upgrade { config } } = &cli.cmd {
+        let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
+        let upgraded = meshguard_identity_ca::store::Store::upgrade_format(&cfg.state_dir, config::DB_FILE)
+            .with_context(|| format!("upgrading {} (is the CA stopped?)", cfg.db_path().display()))?;
+        println!(
+            "{}: {}",
+            cfg.db_path().display(),
+            if upgraded { "upgraded to redb file format v3" } else { "already in redb file format v3" }
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     if let Cmd::Healthcheck { config } = &cli.cmd {
         let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
         return Ok(meshguard_common::telemetry::healthcheck(cfg.metrics_address).await);
@@ -230,7 +256,7 @@ async fn main() -> Result<std::process::ExitCode> {
     let json = cli.json;
     let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cli.cmd {
-        Cmd::Run { .. } | Cmd::Healthcheck { .. } => unreachable!("handled above"),
+        Cmd::Run { .. } | Cmd::Healthcheck { .. } | Cmd::Store { .. } => unreachable!("handled above"),
         Cmd::Token { cmd: TokenCmd::Create { node, ttl } } => {
             let ttl_seconds = match ttl {
                 Some(t) => meshguard_common::config::parse_duration(&t).map_err(anyhow::Error::msg)?.as_secs() as i64,

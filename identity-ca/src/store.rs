@@ -80,6 +80,21 @@ impl Store {
         Ok(store)
     }
 
+    /// Rewrites the database in redb's newest file format (v3, the only one
+    /// redb 3 reads); `Ok(false)` when it already is. Run with the CA
+    /// stopped (redb's file lock refuses a second opener) and the state
+    /// directory backed up: the rewrite is one transaction, but there is no
+    /// way back to v2. See docs/runbooks.md, "Upgrading the CA's database".
+    pub fn upgrade_format(dir: &Path, file: &str) -> Result<bool, StoreError> {
+        let path = dir.join(file);
+        if !path.is_file() {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no database here");
+            return Err(StoreError::Io { path: path.display().to_string(), source });
+        }
+        let mut db = Database::open(&path).map_err(db_err("open"))?;
+        db.upgrade().map_err(db_err("upgrade"))
+    }
+
     fn init(&self, trust_domain: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err("begin"))?;
         {
