@@ -14,6 +14,7 @@ pub mod config;
 pub mod flow;
 pub mod key;
 pub mod logging;
+pub mod output;
 pub mod policy;
 pub mod retry;
 pub mod spiffe;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use meshguard_ca_client::registry::proto;
+use meshguard_common::output::{self, Output, Table};
 use meshguard_identity_ca::{admin, config, server::CaServer, spiffe_bundle};
 
 #[derive(Parser)]
@@ -14,7 +15,10 @@ struct Cli {
     /// The running CA's admin socket.
     #[arg(long, global = true, default_value = config::DEFAULT_ADMIN_SOCKET)]
     admin_socket: PathBuf,
-    /// Print JSON instead of tables.
+    /// How listings print: table, json or yaml.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// The same as `-o json`.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -253,8 +257,8 @@ async fn main() -> Result<std::process::ExitCode> {
     let mut c = admin::connect(&cli.admin_socket).await.with_context(|| {
         format!("cannot reach identity-ca's admin socket {} (is it running, and are you root?)", cli.admin_socket.display())
     })?;
-    let json = cli.json;
-    let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    let output = if cli.json { Output::Json } else { cli.output };
+    let show = |rows: Vec<serde_json::Value>, table: Table| output::print(output, &rows, || table).map_err(anyhow::Error::msg);
     match cli.cmd {
         Cmd::Run { .. } | Cmd::Healthcheck { .. } | Cmd::Store { .. } => unreachable!("handled above"),
         Cmd::Token { cmd: TokenCmd::Create { node, ttl } } => {
@@ -263,48 +267,32 @@ async fn main() -> Result<std::process::ExitCode> {
                 None => 0,
             };
             let r = c.create_join_token(proto::CreateJoinTokenRequest { node_name: node, ttl_seconds }).await?.into_inner();
-            if json {
-                print(serde_json::json!({"token": r.token, "expiresAt": time(r.expires_at)}));
-            } else {
+            if output == Output::Table {
+                // Bare, for `$(identity-ca token create ...)`.
                 println!("{}", r.token);
+            } else {
+                output::print(output, &serde_json::json!({"token": r.token, "expiresAt": time(r.expires_at)}), Table::default)
+                    .map_err(anyhow::Error::msg)?;
             }
         }
         Cmd::Node { cmd: NodeCmd::List } => {
             let r = c.list_nodes(proto::ListNodesRequest {}).await?.into_inner();
-            if json {
-                print(serde_json::Value::Array(
-                    r.nodes
-                        .iter()
-                        .map(|n| {
-                            serde_json::json!({
-                                "name": n.name, "nodeId": n.node_id, "spiffeId": n.spiffe_id, "attestedAt": time(n.attested_at),
-                                "svidExpiresAt": time(n.svid_expires_at),
-                                "endpoint": n.record.as_ref().map(|r| r.endpoint.clone()),
-                                "publicKey": n.record.as_ref().and_then(|r| {
-                                    <[u8; 32]>::try_from(r.public_key.as_slice())
-                                        .ok()
-                                        .map(|k| meshguard_common::key::PublicKey(k).to_base64())
-                                }),
-                                "podCidrs": n.record.as_ref().map(|r| r.pod_cidrs.clone()),
-                            })
-                        })
-                        .collect(),
-                ));
-            } else {
-                println!("{:<20} {:>7} {:<22} {:<22} {:<22} POD CIDRS", "NODE", "NODE ID", "ATTESTED", "SVID EXPIRES", "ENDPOINT");
-                for n in r.nodes {
-                    let (ep, cidrs) = n.record.map(|r| (r.endpoint, r.pod_cidrs.join(","))).unwrap_or_default();
-                    println!(
-                        "{:<20} {:>7} {:<22} {:<22} {:<22} {}",
-                        n.name,
-                        n.node_id,
-                        time(n.attested_at),
-                        time(n.svid_expires_at),
-                        ep,
-                        cidrs
-                    );
-                }
+            let mut t = Table::new(&["NODE", "NODE ID", "ATTESTED", "SVID EXPIRES", "ENDPOINT", "POD CIDRS"]);
+            let mut rows = Vec::new();
+            for n in &r.nodes {
+                let (ep, cidrs) = n.record.as_ref().map(|r| (r.endpoint.clone(), r.pod_cidrs.join(","))).unwrap_or_default();
+                t.row(vec![n.name.clone(), n.node_id.to_string(), time(n.attested_at), time(n.svid_expires_at), ep, cidrs]);
+                rows.push(serde_json::json!({
+                    "name": n.name, "nodeId": n.node_id, "spiffeId": n.spiffe_id, "attestedAt": time(n.attested_at),
+                    "svidExpiresAt": time(n.svid_expires_at),
+                    "endpoint": n.record.as_ref().map(|r| r.endpoint.clone()),
+                    "publicKey": n.record.as_ref().and_then(|r| {
+                        <[u8; 32]>::try_from(r.public_key.as_slice()).ok().map(|k| meshguard_common::key::PublicKey(k).to_base64())
+                    }),
+                    "podCidrs": n.record.as_ref().map(|r| r.pod_cidrs.clone()),
+                }));
             }
+            show(rows, t)?;
         }
         Cmd::Node { cmd: NodeCmd::Delete { name } } => {
             c.delete_node(proto::DeleteNodeRequest { name: name.clone() }).await?;
@@ -312,35 +300,23 @@ async fn main() -> Result<std::process::ExitCode> {
         }
         Cmd::Identity { cmd: ListOnly::List } => {
             let r = c.list_identities(proto::ListIdentitiesRequest {}).await?.into_inner();
-            if json {
-                print(serde_json::Value::Array(
-                    r.identities
-                        .iter()
-                        .map(|i| serde_json::json!({"spiffeId": i.spiffe_id, "number": i.number, "nodes": i.nodes, "workloads": i.workloads}))
-                        .collect(),
-                ));
-            } else {
-                println!("{:<60} {:>8} NODES", "SPIFFE ID", "NUMBER");
-                for i in r.identities {
-                    println!("{:<60} {:>8} {}", i.spiffe_id, i.number, i.nodes.join(","));
-                }
+            let mut t = Table::new(&["SPIFFE ID", "NUMBER", "NODES"]);
+            let mut rows = Vec::new();
+            for i in &r.identities {
+                t.row(vec![i.spiffe_id.clone(), i.number.to_string(), i.nodes.join(",")]);
+                rows.push(serde_json::json!({"spiffeId": i.spiffe_id, "number": i.number, "nodes": i.nodes, "workloads": i.workloads}));
             }
+            show(rows, t)?;
         }
         Cmd::Svid { cmd: SvidCmd::List { all } } => {
             let r = c.list_svids(proto::ListSvidsRequest { include_expired: all }).await?.into_inner();
-            if json {
-                print(serde_json::Value::Array(
-                    r.svids
-                        .iter()
-                        .map(|s| serde_json::json!({"serial": s.serial, "spiffeId": s.spiffe_id, "node": s.node, "issuedAt": time(s.issued_at), "expiresAt": time(s.expires_at), "authority": s.authority_id}))
-                        .collect(),
-                ));
-            } else {
-                println!("{:<34} {:<55} {:<14} {:<22} AUTHORITY", "SERIAL", "SPIFFE ID", "NODE", "EXPIRES");
-                for s in r.svids {
-                    println!("{:<34} {:<55} {:<14} {:<22} {}", s.serial, s.spiffe_id, s.node, time(s.expires_at), s.authority_id);
-                }
+            let mut t = Table::new(&["SERIAL", "SPIFFE ID", "NODE", "EXPIRES", "AUTHORITY"]);
+            let mut rows = Vec::new();
+            for s in &r.svids {
+                t.row(vec![s.serial.clone(), s.spiffe_id.clone(), s.node.clone(), time(s.expires_at), s.authority_id.clone()]);
+                rows.push(serde_json::json!({"serial": s.serial, "spiffeId": s.spiffe_id, "node": s.node, "issuedAt": time(s.issued_at), "expiresAt": time(s.expires_at), "authority": s.authority_id}));
             }
+            show(rows, t)?;
         }
         Cmd::Ca { cmd } => {
             let list = match cmd {
@@ -349,16 +325,15 @@ async fn main() -> Result<std::process::ExitCode> {
                 CaCmd::Activate => vec![c.activate_authority(proto::ActivateAuthorityRequest {}).await?.into_inner()],
                 CaCmd::Retire { force } => vec![c.retire_authority(proto::RetireAuthorityRequest { force }).await?.into_inner()],
             };
-            if json {
-                print(serde_json::Value::Array(
-                    list.iter().map(|a| serde_json::json!({"id": a.id, "state": a.state, "notBefore": time(a.not_before), "notAfter": time(a.not_after)})).collect(),
-                ));
-            } else {
-                println!("{:<18} {:<10} {:<22} NOT AFTER", "AUTHORITY", "STATE", "NOT BEFORE");
-                for a in list {
-                    println!("{:<18} {:<10} {:<22} {}", a.id, a.state, time(a.not_before), time(a.not_after));
-                }
+            let mut t = Table::new(&["AUTHORITY", "STATE", "NOT BEFORE", "NOT AFTER"]);
+            let mut rows = Vec::new();
+            for a in &list {
+                t.row(vec![a.id.clone(), a.state.clone(), time(a.not_before), time(a.not_after)]);
+                rows.push(
+                    serde_json::json!({"id": a.id, "state": a.state, "notBefore": time(a.not_before), "notAfter": time(a.not_after)}),
+                );
             }
+            show(rows, t)?;
         }
         Cmd::Bundle { cmd: BundleCmd::Show { format } } => {
             let b = c.get_bundle(proto::GetBundleRequest {}).await?.into_inner();
@@ -366,12 +341,16 @@ async fn main() -> Result<std::process::ExitCode> {
                 "pem" => b.x509_authorities.iter().for_each(|d| print!("{}", pem("CERTIFICATE", d))),
                 "jwks" => println!("{}", String::from_utf8_lossy(&b.jwt_authorities_jwks)),
                 "json" => {
-                    let jwks: serde_json::Value = serde_json::from_slice(&b.jwt_authorities_jwks).unwrap_or_default();
-                    print(serde_json::json!({
-                        "trustDomain": b.trust_domain, "sequence": b.sequence,
-                        "x509Authorities": b.x509_authorities.iter().map(|d| pem("CERTIFICATE", d)).collect::<Vec<_>>(),
-                        "jwtAuthorities": jwks,
-                    }));
+                    let jwks: serde_json::Value =
+                        serde_json::from_slice(&b.jwt_authorities_jwks).context("the CA's JWT key set is not JSON")?;
+                    println!(
+                        "{:#}",
+                        serde_json::json!({
+                            "trustDomain": b.trust_domain, "sequence": b.sequence,
+                            "x509Authorities": b.x509_authorities.iter().map(|d| pem("CERTIFICATE", d)).collect::<Vec<_>>(),
+                            "jwtAuthorities": jwks,
+                        })
+                    );
                 }
                 "spiffe" => println!(
                     "{}",
@@ -394,10 +373,15 @@ async fn main() -> Result<std::process::ExitCode> {
         }
         Cmd::Workload { cmd: WorkloadCmd::List } => {
             let r = c.list_workloads(proto::ListWorkloadsRequest {}).await?.into_inner();
-            println!("{:<30} {:<20} {:<14} IPS", "WORKLOAD", "SERVICE ACCOUNT", "NODE");
-            for w in r.workloads {
-                println!("{:<30} {:<20} {:<14} {}", format!("{}/{}", w.namespace, w.name), w.service_account, w.node, w.ips.join(","));
+            let mut t = Table::new(&["WORKLOAD", "SERVICE ACCOUNT", "NODE", "IPS"]);
+            let mut rows = Vec::new();
+            for w in &r.workloads {
+                t.row(vec![format!("{}/{}", w.namespace, w.name), w.service_account.clone(), w.node.clone(), w.ips.join(",")]);
+                rows.push(serde_json::json!({
+                    "namespace": w.namespace, "name": w.name, "serviceAccount": w.service_account, "node": w.node, "ips": w.ips, "labels": w.labels,
+                }));
             }
+            show(rows, t)?;
         }
         Cmd::Policy { cmd: PolicyCmd::Apply { file } } => {
             let yaml = if file.as_os_str() == "-" {
@@ -415,9 +399,17 @@ async fn main() -> Result<std::process::ExitCode> {
             c.delete_policy(proto::DeletePolicyRequest { namespace, name }).await?;
         }
         Cmd::Policy { cmd: PolicyCmd::List } => {
-            for p in c.list_policies(proto::ListPoliciesRequest {}).await?.into_inner().policies {
-                println!("{}/{}", p.namespace, p.name);
+            let r = c.list_policies(proto::ListPoliciesRequest {}).await?.into_inner();
+            let mut t = Table::new(&["POLICY"]);
+            let mut rows = Vec::new();
+            for p in &r.policies {
+                t.row(vec![format!("{}/{}", p.namespace, p.name)]);
+                // The resource itself, as `kubectl get -o json` prints it.
+                rows.push(
+                    serde_json::from_str::<serde_json::Value>(&p.json).with_context(|| format!("policy {}/{}", p.namespace, p.name))?,
+                );
             }
+            show(rows, t)?;
         }
         Cmd::Metrics => print!("{}", c.metrics(proto::MetricsRequest {}).await?.into_inner().text),
     }

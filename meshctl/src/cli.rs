@@ -14,7 +14,6 @@ pub mod observe;
 pub mod policies;
 pub mod state;
 pub mod status;
-pub mod table;
 
 /// Where meshctl keeps the running cluster (one per directory). Namespaces do
 /// not survive a reboot, so neither does this: it lives under /run.
@@ -91,7 +90,10 @@ pub enum Cmd {
     /// Components, nodes and their WireGuard peers, pods, policies, auth entries, drops.
     #[command(after_help = "Examples:\n  meshctl status\n  meshctl status --json | jq '.pods[] | {name, ip, spiffeId}'")]
     Status {
-        /// Print JSON (the documented, stable shape) instead of tables.
+        /// table, or the documented, stable shape as json or yaml.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// The same as `-o json`.
         #[arg(long)]
         json: bool,
     },
@@ -154,12 +156,7 @@ pub struct ObserveArgs {
     pub count: Option<u64>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-    Yaml,
-}
+pub use meshguard_common::output::Output;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Verdict {
@@ -207,7 +204,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Up { nodes, pods, spec } => cluster::up(&dir, nodes, pods, spec.as_deref()),
         Cmd::Down => cluster::down(&dir),
         Cmd::Exec { pod, command } => cluster::exec(&dir, &pod, &command),
-        Cmd::Status { json } => status::run(&dir, json),
+        Cmd::Status { output, json } => status::run(&dir, if json { Output::Json } else { output }),
         Cmd::Policy { cmd } => policies::run(&dir, cmd),
         Cmd::Observe(args) => observe::run(&dir, &args),
     }

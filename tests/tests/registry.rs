@@ -62,4 +62,17 @@ fn root_node_agents_mesh_and_enforce_through_the_registry() {
         let b64 = meshguard_common::key::PublicKey::from_hex(&key).unwrap().to_base64();
         assert!(nodes.contains(&b64), "{n}'s key {b64} is not in `node list`: {nodes}");
     }
+    // Every listing honours -o json|yaml with the same rows, and tables fit.
+    for list in
+        [&["node", "list"][..], &["identity", "list"], &["workload", "list"], &["policy", "list"], &["ca", "list"], &["svid", "list"]]
+    {
+        let json: serde_json::Value = serde_json::from_str(&id.admin(&[&["-o", "json"][..], list].concat()).unwrap()).unwrap();
+        let yaml: serde_json::Value = meshguard_common::yaml::from_str(&id.admin(&[&["-o", "yaml"][..], list].concat()).unwrap()).unwrap();
+        assert_eq!(json, yaml, "{list:?}: json and yaml differ");
+        assert!(json.as_array().is_some_and(|a| !a.is_empty()), "{list:?}: {json}");
+        let table = id.admin(list).unwrap();
+        assert_eq!(table.lines().count(), json.as_array().unwrap().len() + 1, "{list:?}: one header and a line per row:\n{table}");
+    }
+    let policies: serde_json::Value = serde_json::from_str(&id.admin(&["-o", "json", "policy", "list"]).unwrap()).unwrap();
+    assert_eq!(policies[0]["kind"], "MeshPolicy", "policy list -o json prints the resources: {policies}");
 }

@@ -14,13 +14,13 @@ use meshguard_common::flow::FlowEvent;
 
 use crate::cli::cluster::{progress, start};
 use crate::cli::observe::render;
-use crate::cli::table::Table;
 use crate::cli::{CliError, state};
 use crate::sim::bins::bin_path;
 use crate::sim::capture::{Capture, frames_contain, judge_with};
 use crate::sim::cluster::{Cluster, UNDERLAY_BRIDGE, WG_PORT};
 use crate::sim::identity::{AUTH_HANDSHAKE_PORT, CA_IP, CA_PORT};
 use crate::sim::spec::ClusterSpec;
+use meshguard_common::output::Table;
 
 pub const DEMO_SPEC: &str = "\
 trustDomain: cluster.local

@@ -12,9 +12,9 @@ use std::process::ExitCode;
 use meshguard_ca_client::registry::proto;
 use meshguard_common::policy::MeshPolicy;
 
-use crate::cli::table::Table;
 use crate::cli::{CliError, Output, PolicyCmd, state};
 use crate::sim::identity::Identity;
+use meshguard_common::output::Table;
 
 pub fn run(dir: &Path, cmd: PolicyCmd) -> Result<ExitCode, CliError> {
     // Input is checked before the cluster is even looked at.

@@ -14,10 +14,10 @@ use meshguard_ebpf::PinLayout;
 use meshguard_ebpf::auth::AuthTable;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::table::Table;
 use crate::cli::{CliError, state};
 use crate::sim::cluster::{Cluster, NODE_UNDERLAY_IF, TUNNEL_IF};
 use crate::sim::identity::Identity;
+use meshguard_common::output::{Output, Table};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -111,15 +111,15 @@ struct Names {
     keys: BTreeMap<String, String>,
 }
 
-pub fn run(dir: &Path, json: bool) -> Result<ExitCode, CliError> {
+pub fn run(dir: &Path, output: Output) -> Result<ExitCode, CliError> {
     let c = state::require(dir)?;
     let saved = state::saved(dir)?.and_then(|s| s.identity);
     let id = saved.map(|s| c.identity_from(s));
     let status = collect(&c, id.as_ref(), dir);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status).map_err(|e| CliError::Failed(e.to_string()))?);
-    } else {
-        print_tables(&status);
+    match output {
+        Output::Table => print_tables(&status),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status).map_err(|e| CliError::Failed(e.to_string()))?),
+        Output::Yaml => print!("{}", meshguard_common::yaml::to_string(&status).map_err(|e| CliError::Failed(e.to_string()))?),
     }
     // Unhealthy components make the exit code say so, for scripts and probes.
     if status.components.iter().all(|c| c.healthy) { Ok(ExitCode::SUCCESS) } else { Ok(ExitCode::from(1)) }

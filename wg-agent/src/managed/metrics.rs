@@ -150,7 +150,7 @@ impl Collector for AgentMetrics {
             let st = dp.lock();
             let mut m = enc.encode_descriptor(
                 "meshguard_datapath_packets",
-                "Packets through the policy datapath, by direction (pod's view), verdict (forward, drop) and reason.",
+                "Packets through the policy datapath, by direction (pod's view), verdict (forward, drop, notice) and reason.",
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;

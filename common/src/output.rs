@@ -1,7 +1,31 @@
-//! Plain-text tables whose columns fit their content, as `kubectl get` prints them.
+//! How every CLI listing prints: `-o table` (plain-text columns that fit
+//! their content, as `kubectl get` prints them), `-o json` or `-o yaml`.
 
 use std::fmt;
 
+use serde::Serialize;
+
+/// The `-o`/`--output` flag of every listing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Prints `rows` in `output`: the table `table` builds, or the rows
+/// themselves as a JSON or YAML list (the same fields, camelCase).
+pub fn print<T: Serialize>(output: Output, rows: &T, table: impl FnOnce() -> Table) -> Result<(), String> {
+    match output {
+        Output::Table => print!("{}", table()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(rows).map_err(|e| e.to_string())?),
+        Output::Yaml => print!("{}", crate::yaml::to_string(rows).map_err(|e| e.to_string())?),
+    }
+    Ok(())
+}
+
+#[derive(Default)]
 pub struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
