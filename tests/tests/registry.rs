@@ -73,6 +73,34 @@ fn root_node_agents_mesh_and_enforce_through_the_registry() {
         let table = id.admin(list).unwrap();
         assert_eq!(table.lines().count(), json.as_array().unwrap().len() + 1, "{list:?}: one header and a line per row:\n{table}");
     }
+    // `healthcheck` on each daemon asks its /readyz: ready here, and it needs
+    // no join token file (gone once a node is attested).
+    let node = c.node("node-1").netns.clone();
+    let ah_config = id.dir.join("node-1").join("auth-handshake.yaml");
+    std::fs::remove_file(id.dir.join("node-1").join("join-token")).unwrap();
+    for (bin, config) in [("wg-agent", c.agent_config_path("node-1")), ("auth-handshake", ah_config)] {
+        let out = meshguard_meshctl::sim::cmd::in_ns_output(
+            &node,
+            bin_path(bin).to_str().unwrap(),
+            &["healthcheck", "--config", config.to_str().unwrap()],
+        )
+        .unwrap();
+        assert!(out.status.success(), "{bin} healthcheck: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\n", "{bin}");
+        // Pointed at a port nothing answers on: not ready, exit 1, and why.
+        let text = std::fs::read_to_string(&config).unwrap();
+        let port = text.lines().find_map(|l| l.strip_prefix("metricsAddress: 127.0.0.1:")).unwrap().trim().to_owned();
+        let wrong = c.dir.join(format!("{bin}-wrong.yaml"));
+        std::fs::write(&wrong, text.replace(&format!("metricsAddress: 127.0.0.1:{port}"), "metricsAddress: 127.0.0.1:1")).unwrap();
+        let out = meshguard_meshctl::sim::cmd::in_ns_output(
+            &node,
+            bin_path(bin).to_str().unwrap(),
+            &["healthcheck", "--config", wrong.to_str().unwrap()],
+        )
+        .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{bin} healthcheck against nothing: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"), "{bin}: {out:?}");
+    }
     let policies: serde_json::Value = serde_json::from_str(&id.admin(&["-o", "json", "policy", "list"]).unwrap()).unwrap();
     assert_eq!(policies[0]["kind"], "MeshPolicy", "policy list -o json prints the resources: {policies}");
 }
