@@ -197,27 +197,16 @@ async fn a_connection_outliving_its_process_gets_nothing_when_its_pid_names_anot
 /// /metrics carries the expiry and sync gauges operators alert on.
 #[tokio::test]
 async fn readyz_and_the_expiry_gauges_follow_the_credentials() {
-    use meshguard_common::telemetry::get;
+    use meshguard_common::telemetry::{free_loopback_addr, get, wait_for_status};
     let dir = tempfile::tempdir().unwrap();
     let ca = CaServer::start(meshguard_identity_ca::config::Config::for_test("cluster.local", dir.path())).await.unwrap();
     ca.state.registry.put_workload(workload("web", "web", "node-1")).unwrap();
     let mut config = agent_config(&ca, dir.path());
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap();
-    drop(free);
+    let addr = free_loopback_addr().unwrap();
     config.metrics_address = Some(addr);
     let agent = Agent::start(config).await.unwrap();
     let t = Duration::from_secs(2);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut last = Err(String::new());
-    while tokio::time::Instant::now() < deadline {
-        last = get(addr, "/readyz", t).await;
-        if matches!(last, Ok((200, _))) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(matches!(last, Ok((200, _))), "not ready within 10 s: {last:?}");
+    wait_for_status(addr, "/readyz", 200, Duration::from_secs(10)).await.expect("ready within 10 s");
     let (status, metrics) = get(addr, "/metrics", t).await.unwrap();
     assert_eq!(status, 200);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;

@@ -103,6 +103,28 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16
     tokio::time::timeout(timeout, work).await.map_err(|_| format!("{addr}{path}: no answer within {timeout:?}"))?
 }
 
+/// Asks `path` until it answers `status` or `timeout` passes: the body,
+/// or the last answer or error.
+pub async fn wait_for_status(addr: SocketAddr, path: &str, status: u16, timeout: Duration) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = get(addr, path, Duration::from_secs(2)).await;
+        match last {
+            Ok((s, body)) if s == status => return Ok(body),
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("{addr}{path}: wanted {status} within {timeout:?}, last {last:?}"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A loopback address whose port is free now: for a metrics server a test
+/// must name before it binds.
+pub fn free_loopback_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
 /// What `<binary> healthcheck` does: asks `/readyz`, prints the answer, and
 /// exits 0 only when it was 200.
 pub async fn healthcheck(metrics_address: Option<SocketAddr>) -> std::process::ExitCode {
@@ -146,21 +168,10 @@ mod tests {
         let r = ready.clone();
         let readiness: Readiness =
             Arc::new(move || if r.load(Ordering::SeqCst) { Ok(()) } else { Err(vec!["starting".into(), "no CA yet".into()]) });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
+        let addr = free_loopback_addr().unwrap();
         let server = tokio::spawn(serve(addr, Arc::new(registry), readiness));
         let t = Duration::from_secs(5);
-        let mut metrics = Err(String::new());
-        for _ in 0..100 {
-            metrics = get(addr, "/metrics", t).await;
-            if metrics.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let (status, body) = metrics.unwrap();
-        assert_eq!(status, 200);
+        let body = wait_for_status(addr, "/metrics", 200, t).await.unwrap();
         assert!(body.contains("meshguard_test_things_total 3"), "{body}");
         assert!(body.contains("meshguard_build_info{component=\"test\",version=\""), "{body}");
         assert!(body.trim_end().ends_with("# EOF"), "{body}");

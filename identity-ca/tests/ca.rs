@@ -670,24 +670,14 @@ async fn a_node_cannot_publish_another_nodes_cidr_or_key() {
 /// signs, and each authority's expiry as a gauge that follows rotation.
 #[tokio::test]
 async fn readyz_and_authority_expiry_follow_rotation() {
-    use meshguard_common::telemetry::get;
+    use meshguard_common::telemetry::{free_loopback_addr, get, wait_for_status};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::for_test(TD, dir.path());
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap();
-    drop(free);
+    let addr = free_loopback_addr().unwrap();
     cfg.metrics_address = Some(addr);
     let ca = CaServer::start(cfg).await.unwrap();
     let t = Duration::from_secs(2);
-    let mut ready = Err(String::new());
-    for _ in 0..100 {
-        ready = get(addr, "/readyz", t).await;
-        if ready.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(ready.unwrap().0, 200);
+    wait_for_status(addr, "/readyz", 200, Duration::from_secs(5)).await.unwrap();
     let series = |text: &str, state: &str| {
         text.lines()
             .filter(|l| l.starts_with("meshguard_ca_authority_expiry_timestamp_seconds{") && l.contains(&format!("state=\"{state}\"")))
