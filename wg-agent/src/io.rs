@@ -10,6 +10,7 @@ use std::time::Duration;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod channel;
+pub mod offload;
 pub mod tun;
 pub mod udp;
 
