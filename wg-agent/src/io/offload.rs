@@ -9,7 +9,8 @@
 //!
 //! Nothing from the TUN is trusted: a header or packet that does not add up
 //! is refused with a reason, never panics and never yields a malformed
-//! packet. Wiring into the TUN reader is the next step of issue 16.
+//! packet. [`coalesce`] is the receive half (GRO). Wiring both into the
+//! TUN is the next step of issue 16.
 
 /// `struct virtio_net_hdr` (without `num_buffers`), as the TUN prepends it.
 pub const VIRTIO_NET_HDR_LEN: usize = 10;
@@ -216,6 +217,165 @@ pub fn segment(hdr: &VirtioNetHdr, packet: &[u8], mut emit: impl FnMut(&[u8])) -
         emit(&seg);
     }
     Ok(count)
+}
+
+/// One super-packet being built by [`coalesce`]: the first segment's
+/// headers, then every merged payload.
+struct Merge {
+    buf: Vec<u8>,
+    ip_len: usize,
+    headers: usize,
+    version: u8,
+    gso_size: usize,
+    segments: usize,
+    next_seq: u32,
+    /// A short segment or PSH ended it: nothing more may follow.
+    closed: bool,
+}
+
+/// Coalesces decrypted packets for the TUN (the receive half): TCP segments
+/// of one flow that follow each other back to back (same headers and
+/// options, contiguous sequence numbers, IPv4 IDs counting up, every
+/// segment's checksum valid) become one super-packet behind a virtio-net
+/// header, so the kernel's TCP stack sees few, large packets. Everything
+/// else passes as it came. Order within a flow is kept; `emit` is called
+/// with each result in the order its first packet arrived.
+pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl FnMut(&VirtioNetHdr, &[u8])) {
+    // Few flows per batch: a linear search over open merges is cheapest.
+    let mut out: Vec<Result<Merge, &'a [u8]>> = Vec::new();
+    for p in packets {
+        let Some(l) = tcp_segment(p) else {
+            out.push(Err(p));
+            continue;
+        };
+        let payload = &p[l.ip_len + l.l4_len..];
+        let seq = be32(p, l.ip_len + 4);
+        let flags = p[l.ip_len + 13];
+        let open = out.iter_mut().rev().find_map(|m| match m {
+            Ok(m) if same_flow(&m.buf, m.ip_len, m.version, p) => Some(m),
+            _ => None,
+        });
+        if let Some(m) = open
+            && !m.closed
+            && m.next_seq == seq
+            && payload.len() <= m.gso_size
+            && m.buf.len() + payload.len() <= 65_535
+            && m.headers == l.ip_len + l.l4_len
+            && p[..m.headers] == headers_to_compare(&m.buf, m.ip_len, m.version, m.segments, p)[..]
+        {
+            m.buf.extend_from_slice(payload);
+            m.segments += 1;
+            m.next_seq = seq.wrapping_add(payload.len() as u32);
+            m.closed = payload.len() < m.gso_size || flags & TCP_PSH != 0;
+            if flags & TCP_PSH != 0 {
+                let t = m.ip_len + 13;
+                m.buf[t] |= TCP_PSH;
+            }
+            continue;
+        }
+        out.push(Ok(Merge {
+            buf: p.to_vec(),
+            ip_len: l.ip_len,
+            headers: l.ip_len + l.l4_len,
+            version: l.version,
+            gso_size: payload.len(),
+            segments: 1,
+            next_seq: seq.wrapping_add(payload.len() as u32),
+            closed: flags & TCP_PSH != 0,
+        }));
+    }
+    for item in out {
+        match item {
+            Err(p) => emit(&VirtioNetHdr::default(), p),
+            Ok(m) if m.segments == 1 => emit(&VirtioNetHdr::default(), &m.buf),
+            Ok(mut m) => {
+                let hdr = finish(&mut m);
+                emit(&hdr, &m.buf);
+            }
+        }
+    }
+}
+
+/// The layout of a TCP segment that may be merged: plain ACK (PSH allowed),
+/// a payload, and a valid checksum (a corrupt segment is never hidden
+/// inside a super-packet whose checksum the kernel will trust).
+fn tcp_segment(p: &[u8]) -> Option<Layout> {
+    let l = layout(p).ok()?;
+    if l.protocol != PROTO_TCP || p.len() == l.ip_len + l.l4_len {
+        return None;
+    }
+    if p[l.ip_len + 13] & !(TCP_PSH | 0x10) != 0 || p[l.ip_len + 13] & 0x10 == 0 {
+        return None;
+    }
+    if l.version == 6 && p[6] != PROTO_TCP {
+        return None;
+    }
+    (transport_sum(p, l.version, l.ip_len) == 0xffff).then_some(l)
+}
+
+/// Whether `p` belongs to the flow of the merge whose first packet is `first`.
+fn same_flow(first: &[u8], ip_len: usize, version: u8, p: &[u8]) -> bool {
+    if p.len() < ip_len + 4 || p[0] >> 4 != version {
+        return false;
+    }
+    let addrs = if version == 4 { 12..20 } else { 8..40 };
+    first[addrs.clone()] == p[addrs] && first[ip_len..ip_len + 4] == p[ip_len..ip_len + 4]
+}
+
+/// The headers `p` must carry to follow the merge: the first segment's,
+/// with the fields that differ segment to segment taken from `p` once
+/// they are what they should be (IPv4 length, ID and checksum; IPv6
+/// length; sequence number, PSH and checksum).
+fn headers_to_compare(first: &[u8], ip_len: usize, version: u8, segments: usize, p: &[u8]) -> Vec<u8> {
+    let headers = p.len().min(first.len()).min(ip_len + usize::from(first[ip_len + 12] >> 4) * 4);
+    let mut h = first[..headers].to_vec();
+    if version == 4 {
+        let id = be16(first, 4).wrapping_add(segments as u16);
+        if be16(p, 4) != id {
+            return Vec::new();
+        }
+        h[2..6].copy_from_slice(&p[2..6]);
+        h[10..12].copy_from_slice(&p[10..12]);
+    } else {
+        h[4..6].copy_from_slice(&p[4..6]);
+    }
+    h[ip_len + 4..ip_len + 8].copy_from_slice(&p[ip_len + 4..ip_len + 8]);
+    h[ip_len + 13] = (h[ip_len + 13] & !TCP_PSH) | (p[ip_len + 13] & TCP_PSH);
+    h[ip_len + 16..ip_len + 18].copy_from_slice(&p[ip_len + 16..ip_len + 18]);
+    h
+}
+
+/// Fixes the super-packet's lengths and leaves the pseudo-header sum in
+/// the TCP checksum field (CHECKSUM_PARTIAL): the kernel finishes it.
+fn finish(m: &mut Merge) -> VirtioNetHdr {
+    let len = m.buf.len();
+    let t = m.ip_len;
+    if m.version == 4 {
+        put16(&mut m.buf, 2, len as u16);
+        put16(&mut m.buf, 10, 0);
+        let c = !fold(sum(&m.buf[..t], 0));
+        put16(&mut m.buf, 10, c);
+    } else {
+        put16(&mut m.buf, 4, (len - 40) as u16);
+    }
+    let pseudo = if m.version == 4 { sum(&m.buf[12..20], 0) } else { sum(&m.buf[8..40], 0) };
+    let partial = fold(pseudo + u32::from(PROTO_TCP) + (len - t) as u32);
+    put16(&mut m.buf, t + 16, partial);
+    VirtioNetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: if m.version == 4 { GSO_TCPV4 } else { GSO_TCPV6 },
+        hdr_len: m.headers as u16,
+        gso_size: m.gso_size as u16,
+        csum_start: t as u16,
+        csum_offset: 16,
+    }
+}
+
+/// The folded sum over a TCP segment with its pseudo-header: 0xffff when
+/// its checksum is right.
+fn transport_sum(p: &[u8], version: u8, t: usize) -> u16 {
+    let pseudo = if version == 4 { sum(&p[12..20], 0) } else { sum(&p[8..40], 0) };
+    fold(sum(&p[t..], pseudo + u32::from(PROTO_TCP) + (p.len() - t) as u32))
 }
 
 /// Completes a partial checksum: the field at `start + offset` holds the
@@ -433,6 +593,91 @@ mod tests {
         assert_eq!(cut(&hdr, &p).unwrap().len(), 2);
         let (hdr, p) = super_packet(true, true, 10, 0);
         assert_eq!(cut(&hdr, &p).unwrap().len(), 1);
+    }
+
+    fn merge(packets: &[Vec<u8>]) -> Vec<(VirtioNetHdr, Vec<u8>)> {
+        let mut out = Vec::new();
+        coalesce(packets.iter().map(Vec::as_slice), |h, p| out.push((*h, p.to_vec())));
+        out
+    }
+
+    #[test]
+    fn coalescing_then_segmenting_gives_back_exactly_the_segments() {
+        for v6 in [false, true] {
+            let (hdr, p) = super_packet(v6, true, 4321, TCP_PSH);
+            let segs = cut(&hdr, &p).unwrap();
+            let merged = merge(&segs);
+            assert_eq!(merged.len(), 1, "v6={v6}: one super-packet");
+            let (h, big) = &merged[0];
+            assert_eq!((h.gso_type, h.gso_size, h.flags), (if v6 { GSO_TCPV6 } else { GSO_TCPV4 }, 1000, F_NEEDS_CSUM));
+            assert_eq!(cut(h, big).unwrap(), segs, "v6={v6}: the kernel would cut it into the same packets");
+        }
+    }
+
+    #[test]
+    fn coalescing_keeps_flows_apart_and_in_order_and_merges_only_what_follows() {
+        let (hdr, a) = super_packet(false, true, 3000, 0);
+        let a = cut(&hdr, &a).unwrap();
+        let (hdr6, b) = super_packet(true, true, 2000, 0);
+        let b = cut(&hdr6, &b).unwrap();
+        let (hdr_u, u) = super_packet(false, false, 500, 0);
+        let u = cut(&hdr_u, &u).unwrap();
+        // Interleaved flows and a UDP datagram between them.
+        let batch = vec![a[0].clone(), b[0].clone(), u[0].clone(), a[1].clone(), b[1].clone(), a[2].clone()];
+        let out = merge(&batch);
+        assert_eq!(out.len(), 3, "a, b, and the datagram as it came");
+        assert_eq!(cut(&out[0].0, &out[0].1).unwrap(), a);
+        assert_eq!(cut(&out[1].0, &out[1].1).unwrap(), b);
+        assert_eq!((out[2].0, &out[2].1), (VirtioNetHdr::default(), &u[0]));
+        // A gap, a reordering, a different ACK, a bad checksum, a FIN: never merged across.
+        let gap = merge(&[a[0].clone(), a[2].clone()]);
+        assert_eq!(gap.len(), 2);
+        let reordered = merge(&[a[1].clone(), a[0].clone()]);
+        assert_eq!(reordered.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), [a[1].clone(), a[0].clone()]);
+        let mut other_ack = a[1].clone();
+        other_ack[20 + 8 + 3] ^= 1;
+        let t = (20, other_ack.len());
+        let c = {
+            put16(&mut other_ack, 36, 0);
+            transport_checksum(&other_ack, 4, PROTO_TCP, t.0)
+        };
+        put16(&mut other_ack, 36, c);
+        assert_eq!(merge(&[a[0].clone(), other_ack]).len(), 2, "different ACK");
+        let mut corrupt = a[1].clone();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xff;
+        let out = merge(&[a[0].clone(), corrupt.clone()]);
+        assert_eq!(out.len(), 2, "a corrupt segment is not hidden in a super-packet");
+        assert_eq!(out[1].1, corrupt, "it passes as it came, for the kernel to drop");
+        let (hdr, fin) = super_packet(false, true, 2000, TCP_FIN);
+        let fin = cut(&hdr, &fin).unwrap();
+        assert_eq!(merge(&fin).len(), 2, "the FIN segment stays apart");
+        // A short segment ends a super-packet, even when the next follows on.
+        let (hdr, short) = super_packet(false, true, 1500, 0);
+        let mut segs = cut(&hdr, &short).unwrap();
+        let mut next = segs[0].clone();
+        put32(&mut next, 24, 1_000_000 + 1500);
+        put16(&mut next, 4, 0x1234 + 2);
+        refresh_checksums(&mut next);
+        segs.push(next.clone());
+        let out = merge(&segs);
+        assert_eq!(out.iter().map(|(h, _)| h.gso_type).collect::<Vec<_>>(), [GSO_TCPV4, GSO_NONE], "1000+500, then 1000 alone");
+        assert_eq!(out[1].1, next);
+        // The same segment with an IPv4 ID out of step is not merged either.
+        let (hdr, p) = super_packet(false, true, 2000, 0);
+        let mut segs = cut(&hdr, &p).unwrap();
+        put16(&mut segs[1], 4, 0x9999);
+        refresh_checksums(&mut segs[1]);
+        assert_eq!(merge(&segs).len(), 2, "IPv4 IDs must count up");
+    }
+
+    fn refresh_checksums(p: &mut [u8]) {
+        put16(p, 10, 0);
+        let c = !fold(sum(&p[..20], 0));
+        put16(p, 10, c);
+        put16(p, 36, 0);
+        let c = transport_checksum(p, 4, PROTO_TCP, 20);
+        put16(p, 36, c);
     }
 
     #[test]
