@@ -17,7 +17,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     /// By `kind`: node, workload, server, jwt.
     pub issued: Family<Labels, Counter>,
-    /// By `reason`: not_hosted, wrong_trust_domain, not_a_workload, bad_request.
+    /// By `reason`: not_hosted, wrong_trust_domain, not_a_workload, bad_request,
+    /// stale_node_credential, conflicting_node_record, other_node.
     pub denied: Family<Labels, Counter>,
     /// By `method` and `result`.
     pub attestations: Family<Labels, Counter>,
