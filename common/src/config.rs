@@ -14,9 +14,14 @@ pub fn default_path(binary: &str) -> PathBuf {
 }
 
 /// A duration as people write them: `500ms`, `10s`, `1h30m`, `2h 5m`.
-/// A bare number is refused: its unit would be a guess.
+/// A bare number is refused (its unit would be a guess), and so is zero:
+/// no interval, refresh or lifetime of ours means anything at zero.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("{e}; write a duration such as 500ms, 10s or 1h30m"))
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e}; write a duration such as 500ms, 10s or 1h30m")),
+    }
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
@@ -64,7 +69,7 @@ mod tests {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration(" 2h 5m ").unwrap(), Duration::from_secs(7500));
-        for bad in ["10", "", "ten seconds", "-1s", "1x"] {
+        for bad in ["10", "", "ten seconds", "-1s", "1x", "0s", "0ms"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
         }
         assert_eq!(parse_duration(&format_duration(Duration::from_millis(90_500))).unwrap(), Duration::from_millis(90_500));

@@ -44,8 +44,22 @@ pub fn set_timestamp(gauge: &Gauge, at: SystemTime) {
 pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, ready: Readiness) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    // Scrapers and probes are few: a bound keeps slow or stuck clients
+    // from holding the process's descriptors.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // EMFILE and friends pass; the server must outlive them.
+                tracing::warn!(%error, "metrics server cannot accept; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: over MAX_CONNECTIONS
+        };
         let (registry, ready) = (registry.clone(), ready.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -53,10 +67,20 @@ pub async fn serve(addr: SocketAddr, registry: Arc<Registry>, ready: Readiness) 
                 async move { Ok::<_, Infallible>(response) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, svc)
+                .await;
+            drop(slot);
         });
     }
 }
+
+/// Open connections the metrics server keeps at once.
+const MAX_CONNECTIONS: usize = 64;
+/// A client that has not sent its request headers by then is dropped.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn respond(path: &str, registry: &Registry, ready: &Readiness) -> Response<Full<Bytes>> {
     let text = |status, body: String| (status, "text/plain; charset=utf-8", body);

@@ -36,7 +36,10 @@ fn options() -> serde_saphyr::Options {
     budget.max_anchors = MAX_ANCHORS;
     budget.max_aliases = MAX_ALIASES;
     budget.max_documents = MAX_DOCUMENTS;
-    budget.max_reader_input_bytes = Some(MAX_YAML_BYTES);
+    // Room for MAX_DOCUMENTS policies; the byte limit is check_len's (the
+    // crate's reader limit does not apply to in-memory input).
+    budget.max_nodes = 2_000_000;
+    budget.max_events = 8_000_000;
     let mut o = serde_saphyr::Options::default();
     o.budget = Some(budget);
     o.with_snippet = false;
@@ -79,32 +82,34 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, YamlError> {
 }
 
 /// A `---` separated stream, one entry per document that is not empty.
-/// On a shape error the failing document is parsed again alone, padded to
-/// its place in the stream, for an error that names the field and the line.
+/// On a shape error the document holding the error's line is parsed again
+/// alone, padded to its place in the stream, for an error that names the
+/// field as well as the line (one extra parse at most).
 pub fn documents<T: DeserializeOwned>(text: &str) -> Result<Vec<T>, YamlError> {
     check_len(text.len())?;
     let docs: Vec<Option<T>> = match serde_saphyr::from_multiple_with_options(text, options()) {
         Ok(docs) => docs,
-        Err(e) => return Err(pinpoint::<T>(text).unwrap_or_else(|| parse_error(e))),
+        Err(e) => {
+            let line = e.location().map(|l| l.line() as usize);
+            return Err(line.and_then(|l| pinpoint::<T>(text, l)).unwrap_or_else(|| parse_error(e)));
+        }
     };
     Ok(docs.into_iter().flatten().collect())
 }
 
-/// The first document of `text` that fails alone, with its field path and
-/// stream line numbers; `None` when the documents only fail together.
-fn pinpoint<T: DeserializeOwned>(text: &str) -> Option<YamlError> {
+/// The error of the document around `line` (1-based) parsed alone, with
+/// stream line numbers; `None` when it parses alone (the stream's own
+/// error then stands).
+fn pinpoint<T: DeserializeOwned>(text: &str, line: usize) -> Option<YamlError> {
     let lines: Vec<&str> = text.lines().collect();
-    let mut start = 0;
-    for end in (0..=lines.len()).filter(|&i| i == lines.len() || is_document_marker(lines[i])) {
-        if end > start || end == lines.len() {
-            let doc = format!("{}{}\n", "\n".repeat(start), lines[start..end].join("\n"));
-            if let Err(e) = from_str::<Option<T>>(&doc) {
-                return Some(e);
-            }
-        }
-        start = end + 1;
+    let at = line.checked_sub(1)?.min(lines.len());
+    let start = lines[..at].iter().rposition(|l| is_document_marker(l)).map_or(0, |i| i + 1);
+    let end = lines[at..].iter().position(|l| is_document_marker(l)).map_or(lines.len(), |i| at + i);
+    if start > end {
+        return None;
     }
-    None
+    let doc = format!("{}{}\n", "\n".repeat(start), lines[start..end].join("\n"));
+    from_str::<Option<T>>(&doc).err()
 }
 
 fn is_document_marker(line: &str) -> bool {
@@ -178,6 +183,12 @@ mod tests {
         let t = std::time::Instant::now();
         assert!(from_str::<serde_json::Value>(&text).is_err());
         assert!(t.elapsed() < std::time::Duration::from_secs(5), "expansion was not bounded: {:?}", t.elapsed());
+        // A stream that fails as a whole re-parses one document at most,
+        // not each of its many (which would be quadratic).
+        let storm = "#\n---\n".repeat(700_000);
+        let t = std::time::Instant::now();
+        assert!(documents::<Shape>(&storm).is_err());
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "document storm took {:?}", t.elapsed());
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(from_str::<serde_json::Value>(&deep).is_err(), "unbounded nesting");
         let big = "x".repeat(MAX_YAML_BYTES + 1);

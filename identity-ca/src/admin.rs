@@ -188,26 +188,38 @@ impl AdminApi for AdminService {
 
     async fn prepare_authority(&self, _req: Request<proto::PrepareAuthorityRequest>) -> Result<Response<proto::AuthorityInfo>, Status> {
         let st = self.state.clone();
-        let a = blocking(move || st.ca.prepare().map_err(ca_status)).await;
-        self.state.metrics.observe_authorities(&self.state.ca.list());
-        let a = a?;
+        // Observed in the blocking job: it commits even if this call is dropped.
+        let a = blocking(move || {
+            let r = st.ca.prepare().map_err(ca_status);
+            st.metrics.observe_authorities(&st.ca.list());
+            r
+        })
+        .await?;
         Ok(Response::new(authority_info(&a)))
     }
 
     async fn activate_authority(&self, _req: Request<proto::ActivateAuthorityRequest>) -> Result<Response<proto::AuthorityInfo>, Status> {
         let st = self.state.clone();
-        let a = blocking(move || st.ca.activate().map_err(ca_status)).await;
-        self.state.metrics.observe_authorities(&self.state.ca.list());
-        let a = a?;
+        // Observed in the blocking job: it commits even if this call is dropped.
+        let a = blocking(move || {
+            let r = st.ca.activate().map_err(ca_status);
+            st.metrics.observe_authorities(&st.ca.list());
+            r
+        })
+        .await?;
         Ok(Response::new(authority_info(&a)))
     }
 
     async fn retire_authority(&self, req: Request<proto::RetireAuthorityRequest>) -> Result<Response<proto::AuthorityInfo>, Status> {
         let force = req.get_ref().force;
         let st = self.state.clone();
-        let a = blocking(move || st.ca.retire(force).map_err(ca_status)).await;
-        self.state.metrics.observe_authorities(&self.state.ca.list());
-        let a = a?;
+        // Observed in the blocking job: it commits even if this call is dropped.
+        let a = blocking(move || {
+            let r = st.ca.retire(force).map_err(ca_status);
+            st.metrics.observe_authorities(&st.ca.list());
+            r
+        })
+        .await?;
         Ok(Response::new(authority_info(&a)))
     }
 

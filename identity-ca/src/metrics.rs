@@ -28,6 +28,9 @@ pub struct Metrics {
     /// Unix time each authority's certificate expires, by `authority` and
     /// `state` (prepared, active, previous): what operators alert on.
     pub authority_expiry: Family<Labels, Gauge>,
+    /// The label sets `authority_expiry` holds now.
+    authority_series: std::sync::Mutex<Vec<Labels>>,
+    observing: std::sync::Mutex<()>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -55,7 +58,16 @@ impl Metrics {
             "Unix time each signing authority's certificate expires, by authority and state",
             authority_expiry.clone(),
         );
-        Self { registry: Arc::new(root), issued, denied, attestations, overload, authority_expiry }
+        Self {
+            registry: Arc::new(root),
+            issued,
+            denied,
+            attestations,
+            overload,
+            authority_expiry,
+            authority_series: std::sync::Mutex::default(),
+            observing: std::sync::Mutex::default(),
+        }
     }
 
     /// The registry the telemetry server encodes.
@@ -63,17 +75,26 @@ impl Metrics {
         self.registry.clone()
     }
 
-    /// Mirrors the authority set; call after anything changes it.
+    /// Mirrors the authority set; call after anything changes it. Series
+    /// are set before stale ones go, so a scrape never sees none.
     pub fn observe_authorities(&self, list: &[Arc<Authority>]) {
-        self.authority_expiry.clear();
+        let _one_at_a_time = self.observing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = Vec::new();
         for a in list {
             let state = match a.state {
                 AuthorityState::Prepared => "prepared",
                 AuthorityState::Active => "active",
                 AuthorityState::Previous => "previous",
             };
-            self.authority_expiry.get_or_create(&labels(&[("authority", &a.id), ("state", state)])).set(a.not_after);
+            let l = labels(&[("authority", &a.id), ("state", state)]);
+            self.authority_expiry.get_or_create(&l).set(a.not_after);
+            current.push(l);
         }
+        let mut seen = self.authority_series.lock().unwrap_or_else(|e| e.into_inner());
+        for old in seen.iter().filter(|l| !current.contains(l)) {
+            self.authority_expiry.remove(old);
+        }
+        *seen = current;
     }
 
     pub fn issued(&self, kind: &str, n: u64) {

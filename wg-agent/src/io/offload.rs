@@ -28,10 +28,12 @@ const PROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
-/// More segments than a 64 KiB packet cut at the smallest sane MSS.
-const MAX_SEGMENTS: usize = 128;
-/// Below IPv4's minimum MTU less headers: a smaller `gso_size` is bogus.
+/// Below any MSS Linux uses (`tcp_min_snd_mss` is 48): a smaller
+/// `gso_size` is bogus.
 const MIN_GSO_SIZE: u16 = 8;
+/// As many segments as a 64 KiB packet can hold at `MIN_GSO_SIZE`: a peer
+/// advertising a small MSS must not stall (the TUN's gso_max_segs is 65535).
+const MAX_SEGMENTS: usize = 65_535 / MIN_GSO_SIZE as usize;
 
 /// The virtio-net header, in the host's byte order (TUN's default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -245,6 +247,13 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl 
     let mut out: Vec<Result<Merge, &'a [u8]>> = Vec::new();
     for p in packets {
         let Some(l) = tcp_segment(p) else {
+            // Nothing of its flow may be merged past it (a pure ACK, a FIN):
+            // close the flow's open super-packet, as GRO flushes it.
+            for m in out.iter_mut().flatten() {
+                if same_flow(&m.buf, m.ip_len, m.version, p) {
+                    m.closed = true;
+                }
+            }
             out.push(Err(p));
             continue;
         };
@@ -310,6 +319,10 @@ fn tcp_segment(p: &[u8]) -> Option<Layout> {
     if l.version == 6 && p[6] != PROTO_TCP {
         return None;
     }
+    // A bad IPv4 header checksum would be silently repaired by merging.
+    if l.version == 4 && fold(sum(&p[..l.ip_len], 0)) != 0xffff {
+        return None;
+    }
     (transport_sum(p, l.version, l.ip_len) == 0xffff).then_some(l)
 }
 
@@ -318,8 +331,8 @@ fn same_flow(first: &[u8], ip_len: usize, version: u8, p: &[u8]) -> bool {
     if p.len() < ip_len + 4 || p[0] >> 4 != version {
         return false;
     }
-    let addrs = if version == 4 { 12..20 } else { 8..40 };
-    first[addrs.clone()] == p[addrs] && first[ip_len..ip_len + 4] == p[ip_len..ip_len + 4]
+    let (addrs, proto) = if version == 4 { (12..20, 9) } else { (8..40, 6) };
+    first[proto] == p[proto] && first[addrs.clone()] == p[addrs] && first[ip_len..ip_len + 4] == p[ip_len..ip_len + 4]
 }
 
 /// The headers `p` must carry to follow the merge: the first segment's,
@@ -649,6 +662,16 @@ mod tests {
         let out = merge(&[a[0].clone(), corrupt.clone()]);
         assert_eq!(out.len(), 2, "a corrupt segment is not hidden in a super-packet");
         assert_eq!(out[1].1, corrupt, "it passes as it came, for the kernel to drop");
+        // A pure ACK of the same flow between two segments: nothing passes it.
+        let mut ack = a[0][..40].to_vec();
+        put16(&mut ack, 2, 40);
+        refresh_checksums(&mut ack);
+        let out = merge(&[a[0].clone(), ack.clone(), a[1].clone()]);
+        assert_eq!(out.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), [a[0].clone(), ack, a[1].clone()], "order kept");
+        // A bad IPv4 header checksum is not repaired by merging.
+        let mut bad_ip = a[1].clone();
+        bad_ip[10] ^= 0xff;
+        assert_eq!(merge(&[a[0].clone(), bad_ip]).len(), 2);
         let (hdr, fin) = super_packet(false, true, 2000, TCP_FIN);
         let fin = cut(&hdr, &fin).unwrap();
         assert_eq!(merge(&fin).len(), 2, "the FIN segment stays apart");
@@ -692,7 +715,11 @@ mod tests {
         assert!(matches!(bad(VirtioNetHdr { gso_type: 9, ..hdr }, &p), OffloadError::GsoType(9)));
         assert!(matches!(bad(VirtioNetHdr { csum_start: 30, ..hdr }, &p), OffloadError::Checksum { .. }));
         assert!(matches!(bad(VirtioNetHdr { gso_type: GSO_NONE, csum_offset: 60_000, ..hdr }, &p), OffloadError::Checksum { .. }));
-        assert!(matches!(bad(VirtioNetHdr { gso_size: 8, ..hdr }, &p), OffloadError::TooManySegments(313)));
+        assert!(matches!(bad(VirtioNetHdr { gso_size: 7, ..hdr }, &p), OffloadError::GsoSize(7)));
+        // A tiny MSS is still cut, not refused: 2500 bytes at 8 a segment.
+        let tiny = cut(&VirtioNetHdr { gso_size: 8, ..hdr }, &p).unwrap();
+        assert_eq!(tiny.len(), 313);
+        tiny.iter().for_each(|s| drop(verify(s)));
         // The packet itself: truncated, lying about its length, a fragment, bad TCP offset, not IP.
         assert!(matches!(bad(hdr, &p[..p.len() - 1]), OffloadError::Ip(_)));
         assert!(matches!(bad(hdr, &p[..30]), OffloadError::Ip(_)));
