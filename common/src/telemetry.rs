@@ -35,6 +35,11 @@ pub fn register_build_info(registry: &mut Registry, component: &str) {
     registry.register("meshguard_build", "The build this process runs.", info);
 }
 
+/// Now, in Unix seconds, for `*_timestamp_seconds` gauges.
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// A Unix time gauge (`*_timestamp_seconds`), set from a `SystemTime`.
 pub fn set_timestamp(gauge: &Gauge, at: SystemTime) {
     gauge.set(at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64));

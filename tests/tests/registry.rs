@@ -73,6 +73,12 @@ fn root_node_agents_mesh_and_enforce_through_the_registry() {
         let table = id.admin(list).unwrap();
         assert_eq!(table.lines().count(), json.as_array().unwrap().len() + 1, "{list:?}: one header and a line per row:\n{table}");
     }
+    // The link to identity-ca, as operators alert on it.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;
+    let synced = c.metric("node-1", "meshguard_wg_ca_last_sync_timestamp_seconds ").unwrap();
+    assert!((now - synced).abs() < 120.0, "last CA sync {synced}, now {now}");
+    let expiry = c.metric("node-1", "meshguard_wg_node_svid_expiry_timestamp_seconds ").unwrap();
+    assert!(expiry > now, "node SVID expiry {expiry}, now {now}");
     // `healthcheck` on each daemon asks its /readyz: ready here, and it needs
     // no join token file (gone once a node is attested).
     let node = c.node("node-1").netns.clone();

@@ -72,24 +72,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let source: Box<dyn ClusterSource> = match &cfg.source {
         SourceConfig::Dir { path, poll } => Box::new(FileSource::start(path, *poll)?),
         SourceConfig::Registry { address, node_credentials, trust_bundle, trust_domain, bundle_refresh } => {
-            let (source, tls) = registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
-            node_tls = Some(tls);
+            let (source, tls, health) =
+                registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
+            node_tls = Some((tls, health));
             source
         }
     };
-    let identity = node_tls.as_ref().map(|t: &Arc<NodeTls>| t.identity());
-    let result = run_with_source(cfg, source, identity).await;
+    let result = run_with_source(cfg, source, node_tls.as_ref().map(|(_, health)| health.clone())).await;
     drop(node_tls);
     result
 }
 
 /// Runs the agent until SIGINT/SIGTERM on `source` (tests give one that
 /// never answers, as an unreachable identity-ca).
-/// `node_identity`: in registry mode, the node SVID presented to identity-ca (for its expiry gauge).
+/// `registry`: in registry mode, what the metrics report of the link to
+/// identity-ca (node SVID expiry, last successful call).
 pub async fn run_with_source(
     cfg: AgentConfig,
     source: Box<dyn ClusterSource>,
-    node_identity: Option<tokio::sync::watch::Receiver<meshguard_ca_client::svid::node_tls::NodeIdentity>>,
+    registry: Option<metrics::RegistryHealth>,
 ) -> anyhow::Result<()> {
     let key_path = cfg.key_path();
     let (secret, public_key) = node_key::load_or_create(&key_path)?;
@@ -106,7 +107,7 @@ pub async fn run_with_source(
     let _uapi = UapiServer::start(&cfg.uapi_socket_dir, &cfg.interface, device.clone(), Access::ReadOnly)?;
 
     let metrics = AgentMetrics::new(device.clone());
-    *metrics.node_identity.lock() = node_identity;
+    *metrics.registry_health.lock() = registry;
     let _metrics_task = cfg.metrics_address.map(|addr| {
         let (registry, ready) = (Arc::new(metrics.registry()), metrics.readiness_fn());
         tokio::spawn(async move {
@@ -227,7 +228,7 @@ fn registry_source(
     bundle: &std::path::Path,
     td: &meshguard_common::spiffe::TrustDomain,
     bundle_refresh: Duration,
-) -> anyhow::Result<(Box<dyn ClusterSource>, Arc<NodeTls>)> {
+) -> anyhow::Result<(Box<dyn ClusterSource>, Arc<NodeTls>, metrics::RegistryHealth)> {
     let tls = Arc::new(NodeTls::follow(credentials, bundle, td, meshguard_ca_client::svid::node_tls::DEFAULT_POLL_INTERVAL)?);
     anyhow::ensure!(
         tls.node_name() == node,
@@ -239,17 +240,20 @@ fn registry_source(
     // Follow CA rotations: the bundle file is only the starting point.
     let refresher = tls.clone();
     let refresh_channel = channel.clone();
+    let health = metrics::RegistryHealth { identity: tls.identity(), ca_synced_at: Arc::default() };
+    let synced = health.ca_synced_at.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(bundle_refresh);
         loop {
             tick.tick().await;
-            if let Err(error) = refresher.refresh_bundle(refresh_channel.clone()).await {
-                tracing::warn!(%error, "cannot refresh the trust bundle from identity-ca");
+            match refresher.refresh_bundle(refresh_channel.clone()).await {
+                Ok(_) => synced.store(meshguard_common::telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed),
+                Err(error) => tracing::warn!(%error, "cannot refresh the trust bundle from identity-ca"),
             }
         }
     });
     tracing::info!(%address, "cluster source: identity-ca registry");
-    Ok((Box::new(RegistrySource::start(channel)), tls))
+    Ok((Box::new(RegistrySource::start(channel)), tls, health))
 }
 
 // === impl Agent ===

@@ -19,6 +19,15 @@ use super::reconcile::Refusal;
 use crate::device::{Device, DropReason};
 use crate::enforce::{EnforceState, PodState};
 
+/// In registry mode, the link to identity-ca as metrics report it.
+#[derive(Debug, Clone)]
+pub struct RegistryHealth {
+    /// The node SVID this agent presents.
+    pub identity: tokio::sync::watch::Receiver<NodeIdentity>,
+    /// Unix seconds of the latest successful bundle fetch; 0 before one.
+    pub ca_synced_at: Arc<std::sync::atomic::AtomicI64>,
+}
+
 /// What the collector reads on every scrape.
 #[derive(Debug)]
 pub struct AgentMetrics {
@@ -29,8 +38,8 @@ pub struct AgentMetrics {
     datapath: Mutex<Option<Arc<Mutex<EnforceState>>>>,
     /// Peers applied and, with a datapath, the datapath loaded and pods attached.
     ready: std::sync::atomic::AtomicBool,
-    /// In registry mode: the node SVID this agent presents to identity-ca.
-    pub node_identity: Mutex<Option<tokio::sync::watch::Receiver<NodeIdentity>>>,
+    /// In registry mode: the link to identity-ca.
+    pub registry_health: Mutex<Option<RegistryHealth>>,
     /// When the cluster source last delivered a view.
     pub view_at: Mutex<Option<SystemTime>>,
 }
@@ -51,7 +60,7 @@ impl AgentMetrics {
             refusals: Mutex::default(),
             datapath: Mutex::default(),
             ready: std::sync::atomic::AtomicBool::new(false),
-            node_identity: Mutex::default(),
+            registry_health: Mutex::default(),
             view_at: Mutex::default(),
         })
     }
@@ -210,13 +219,22 @@ impl Collector for AgentMetrics {
                 ConstCounter::new(*n).encode(m.encode_family(&label("reason", reason))?)?;
             }
         }
-        if let Some(id) = self.node_identity.lock().as_ref() {
-            ConstGauge::new(id.borrow().expires_at).encode(enc.encode_descriptor(
+        if let Some(h) = self.registry_health.lock().as_ref() {
+            ConstGauge::new(h.identity.borrow().expires_at).encode(enc.encode_descriptor(
                 "meshguard_wg_node_svid_expiry_timestamp_seconds",
                 "Unix time the node SVID this agent presents to identity-ca expires (registry mode).",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?)?;
+            let at = h.ca_synced_at.load(std::sync::atomic::Ordering::Relaxed);
+            if at > 0 {
+                ConstGauge::new(at).encode(enc.encode_descriptor(
+                    "meshguard_wg_ca_last_sync_timestamp_seconds",
+                    "Unix time of the latest successful trust bundle fetch from identity-ca (registry mode), every bundleRefresh.",
+                    None,
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?)?;
+            }
         }
         if let Some(at) = *self.view_at.lock() {
             let t = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
