@@ -193,9 +193,7 @@ pub fn segment(hdr: &VirtioNetHdr, packet: &[u8], mut emit: impl FnMut(&[u8])) -
         if let Some(id) = id0 {
             put16(&mut seg, 2, len as u16);
             put16(&mut seg, 4, id.wrapping_add(i as u16));
-            put16(&mut seg, 10, 0);
-            let c = !fold(sum(&seg[..l.ip_len], 0));
-            put16(&mut seg, 10, c);
+            set_ipv4_checksum(&mut seg, l.ip_len);
         } else {
             put16(&mut seg, 4, (len - 40) as u16);
         }
@@ -365,14 +363,11 @@ fn finish(m: &mut Merge) -> VirtioNetHdr {
     let t = m.ip_len;
     if m.version == 4 {
         put16(&mut m.buf, 2, len as u16);
-        put16(&mut m.buf, 10, 0);
-        let c = !fold(sum(&m.buf[..t], 0));
-        put16(&mut m.buf, 10, c);
+        set_ipv4_checksum(&mut m.buf, t);
     } else {
         put16(&mut m.buf, 4, (len - 40) as u16);
     }
-    let pseudo = if m.version == 4 { sum(&m.buf[12..20], 0) } else { sum(&m.buf[8..40], 0) };
-    let partial = fold(pseudo + u32::from(PROTO_TCP) + (len - t) as u32);
+    let partial = fold(pseudo_sum(&m.buf, m.version, PROTO_TCP, t));
     put16(&mut m.buf, t + 16, partial);
     VirtioNetHdr {
         flags: F_NEEDS_CSUM,
@@ -387,8 +382,7 @@ fn finish(m: &mut Merge) -> VirtioNetHdr {
 /// The folded sum over a TCP segment with its pseudo-header: 0xffff when
 /// its checksum is right.
 fn transport_sum(p: &[u8], version: u8, t: usize) -> u16 {
-    let pseudo = if version == 4 { sum(&p[12..20], 0) } else { sum(&p[8..40], 0) };
-    fold(sum(&p[t..], pseudo + u32::from(PROTO_TCP) + (p.len() - t) as u32))
+    fold(sum(&p[t..], pseudo_sum(p, version, PROTO_TCP, t)))
 }
 
 /// Completes a partial checksum: the field at `start + offset` holds the
@@ -407,11 +401,23 @@ fn complete_checksum(p: &mut [u8], start: u16, offset: u16) -> Result<(), Offloa
     Ok(())
 }
 
+/// The unfolded sum of the pseudo-header of `p`'s transport segment
+/// (which starts at `t` and runs to the end): addresses, protocol, length.
+fn pseudo_sum(p: &[u8], version: u8, protocol: u8, t: usize) -> u32 {
+    let addrs = if version == 4 { &p[12..20] } else { &p[8..40] };
+    sum(addrs, u32::from(protocol) + (p.len() - t) as u32)
+}
+
+/// Recomputes the IPv4 header checksum of `p`, whose header is `ihl` bytes.
+fn set_ipv4_checksum(p: &mut [u8], ihl: usize) {
+    put16(p, 10, 0);
+    let c = !fold(sum(&p[..ihl], 0));
+    put16(p, 10, c);
+}
+
 /// The TCP or UDP checksum of `seg` (its field zeroed), pseudo-header included.
 fn transport_checksum(seg: &[u8], version: u8, protocol: u8, t: usize) -> u16 {
-    let l4 = (seg.len() - t) as u32;
-    let pseudo = if version == 4 { sum(&seg[12..20], 0) } else { sum(&seg[8..40], 0) };
-    let c = !fold(sum(&seg[t..], pseudo + u32::from(protocol) + l4));
+    let c = !fold(sum(&seg[t..], pseudo_sum(seg, version, protocol, t)));
     if protocol == PROTO_UDP && c == 0 { 0xffff } else { c }
 }
 
@@ -493,16 +499,13 @@ mod tests {
         let ip_len = if v6 { 40 } else { 20 };
         if !v6 {
             put16(&mut out, 4, 0x1234);
-            put16(&mut out, 10, 0);
-            let c = !fold(sum(&out[..20], 0));
-            put16(&mut out, 10, c);
+            set_ipv4_checksum(&mut out, 20);
         }
         let (field, l4) = if tcp { (ip_len + 16, 20) } else { (ip_len + 6, 8) };
         // Only the pseudo-header sum, as CHECKSUM_PARTIAL leaves it.
-        let pseudo = if v6 { sum(&out[8..40], 0) } else { sum(&out[12..20], 0) };
         let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
-        let l4_total = (out.len() - ip_len) as u32;
-        put16(&mut out, field, fold(pseudo + u32::from(proto) + l4_total));
+        let partial = fold(pseudo_sum(&out, if v6 { 6 } else { 4 }, proto, ip_len));
+        put16(&mut out, field, partial);
         let gso_type = match (v6, tcp) {
             (false, true) => GSO_TCPV4,
             (true, true) => GSO_TCPV6,
@@ -649,12 +652,7 @@ mod tests {
         assert_eq!(reordered.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), [a[1].clone(), a[0].clone()]);
         let mut other_ack = a[1].clone();
         other_ack[20 + 8 + 3] ^= 1;
-        let t = (20, other_ack.len());
-        let c = {
-            put16(&mut other_ack, 36, 0);
-            transport_checksum(&other_ack, 4, PROTO_TCP, t.0)
-        };
-        put16(&mut other_ack, 36, c);
+        refresh_checksums(&mut other_ack);
         assert_eq!(merge(&[a[0].clone(), other_ack]).len(), 2, "different ACK");
         let mut corrupt = a[1].clone();
         let last = corrupt.len() - 1;
@@ -695,9 +693,7 @@ mod tests {
     }
 
     fn refresh_checksums(p: &mut [u8]) {
-        put16(p, 10, 0);
-        let c = !fold(sum(&p[..20], 0));
-        put16(p, 10, c);
+        set_ipv4_checksum(p, 20);
         put16(p, 36, 0);
         let c = transport_checksum(p, 4, PROTO_TCP, 20);
         put16(p, 36, c);
