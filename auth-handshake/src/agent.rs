@@ -131,8 +131,7 @@ impl Agent {
         if let Some(addr) = config.metrics_address {
             let registry = Arc::new(metrics.registry(state.clone(), ca.clone()));
             let (svids, c) = (state.clone(), ca.clone());
-            let ready: meshguard_common::telemetry::Readiness =
-                Arc::new(move || crate::metrics::readiness(&svids.borrow(), &c, std::time::SystemTime::now()));
+            let ready: meshguard_common::telemetry::Readiness = Arc::new(move || crate::metrics::readiness(&svids.borrow(), &c));
             tasks.spawn(async move {
                 if let Err(error) = meshguard_common::telemetry::serve(addr, registry, ready).await {
                     tracing::error!(%error, %addr, "metrics server stopped");

@@ -3,7 +3,6 @@
 //! expiry and CA sync gauges operators alert on.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
@@ -15,7 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::ca_client::GrpcCa;
+use crate::ca_client::{GrpcCa, now_unix};
 use crate::entries::Deletion;
 use crate::handshake::{Refusal, Role};
 use crate::svids::SvidState;
@@ -185,8 +184,7 @@ impl Collector for Credentials {
         for (id, svid) in &st.svids {
             ConstGauge::new(svid.expires_at).encode(m.encode_family(&labels(&[("spiffe_id", id.as_str())]))?)?;
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        let without = missing_svids(&st, self.ca.trust_domain(), now);
+        let without = missing_svids(&st, self.ca.trust_domain(), now_unix());
         ConstGauge::new(without.len() as i64).encode(enc.encode_descriptor(
             "meshguard_auth_workloads_without_svid",
             "Workloads placed on this node without a valid SVID (none yet, or expired).",
@@ -194,9 +192,7 @@ impl Collector for Credentials {
             MetricType::Gauge,
         )?)?;
         if let Some(at) = st.synced_at {
-            let g = Gauge::<i64>::default();
-            meshguard_common::telemetry::set_timestamp(&g, at);
-            g.encode(enc.encode_descriptor(
+            ConstGauge::new(at).encode(enc.encode_descriptor(
                 "meshguard_auth_ca_last_sync_timestamp_seconds",
                 "Unix time of the latest successful call to identity-ca (bundle or SVIDs).",
                 None,
@@ -220,9 +216,8 @@ fn missing_svids(svids: &SvidState, td: &TrustDomain, now: i64) -> Vec<String> {
 
 /// Ready when the node holds an unexpired SVID, identity-ca has answered,
 /// and every workload placed here holds a valid SVID.
-pub fn readiness(svids: &SvidState, ca: &GrpcCa, now: SystemTime) -> Result<(), Vec<String>> {
-    let now = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    check_ready(svids, ca.node_svid().map(|s| s.expires_at), ca.trust_domain(), now)
+pub fn readiness(svids: &SvidState, ca: &GrpcCa) -> Result<(), Vec<String>> {
+    check_ready(svids, ca.node_svid().map(|s| s.expires_at), ca.trust_domain(), now_unix())
 }
 
 fn check_ready(svids: &SvidState, node_expires_at: Option<i64>, td: &TrustDomain, now: i64) -> Result<(), Vec<String>> {
@@ -265,7 +260,7 @@ mod tests {
         assert!(
             why[0].contains("not attested") && why[1].contains("identity-ca") && why[2].contains("spiffe://cluster.local/ns/shop/sa/web")
         );
-        st.synced_at = Some(SystemTime::now());
+        st.synced_at = Some(100);
         let why = check_ready(&st, Some(100), &td, 100).unwrap_err();
         assert!(why.len() == 2 && why[0].contains("expired"), "{why:?}");
         st.workloads.clear();

@@ -22,8 +22,8 @@ pub struct SvidState {
     pub workloads: Vec<Workload>,
     pub svids: BTreeMap<SpiffeId, Svid>,
     pub bundle: CaBundle,
-    /// The latest successful call to identity-ca (bundle or SVIDs).
-    pub synced_at: Option<std::time::SystemTime>,
+    /// The latest successful call to identity-ca (bundle or SVIDs), Unix seconds.
+    pub synced_at: Option<i64>,
 }
 
 impl SvidState {
@@ -61,7 +61,7 @@ pub async fn run(
         if tokio::time::Instant::now() >= next_bundle {
             match ca.bundle().await {
                 Ok(b) => {
-                    st.synced_at = Some(std::time::SystemTime::now());
+                    st.synced_at = Some(now_unix());
                     if b != st.bundle {
                         on_bundle(&b);
                         st.bundle = b;
@@ -83,7 +83,7 @@ pub async fn run(
         for chunk in need.chunks(BATCH) {
             match ca.sign_workloads(chunk).await {
                 Ok(svids) => {
-                    st.synced_at = Some(std::time::SystemTime::now());
+                    st.synced_at = Some(now_unix());
                     for s in svids {
                         tracing::info!(spiffe_id = %s.spiffe_id, expires_at = s.expires_at, "workload SVID issued");
                         st.svids.insert(s.spiffe_id.clone(), s);

@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
@@ -38,11 +37,6 @@ pub fn register_build_info(registry: &mut Registry, component: &str) {
 /// Now, in Unix seconds, for `*_timestamp_seconds` gauges.
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-/// A Unix time gauge (`*_timestamp_seconds`), set from a `SystemTime`.
-pub fn set_timestamp(gauge: &Gauge, at: SystemTime) {
-    gauge.set(at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64));
 }
 
 /// Serves until the task is dropped. The registry is encoded on each scrape.

@@ -181,7 +181,7 @@ impl CaState {
     /// Why the CA cannot sign now, if it cannot: no active authority, or
     /// an expired one.
     pub fn signing_problem(&self) -> Option<String> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let now = crate::authority::now_unix();
         match self.ca.list().iter().find(|a| a.state == crate::authority::AuthorityState::Active) {
             None => Some("no active signing authority".into()),
             Some(a) if a.not_after <= now => Some(format!("the active authority {} expired at Unix time {}", a.id, a.not_after)),

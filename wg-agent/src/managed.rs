@@ -173,7 +173,7 @@ pub async fn run_with_source(
     agent.publish(&mut endpoints).await;
     let mut views = agent.source.subscribe();
     let first = views.borrow_and_update().clone();
-    *agent.metrics.view_at.lock() = Some(std::time::SystemTime::now());
+    agent.metrics.view_at.store(meshguard_common::telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed);
     agent.reconcile(&first).await;
     agent.enforce(&first, true);
     // Sessions before the first packet needs one: no first-packet stall.
@@ -192,7 +192,7 @@ pub async fn run_with_source(
                     anyhow::bail!("cluster source stopped");
                 }
                 let view = views.borrow_and_update().clone();
-                *agent.metrics.view_at.lock() = Some(std::time::SystemTime::now());
+                agent.metrics.view_at.store(meshguard_common::telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed);
                 agent.reconcile(&view).await;
                 agent.enforce(&view, true);
             }

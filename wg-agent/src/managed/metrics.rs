@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use meshguard_ca_client::svid::node_tls::NodeIdentity;
 use meshguard_common::key::PublicKey;
@@ -40,8 +40,8 @@ pub struct AgentMetrics {
     ready: std::sync::atomic::AtomicBool,
     /// In registry mode: the link to identity-ca.
     pub registry_health: Mutex<Option<RegistryHealth>>,
-    /// When the cluster source last delivered a view.
-    pub view_at: Mutex<Option<SystemTime>>,
+    /// When the cluster source last delivered a view, Unix seconds; 0 before one.
+    pub view_at: std::sync::atomic::AtomicI64,
 }
 
 type Labels = Vec<(String, String)>;
@@ -61,7 +61,7 @@ impl AgentMetrics {
             datapath: Mutex::default(),
             ready: std::sync::atomic::AtomicBool::new(false),
             registry_health: Mutex::default(),
-            view_at: Mutex::default(),
+            view_at: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -236,9 +236,9 @@ impl Collector for AgentMetrics {
                 )?)?;
             }
         }
-        if let Some(at) = *self.view_at.lock() {
-            let t = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            ConstGauge::new(t).encode(enc.encode_descriptor(
+        let view_at = self.view_at.load(std::sync::atomic::Ordering::Relaxed);
+        if view_at > 0 {
+            ConstGauge::new(view_at).encode(enc.encode_descriptor(
                 "meshguard_wg_cluster_view_timestamp_seconds",
                 "Unix time the cluster source last delivered a view.",
                 None,
