@@ -225,8 +225,9 @@ fn pem(label: &str, der: &[u8]) -> String {
 async fn main() -> Result<std::process::ExitCode> {
     meshguard_common::logging::init();
     let cli = Cli::parse();
+    let load = |path: &std::path::Path| config::load(path).with_context(|| format!("loading {}", path.display()));
     if let Cmd::Store { cmd: StoreCmd::Upgrade { config } } = &cli.cmd {
-        let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
+        let cfg = load(config)?;
         let upgraded = meshguard_identity_ca::store::Store::upgrade_format(&cfg.state_dir, config::DB_FILE)
             .with_context(|| format!("upgrading {} (is the CA stopped?)", cfg.db_path().display()))?;
         println!(
@@ -237,11 +238,11 @@ async fn main() -> Result<std::process::ExitCode> {
         return Ok(std::process::ExitCode::SUCCESS);
     }
     if let Cmd::Healthcheck { config } = &cli.cmd {
-        let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
+        let cfg = load(config)?;
         return Ok(meshguard_common::telemetry::healthcheck(cfg.metrics_address).await);
     }
     if let Cmd::Run { config } = &cli.cmd {
-        let cfg = config::load(config).with_context(|| format!("loading {}", config.display()))?;
+        let cfg = load(config)?;
         let server = CaServer::start(cfg).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         server
