@@ -30,7 +30,6 @@ pub struct Metrics {
     pub authority_expiry: Family<Labels, Gauge>,
     /// The label sets `authority_expiry` holds now.
     authority_series: std::sync::Mutex<Vec<Labels>>,
-    observing: std::sync::Mutex<()>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -66,7 +65,6 @@ impl Metrics {
             overload,
             authority_expiry,
             authority_series: std::sync::Mutex::default(),
-            observing: std::sync::Mutex::default(),
         }
     }
 
@@ -78,7 +76,8 @@ impl Metrics {
     /// Mirrors the authority set; call after anything changes it. Series
     /// are set before stale ones go, so a scrape never sees none.
     pub fn observe_authorities(&self, list: &[Arc<Authority>]) {
-        let _one_at_a_time = self.observing.lock().unwrap_or_else(|e| e.into_inner());
+        // Held throughout: one update at a time.
+        let mut seen = self.authority_series.lock().unwrap_or_else(|e| e.into_inner());
         let mut current = Vec::new();
         for a in list {
             let state = match a.state {
@@ -90,7 +89,6 @@ impl Metrics {
             self.authority_expiry.get_or_create(&l).set(a.not_after);
             current.push(l);
         }
-        let mut seen = self.authority_series.lock().unwrap_or_else(|e| e.into_inner());
         for old in seen.iter().filter(|l| !current.contains(l)) {
             self.authority_expiry.remove(old);
         }
