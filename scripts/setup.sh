@@ -7,11 +7,12 @@ set -eu
 # iputils-ping and tcpdump drive and watch the simulated cluster;
 # wireguard-go and wireguard-tools are the interop peer and the `wg` tool;
 # protobuf-compiler builds the gRPC APIs; python3-venv holds the Python
-# SPIFFE client the interop tests run (below).
+# SPIFFE client the interop tests run (below); ethtool reads the offloads a
+# TUN was given.
 PACKAGES="
   build-essential pkg-config ca-certificates curl
   clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool
-  iproute2 iputils-ping tcpdump python3 python3-venv
+  iproute2 iputils-ping tcpdump python3 python3-venv ethtool
   wireguard-go wireguard-tools
   protobuf-compiler
 "

@@ -20,15 +20,24 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// IP packets to and from the kernel.
 pub trait TunIo: Send + Sync {
-    /// Reads one IP packet into `buf`; `ErrorKind::TimedOut` after
-    /// [`POLL_INTERVAL`] without one.
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads once from the device and calls `emit` with each IP packet the
+    /// read carried: one, or every segment of a super-packet. With `wait`
+    /// it blocks up to [`POLL_INTERVAL`] (then `ErrorKind::TimedOut`);
+    /// without, it returns `Ok(0)` when nothing is waiting. A super-packet
+    /// that does not add up is refused whole with `ErrorKind::InvalidData`.
+    /// Returns how many packets were emitted.
+    fn read_packets(&self, buf: &mut [u8], wait: bool, emit: &mut dyn FnMut(&[u8])) -> io::Result<usize>;
     /// Writes one IP packet.
     fn send(&self, pkt: &[u8]) -> io::Result<()>;
-    /// Reads one packet if one is already waiting, without blocking: how the
-    /// TUN loop fills a batch after its first packet.
-    fn try_recv(&self, _buf: &mut [u8]) -> io::Result<Option<usize>> {
-        Ok(None)
+    /// Writes packets in order within each flow; a device that takes
+    /// super-packets gets one flow's back-to-back TCP segments coalesced.
+    /// `failed` hears of every write the kernel refuses.
+    fn write_packets(&self, pkts: &[&[u8]], failed: &mut dyn FnMut(io::Error)) {
+        for p in pkts {
+            if let Err(e) = self.send(p) {
+                failed(e);
+            }
+        }
     }
 }
 
@@ -37,12 +46,34 @@ pub struct RecvBatch {
     pub bufs: Vec<Vec<u8>>,
     pub lens: Vec<usize>,
     pub from: Vec<SocketAddr>,
+    /// With UDP GRO, the size of each datagram coalesced into `bufs[i]`
+    /// (the last may be shorter); 0 when it holds one datagram.
+    pub segs: Vec<usize>,
 }
 
 impl RecvBatch {
     pub fn new(count: usize, size: usize) -> Self {
         let any = SocketAddr::from(([0, 0, 0, 0], 0));
-        Self { bufs: vec![vec![0u8; size]; count.max(1)], lens: vec![0; count.max(1)], from: vec![any; count.max(1)] }
+        let n = count.max(1);
+        Self { bufs: vec![vec![0u8; size]; n], lens: vec![0; n], from: vec![any; n], segs: vec![0; n] }
+    }
+
+    /// The datagrams received into slot `i`, in the order they were sent.
+    /// An empty datagram is yielded as one (to be refused and counted).
+    pub fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        let data = &self.bufs[i][..self.lens[i]];
+        let seg = if self.segs[i] == 0 { data.len() } else { self.segs[i] };
+        let (mut at, mut first) = (0, true);
+        std::iter::from_fn(move || {
+            if at >= data.len() && !(first && data.is_empty()) {
+                return None;
+            }
+            first = false;
+            let end = (at + seg).min(data.len());
+            let d = &data[at..end];
+            at = end;
+            Some(d)
+        })
     }
 }
 
@@ -58,6 +89,7 @@ pub trait UdpIo: Send + Sync {
         let (n, from) = self.recv_from(&mut batch.bufs[0])?;
         batch.lens[0] = n;
         batch.from[0] = from;
+        batch.segs[0] = 0;
         Ok(1)
     }
     /// Sends the datagrams laid out back to back in `buf`, each `seg` bytes

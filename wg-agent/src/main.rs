@@ -49,6 +49,14 @@ enum Command {
         /// Directory of the UAPI socket.
         #[arg(long, default_value = DEFAULT_SOCKET_DIR)]
         socket_dir: PathBuf,
+        /// One packet per TUN read and write: no segmentation offload from
+        /// the kernel and no coalescing back to it (for comparison; the
+        /// kernel's support is detected and used by default).
+        #[arg(long)]
+        no_tun_offload: bool,
+        /// One datagram per socket receive slot: no UDP GRO.
+        #[arg(long)]
+        no_udp_gro: bool,
     },
     /// `wg-agent IFNAME`, as wireguard-go is run (wg-quick): the device in
     /// the background (`WG_PROCESS_FOREGROUND=1`: in the foreground).
@@ -103,14 +111,16 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Healthcheck { .. } => unreachable!("handled in main"),
-        Command::Device { ifname, mtu, socket_dir } => run_device(&ifname, mtu, &socket_dir),
+        Command::Device { ifname, mtu, socket_dir, no_tun_offload, no_udp_gro } => {
+            run_device(&ifname, mtu, &socket_dir, DataPath { tun_offload: !no_tun_offload, udp_gro: !no_udp_gro })
+        }
         Command::Userspace(args) => {
             let [ifname] = args.as_slice() else {
                 anyhow::bail!("usage: wg-agent IFNAME (as wireguard-go), or wg-agent device IFNAME; see wg-agent --help")
             };
             let socket_dir = PathBuf::from(DEFAULT_SOCKET_DIR);
             if std::env::var_os("WG_PROCESS_FOREGROUND").is_some_and(|v| v == "1") {
-                run_device(ifname, managed::config::DEFAULT_MTU, &socket_dir)
+                run_device(ifname, managed::config::DEFAULT_MTU, &socket_dir, DataPath::default())
             } else {
                 background_device(ifname, &socket_dir)
             }
@@ -184,11 +194,24 @@ fn background_device(ifname: &str, socket_dir: &std::path::Path) -> anyhow::Resu
     anyhow::bail!("the device for {ifname} was not ready within 10 s")
 }
 
-fn run_device(ifname: &str, mtu: u16, socket_dir: &std::path::Path) -> anyhow::Result<()> {
+/// Which kernel offloads the device asks for (each still only where the
+/// kernel has it).
+struct DataPath {
+    tun_offload: bool,
+    udp_gro: bool,
+}
+
+impl Default for DataPath {
+    fn default() -> Self {
+        Self { tun_offload: true, udp_gro: true }
+    }
+}
+
+fn run_device(ifname: &str, mtu: u16, socket_dir: &std::path::Path, path: DataPath) -> anyhow::Result<()> {
     anyhow::ensure!(mtu >= 576, "mtu {mtu} is below the IPv4 minimum of 576");
-    let tun = LinuxTun::open(ifname, false)?;
+    let tun = LinuxTun::open_with(ifname, false, path.tun_offload)?;
     tun.set_mtu(mtu)?;
-    let device = Arc::new(Device::start(Arc::new(tun), Arc::new(HostNetwork), 0)?);
+    let device = Arc::new(Device::start(Arc::new(tun), Arc::new(HostNetwork { gro: path.udp_gro }), 0)?);
     let _uapi = UapiServer::start(socket_dir, ifname, device.clone(), Access::ReadWrite)?;
     tracing::info!(interface = ifname, mtu, "device ready; configure it with `wg`");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

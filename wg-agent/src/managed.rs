@@ -102,7 +102,7 @@ pub async fn run_with_source(
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/addr_gen_mode", cfg.interface), "1");
     tun.set_up()?;
     let ifindex = tun.ifindex().context("cannot read the tunnel's interface index")?;
-    let device = Arc::new(Device::start(Arc::new(tun), Arc::new(HostNetwork), cfg.listen_port)?);
+    let device = Arc::new(Device::start(Arc::new(tun), Arc::new(HostNetwork::default()), cfg.listen_port)?);
     device.apply(&DeviceUpdate { private_key: Some(Some(secret)), ..Default::default() })?;
     let _uapi = UapiServer::start(&cfg.uapi_socket_dir, &cfg.interface, device.clone(), Access::ReadOnly)?;
 

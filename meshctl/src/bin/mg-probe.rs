@@ -117,15 +117,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Binds on every address, IPv6 and IPv4 where the namespace has IPv6
+/// (a dual-stack socket), IPv4 alone where it does not.
+fn bind_any<T>(port: u16, bind: impl Fn(SocketAddr) -> std::io::Result<T>) -> std::io::Result<T> {
+    bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))).or_else(|_| bind(SocketAddr::from(([0, 0, 0, 0], port))))
+}
+
 fn serve(port: u16) -> std::io::Result<()> {
-    let udp = UdpSocket::bind(("0.0.0.0", port))?;
+    let udp = bind_any(port, UdpSocket::bind)?;
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = udp.recv_from(&mut buf) {
             let _ = udp.send_to(&buf[..n], from);
         }
     });
-    let tcp = TcpListener::bind(("0.0.0.0", port))?;
+    let tcp = bind_any(port, TcpListener::bind)?;
     for conn in tcp.incoming() {
         let Ok(mut s) = conn else { continue };
         std::thread::spawn(move || {
@@ -355,7 +361,7 @@ mod stream {
     }
 
     pub fn serve(port: u16) -> std::io::Result<()> {
-        let l = TcpListener::bind(("0.0.0.0", port))?;
+        let l = super::bind_any(port, TcpListener::bind)?;
         for conn in l.incoming() {
             let Ok(mut s) = conn else { continue };
             std::thread::spawn(move || {

@@ -108,14 +108,17 @@ impl Pending {
 }
 
 /// TUN → wire: route by destination, encrypt, send — a batch at a time.
+/// A batch is the reads waiting after the first (each read one packet, or
+/// a super-packet cut into many), up to `TUN_BATCH` reads.
 pub(super) fn tun_loop(shared: &Shared) {
     let mut src = vec![0u8; BUF_LEN];
     // Room for a full GSO batch plus one more datagram of any size.
     let mut out = vec![0u8; GSO_BYTES + BUF_LEN];
     let mut pending = Pending::new();
     while !shared.shutdown.load(Ordering::Relaxed) {
-        let n = match shared.tun.recv(&mut src) {
-            Ok(n) => n,
+        let mut encrypt = |pkt: &[u8]| encrypt_one(shared, pkt, &mut out, &mut pending);
+        match shared.tun.read_packets(&mut src, true, &mut encrypt) {
+            Ok(_) => {}
             Err(e) if is_timeout(&e) => continue,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::ENODEV | libc::EIO)) => {
                 // The interface was deleted under us (`ip link del`): the device is over.
@@ -123,17 +126,18 @@ pub(super) fn tun_loop(shared: &Shared) {
                 shared.closed.store(true, Ordering::SeqCst);
                 return;
             }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => refuse_read(shared, &e),
             Err(e) => {
                 shared.stats.drop(DropReason::IoError, || format!("tun read: {e}"));
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-        };
-        encrypt_one(shared, &src[..n], &mut out, &mut pending);
+        }
         for _ in 1..TUN_BATCH {
-            match shared.tun.try_recv(&mut src) {
-                Ok(Some(n)) => encrypt_one(shared, &src[..n], &mut out, &mut pending),
-                Ok(None) => break,
+            match shared.tun.read_packets(&mut src, false, &mut encrypt) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => refuse_read(shared, &e),
                 Err(e) => {
                     shared.stats.drop(DropReason::IoError, || format!("tun read: {e}"));
                     break;
@@ -142,6 +146,11 @@ pub(super) fn tun_loop(shared: &Shared) {
         }
         pending.flush(shared, &out);
     }
+}
+
+/// A super-packet from the TUN that does not add up: nothing of it is sent.
+fn refuse_read(shared: &Shared, e: &std::io::Error) {
+    shared.stats.drop(DropReason::MalformedIp, || format!("super-packet from the tun: {e}"));
 }
 
 /// Encrypts one packet from the TUN into the pending batch (flushing it
@@ -201,10 +210,13 @@ fn encrypt_one(shared: &Shared, pkt: &[u8], out: &mut [u8], pending: &mut Pendin
 }
 
 /// Wire → TUN: authenticate, find the peer, decrypt, check the inner source
-/// against the peer's allowed IPs, deliver.
+/// against the peer's allowed IPs, deliver. What one receive brought (many
+/// datagrams, coalesced by UDP GRO or not) is decrypted into `inner` and
+/// written to the TUN together, so TCP segments of one flow go up as one
+/// super-packet where the TUN takes them.
 pub(super) fn net_loop(shared: &Shared) {
     let mut batch = RecvBatch::new(NET_BATCH, BUF_LEN);
-    let mut out = vec![0u8; BUF_LEN];
+    let mut inner = Inner::new();
     let mut generation = shared.socket_generation.load(Ordering::SeqCst);
     let mut socket = shared.socket.read().clone();
     while !shared.shutdown.load(Ordering::Relaxed) {
@@ -223,26 +235,68 @@ pub(super) fn net_loop(shared: &Shared) {
             }
         };
         for i in 0..n {
-            handle_datagram(shared, &batch.bufs[i][..batch.lens[i]], batch.from[i], &mut out);
+            for datagram in batch.datagrams(i) {
+                if inner.room() < datagram.len() {
+                    inner.deliver(shared);
+                }
+                let at = inner.used;
+                if let Some(r) = handle_datagram(shared, datagram, batch.from[i], &mut inner.buf[at..]) {
+                    inner.ends.push((at + r.start, at + r.end));
+                    inner.used = at + r.end;
+                }
+            }
         }
+        inner.deliver(shared);
     }
 }
 
 /// Datagrams the wire loop takes per receive call.
 const NET_BATCH: usize = 32;
+/// Decrypted bytes gathered before a TUN write: a few super-packets' worth.
+const INNER_BYTES: usize = 512 * 1024;
 
-/// One datagram from the wire. Public to the crate for in-process tests.
-pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
-    let Some(peer) = find_peer(shared, datagram, from, out) else { return };
+/// Decrypted packets waiting to be written to the TUN, back to back.
+struct Inner {
+    buf: Vec<u8>,
+    used: usize,
+    ends: Vec<(usize, usize)>,
+}
+
+impl Inner {
+    fn new() -> Self {
+        Self { buf: vec![0u8; INNER_BYTES + BUF_LEN], used: 0, ends: Vec::with_capacity(1024) }
+    }
+
+    /// Room left for one more decrypted packet (never less than a
+    /// datagram, which is longer than what it decrypts to).
+    fn room(&self) -> usize {
+        INNER_BYTES.saturating_sub(self.used)
+    }
+
+    fn deliver(&mut self, shared: &Shared) {
+        if !self.ends.is_empty() {
+            let pkts: Vec<&[u8]> = self.ends.iter().map(|&(a, b)| &self.buf[a..b]).collect();
+            shared.tun.write_packets(&pkts, &mut |e| shared.stats.drop(DropReason::IoError, || format!("tun write: {e}")));
+        }
+        self.ends.clear();
+        self.used = 0;
+    }
+}
+
+/// One datagram from the wire. Returns where in `out` it left an inner
+/// packet for the TUN, if it carried one that may go.
+pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) -> Option<std::ops::Range<usize>> {
+    let base = out.as_ptr() as usize;
+    let peer = find_peer(shared, datagram, from, out)?;
     let res = {
         let mut guard = peer.tunn.lock();
-        let Some(tunn) = guard.as_mut() else { return };
+        let tunn = guard.as_mut()?;
         let res = tunn.decapsulate(Some(from.ip()), datagram, out);
         match res {
             TunnResult::Err(e) => {
                 drop(guard);
                 shared.stats.drop(DropReason::from_wg(&e), || format!("from {from} (peer {}): {e:?}", peer.public_key));
-                return;
+                return None;
             }
             TunnResult::WriteToNetwork(bytes) => {
                 // Handshake traffic: answer, then flush what waited for the session.
@@ -250,7 +304,7 @@ pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr
                 peer.set_endpoint(from);
                 shared.send(&peer, bytes, from);
                 flush_queue(shared, &peer, tunn, out);
-                return;
+                return None;
             }
             r => r,
         }
@@ -261,7 +315,7 @@ pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr
     let (inner, src) = match res {
         TunnResult::WriteToTunnelV4(p, a) => (p, std::net::IpAddr::V4(a)),
         TunnResult::WriteToTunnelV6(p, a) => (p, std::net::IpAddr::V6(a)),
-        _ => return, // keepalive
+        _ => return None, // keepalive
     };
     // Cryptokey routing: the peer may only speak for its own allowed IPs.
     let allowed = shared.state.read().routes.lookup(src).is_some_and(|p| Arc::ptr_eq(p, &peer));
@@ -269,11 +323,10 @@ pub(super) fn handle_datagram(shared: &Shared, datagram: &[u8], from: SocketAddr
         shared
             .stats
             .drop(DropReason::SourceNotAllowed, || format!("peer {} sent a packet from {src}, outside its allowed IPs", peer.public_key));
-        return;
+        return None;
     }
-    if let Err(e) = shared.tun.send(inner) {
-        shared.stats.drop(DropReason::IoError, || format!("tun write: {e}"));
-    }
+    let at = inner.as_ptr() as usize - base;
+    Some(at..at + inner.len())
 }
 
 /// Sends the packets the noise layer queued while it had no session.

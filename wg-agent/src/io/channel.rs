@@ -149,32 +149,27 @@ impl Drop for SwitchUdp {
 // === impl ChannelTun ===
 
 impl TunIo for ChannelTun {
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.to_device.lock().recv_timeout(POLL_INTERVAL) {
-            Ok(p) => {
-                let n = p.len().min(buf.len());
-                buf[..n].copy_from_slice(&p[..n]);
-                Ok(n)
+    fn read_packets(&self, _buf: &mut [u8], wait: bool, emit: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let rx = self.to_device.lock();
+        let p = if wait {
+            match rx.recv_timeout(POLL_INTERVAL) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) => return Err(io::ErrorKind::TimedOut.into()),
+                Err(RecvTimeoutError::Disconnected) => return Err(io::ErrorKind::BrokenPipe.into()),
             }
-            Err(RecvTimeoutError::Timeout) => Err(io::ErrorKind::TimedOut.into()),
-            Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::BrokenPipe.into()),
-        }
+        } else {
+            match rx.try_recv() {
+                Ok(p) => p,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(0),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        };
+        emit(&p);
+        Ok(1)
     }
 
     fn send(&self, pkt: &[u8]) -> io::Result<()> {
         self.from_device.send(pkt.to_vec()).map_err(|_| io::ErrorKind::BrokenPipe.into())
-    }
-
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        match self.to_device.lock().try_recv() {
-            Ok(p) => {
-                let n = p.len().min(buf.len());
-                buf[..n].copy_from_slice(&p[..n]);
-                Ok(Some(n))
-            }
-            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(None),
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(io::ErrorKind::BrokenPipe.into()),
-        }
     }
 }
 

@@ -1,4 +1,9 @@
 //! The Linux TUN device: `/dev/net/tun`, layer 3, no packet-info header.
+//! With offloads on (the default) it also carries a virtio-net header: the
+//! kernel hands over TCP super-packets of up to 64 KiB (TSO) and UDP ones
+//! where it can (USO), which [`offload::segment`] cuts, and takes coalesced
+//! TCP segments back ([`offload::coalesce`]), so the kernel's stacks on both
+//! sides see few, large packets.
 
 #![allow(unsafe_code)]
 
@@ -8,6 +13,7 @@ use std::io::{self, Read as _, Write as _};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
+use super::offload::{self, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
 use super::{POLL_INTERVAL, TunIo};
 
 // From <linux/if_tun.h>; not all are in the libc crate.
@@ -15,6 +21,14 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 /// Linux limits interface names to 15 bytes plus the terminating NUL.
 pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
@@ -42,6 +56,27 @@ pub enum TunError {
 pub struct LinuxTun {
     file: File,
     name: String,
+    offload: Offload,
+}
+
+/// What the kernel hands this TUN, decided once at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offload {
+    /// Every packet carries a virtio-net header; TCP super-packets (TSO,
+    /// v4 and v6) come in and coalesced ones go out.
+    pub tso: bool,
+    /// UDP super-packets come in too (Linux 6.2 and later).
+    pub uso: bool,
+}
+
+impl std::fmt::Display for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.tso, self.uso) {
+            (false, _) => f.write_str("none"),
+            (true, false) => f.write_str("tso4,tso6,tcp-gro"),
+            (true, true) => f.write_str("tso4,tso6,uso4,uso6,tcp-gro"),
+        }
+    }
 }
 
 pub fn validate_ifname(name: &str) -> Result<(), TunError> {
@@ -95,7 +130,40 @@ impl LinuxTun {
     /// routes through it stay and traffic is dropped, not leaked, while the
     /// agent restarts.
     pub fn open(name: &str, persist: bool) -> Result<Self, TunError> {
+        Self::open_with(name, persist, true)
+    }
+
+    /// As [`open`](Self::open); `offload: false` keeps the device to one
+    /// MTU-sized packet per read and write. With `offload`, what the kernel
+    /// supports is taken and what it lacks is logged and done without.
+    pub fn open_with(name: &str, persist: bool, offload: bool) -> Result<Self, TunError> {
         validate_ifname(name)?;
+        let (file, vnet) = match offload {
+            true => match Self::attach(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR) {
+                Ok(f) => (f, true),
+                Err(TunError::Create { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(interface = name, error = %source, "TUN virtio-net headers unsupported; no offloads");
+                    (Self::attach(name, IFF_TUN | IFF_NO_PI)?, false)
+                }
+                Err(e) => return Err(e),
+            },
+            false => (Self::attach(name, IFF_TUN | IFF_NO_PI)?, false),
+        };
+        let cfg = |source| TunError::Configure { name: name.to_owned(), source };
+        // SAFETY: TUNSETPERSIST takes an integer argument by value.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, persist as libc::c_ulong) } < 0 {
+            return Err(cfg(io::Error::last_os_error()));
+        }
+        let offload = if vnet {
+            Self::negotiate(&file).map_err(cfg)?
+        } else {
+            Self::set_offload(&file, 0).map_err(cfg).map(|()| Offload::default())?
+        };
+        tracing::info!(interface = name, offload = %offload, "TUN device open");
+        Ok(Self { file, name: name.to_owned(), offload })
+    }
+
+    fn attach(name: &str, flags: libc::c_short) -> Result<File, TunError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -104,16 +172,48 @@ impl LinuxTun {
             .open("/dev/net/tun")
             .map_err(TunError::Open)?;
         let mut req = ifreq_for(name);
-        req.ifr_ifru.ifru_flags = IFF_TUN | IFF_NO_PI;
-        // SAFETY: TUNSETIFF reads and writes the ifreq we pass, which lives across the call.
+        req.ifr_ifru.ifru_flags = flags;
+        // SAFETY: TUNSETIFF reads and writes the ifreq we pass, which lives
+        // across the call. On a persistent interface it also replaces the
+        // flags a previous owner attached with.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut libc::ifreq) } < 0 {
             return Err(TunError::Create { name: name.to_owned(), source: io::Error::last_os_error() });
         }
-        // SAFETY: TUNSETPERSIST takes an integer argument by value.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, persist as libc::c_ulong) } < 0 {
-            return Err(TunError::Configure { name: name.to_owned(), source: io::Error::last_os_error() });
+        Ok(file)
+    }
+
+    /// Asks for TSO and, where the kernel has it, USO. Offloads are a
+    /// property of the interface, not of this file: they are always set
+    /// explicitly, so none is left on from an earlier owner that read
+    /// differently.
+    fn negotiate(file: &File) -> io::Result<Offload> {
+        let hdr_len = VIRTIO_NET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) } < 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(Self { file, name: name.to_owned() })
+        let tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+        match Self::set_offload(file, tso | TUN_F_USO4 | TUN_F_USO6) {
+            Ok(()) => Ok(Offload { tso: true, uso: true }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(error = %e, "TUN UDP segmentation offload unavailable (Linux 6.2+); TCP only");
+                Self::set_offload(file, tso).map(|()| Offload { tso: true, uso: false })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set_offload(file: &File, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes an unsigned integer by value.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// What was negotiated at open.
+    pub fn offload(&self) -> Offload {
+        self.offload
     }
 
     pub fn name(&self) -> &str {
@@ -161,18 +261,9 @@ impl LinuxTun {
     }
 }
 
-impl TunIo for LinuxTun {
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.wait_readable()? {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        match (&self.file).read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::ErrorKind::TimedOut.into()),
-            r => r,
-        }
-    }
-
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+impl LinuxTun {
+    /// One read(2); `None` when nothing is waiting.
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         match (&self.file).read(buf) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -180,8 +271,50 @@ impl TunIo for LinuxTun {
         }
     }
 
+    /// Writes one packet behind `hdr` in a single writev(2): the TUN takes
+    /// one packet per write, header included.
+    fn write_with(&self, hdr: &VirtioNetHdr, pkt: &[u8]) -> io::Result<()> {
+        let h = hdr.to_bytes();
+        let iov = [io::IoSlice::new(&h), io::IoSlice::new(pkt)];
+        (&self.file).write_vectored(&iov).map(|_| ())
+    }
+}
+
+impl TunIo for LinuxTun {
+    fn read_packets(&self, buf: &mut [u8], wait: bool, emit: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        if wait && !self.wait_readable()? {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        let Some(n) = self.read_once(buf)? else {
+            return if wait { Err(io::ErrorKind::TimedOut.into()) } else { Ok(0) };
+        };
+        if !self.offload.tso {
+            emit(&buf[..n]);
+            return Ok(1);
+        }
+        let invalid = |e: offload::OffloadError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let hdr = VirtioNetHdr::parse(&buf[..n]).map_err(invalid)?;
+        offload::segment(&hdr, &buf[VIRTIO_NET_HDR_LEN..n], |p| emit(p)).map_err(invalid)
+    }
+
     fn send(&self, pkt: &[u8]) -> io::Result<()> {
-        (&self.file).write(pkt).map(|_| ())
+        if self.offload.tso { self.write_with(&VirtioNetHdr::default(), pkt) } else { (&self.file).write(pkt).map(|_| ()) }
+    }
+
+    fn write_packets(&self, pkts: &[&[u8]], failed: &mut dyn FnMut(io::Error)) {
+        if !self.offload.tso {
+            for p in pkts {
+                if let Err(e) = (&self.file).write(p) {
+                    failed(e);
+                }
+            }
+            return;
+        }
+        offload::coalesce(pkts.iter().copied(), |hdr, p| {
+            if let Err(e) = self.write_with(hdr, p) {
+                failed(e);
+            }
+        });
     }
 }
 

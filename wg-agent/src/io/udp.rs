@@ -1,6 +1,8 @@
 //! The host's UDP stack: one dual-stack socket per listen port, with the
 //! kernel's batching: UDP GSO (one `sendmsg` carries many same-size
-//! datagrams) and `recvmmsg` (one call returns every datagram waiting).
+//! datagrams), UDP GRO (one receive slot holds many datagrams of one
+//! sender, coalesced by the kernel) and `recvmmsg` (one call returns every
+//! slot waiting).
 
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
@@ -16,6 +18,7 @@ use super::{Network, POLL_INTERVAL, RecvBatch, UdpIo};
 // From <linux/udp.h>.
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
 /// The kernel's limit on segments in one GSO send (UDP_MAX_SEGMENTS).
 pub const MAX_GSO_SEGMENTS: usize = 64;
 
@@ -23,7 +26,17 @@ pub const MAX_GSO_SEGMENTS: usize = 64;
 /// by the kernel before the receive loop gets to it.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-pub struct HostNetwork;
+/// The host's network stack. `gro: false` receives one datagram per slot.
+#[derive(Debug, Clone, Copy)]
+pub struct HostNetwork {
+    pub gro: bool,
+}
+
+impl Default for HostNetwork {
+    fn default() -> Self {
+        Self { gro: true }
+    }
+}
 
 pub struct HostUdp {
     socket: Socket,
@@ -33,11 +46,15 @@ pub struct HostUdp {
     /// Cleared the first time the kernel refuses a GSO send; then datagrams
     /// go one by one.
     gso: AtomicBool,
+    /// The kernel agreed to coalesce received datagrams (Linux 5.0+).
+    gro: bool,
 }
 
 impl Network for HostNetwork {
     fn bind(&self, port: u16, fwmark: u32) -> io::Result<Arc<dyn UdpIo>> {
-        Ok(Arc::new(HostUdp::bind(port, fwmark)?))
+        let udp = HostUdp::bind(port, fwmark)?;
+        let udp = if self.gro { udp.with_gro() } else { udp };
+        Ok(Arc::new(udp))
     }
 }
 
@@ -62,7 +79,36 @@ impl HostUdp {
             socket.set_mark(fwmark)?;
         }
         let port = socket.local_addr()?.as_socket().map(|a| a.port()).ok_or_else(|| io::Error::other("bound socket has no address"))?;
-        Ok(Self { socket, dual_stack, port, gso: AtomicBool::new(true) })
+        Ok(Self { socket, dual_stack, port, gso: AtomicBool::new(true), gro: false })
+    }
+
+    /// Asks the kernel to coalesce received datagrams; without it (an old
+    /// kernel) each slot holds one, as before. Logged either way.
+    #[allow(unsafe_code)]
+    pub fn with_gro(mut self) -> Self {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads one int through the pointer, for the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                SOL_UDP,
+                UDP_GRO,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        self.gro = rc == 0;
+        match self.gro {
+            true => tracing::debug!(port = self.port, "UDP GRO on"),
+            false => {
+                tracing::info!(port = self.port, error = %io::Error::last_os_error(), "UDP GRO unavailable; one datagram per receive slot")
+            }
+        }
+        self
+    }
+
+    pub fn gro(&self) -> bool {
+        self.gro
     }
 
     fn socket(domain: Domain) -> io::Result<Socket> {
@@ -168,12 +214,16 @@ fn recv_mmsg(socket: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     let mut iovs: [libc::iovec; MAX_RECV_BATCH] = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     let mut msgs: [libc::mmsghdr; MAX_RECV_BATCH] = unsafe { std::mem::zeroed() };
+    // Room for the UDP_GRO control message (an int); u64s for cmsghdr's alignment.
+    let mut controls = [[0u64; 4]; MAX_RECV_BATCH];
     for i in 0..n {
         iovs[i] = libc::iovec { iov_base: batch.bufs[i].as_mut_ptr().cast(), iov_len: batch.bufs[i].len() };
         msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
         msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         msgs[i].msg_hdr.msg_iov = &mut iovs[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = controls[i].as_mut_ptr().cast();
+        msgs[i].msg_hdr.msg_controllen = std::mem::size_of_val(&controls[i]) as _;
     }
     // SAFETY: `msgs[..n]` point at `n` live iovecs over live, exclusively
     // borrowed buffers and at `n` sockaddr_storage slots, all of which outlive
@@ -185,13 +235,35 @@ fn recv_mmsg(socket: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     }
     let got = got as usize;
     for i in 0..got {
-        batch.lens[i] = msgs[i].msg_len as usize;
+        // A truncated datagram is passed on empty, to be refused and counted.
+        let truncated = msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        batch.lens[i] = if truncated { 0 } else { msgs[i].msg_len as usize };
+        batch.segs[i] = gro_segment_size(&msgs[i].msg_hdr);
         batch.from[i] = match socket_addr(&addrs[i]) {
             Some(a) => crate::packet::unmap(a),
             None => return Err(io::Error::other("datagram from a non-IP address")),
         };
     }
     Ok(got)
+}
+
+/// The datagram size from a UDP_GRO control message, 0 without one.
+#[allow(unsafe_code)]
+fn gro_segment_size(msg: &libc::msghdr) -> usize {
+    // SAFETY: `msg` is a msghdr the kernel just filled: its control pointer
+    // and length describe the live buffer it wrote, which the CMSG_*
+    // macros walk without leaving it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).unwrap_or(0);
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    0
 }
 
 /// The address the kernel wrote into a `sockaddr_storage`.
@@ -254,5 +326,46 @@ mod tests {
         }
         assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [100, 100, 100, 100, 100, 40]);
         assert!(got[3].iter().all(|b| *b == 3));
+    }
+
+    #[test]
+    fn gro_coalesces_one_senders_datagrams_and_they_split_back_in_order() {
+        let a = HostUdp::bind(0, 0).unwrap();
+        let b = HostUdp::bind(0, 0).unwrap().with_gro();
+        assert!(b.gro(), "this kernel has UDP GRO");
+        let dst: SocketAddr = format!("127.0.0.1:{}", b.local_port()).parse().unwrap();
+        let mut buf = Vec::new();
+        for i in 0..20u8 {
+            buf.extend(std::iter::repeat_n(i, 300));
+        }
+        buf.extend(std::iter::repeat_n(99u8, 17));
+        a.send_segments(&buf, 300, dst).unwrap();
+        a.send_to(&[7u8; 5], dst).unwrap();
+        let mut batch = RecvBatch::new(16, 65_536);
+        let (mut got, mut slots, mut coalesced) = (Vec::new(), 0, false);
+        while got.len() < 22 {
+            let n = b.recv_batch(&mut batch).unwrap();
+            for i in 0..n {
+                slots += 1;
+                coalesced |= batch.segs[i] == 300;
+                got.extend(batch.datagrams(i).map(<[u8]>::to_vec));
+            }
+        }
+        // The GSO send arrives as one slot on loopback; split, it is the same datagrams.
+        assert!(coalesced && slots < 22, "{slots} slots for 22 datagrams");
+        let mut want: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 300]).collect();
+        want.push(vec![99; 17]);
+        want.push(vec![7; 5]);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_empty_slot_is_one_empty_datagram_to_refuse() {
+        let mut batch = RecvBatch::new(1, 16);
+        batch.lens[0] = 0;
+        assert_eq!(batch.datagrams(0).collect::<Vec<_>>(), [&[] as &[u8]]);
+        batch.lens[0] = 10;
+        batch.segs[0] = 4;
+        assert_eq!(batch.datagrams(0).map(<[u8]>::len).collect::<Vec<_>>(), [4, 4, 2]);
     }
 }
