@@ -7,9 +7,16 @@
 # For each implementation: two namespaces joined by a veth pair, one
 # WireGuard interface in each (configured with the stock `wg` tool), and
 # iperf3 through the tunnel: one TCP stream each way, then four parallel
-# streams. Prints Gbit/s and each peer's ratio to wg-agent.
+# streams, with ping running beside the single stream (RTT under load).
+# Prints Gbit/s, CPU seconds per GB moved (both tunnel processes' own CPU
+# time from /proc, the figure that carries from one machine to another),
+# the RTT, and each peer's ratio to wg-agent.
+# wg-agent runs three ways, to show what each offload contributes:
+# wg-agent (TUN TSO + coalescing, UDP GRO), wg-agent-nogro (no UDP GRO),
+# wg-agent-plain (neither; UDP GSO and recvmmsg only).
 # Peers: wireguard-go (Debian package), boringtun-cli and gotatun-cli
 # (`cargo install --locked`, installed here when missing).
+# IMPLS="wg-agent gotatun-cli" ./bench/dataplane.sh runs a subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,14 +48,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+PIDS=()
 start_impl() { # impl netns ifname
     local impl=$1 ns=$2 IF=$3 log="$OUT/$impl-$ns.log"
+    # `ip netns exec` execs the program: $! is the implementation's own pid.
     case "$impl" in
         wg-agent) ip netns exec "$ns" "$WG_AGENT" device "$IF" >"$log" 2>&1 & ;;
+        wg-agent-nogro) ip netns exec "$ns" "$WG_AGENT" device "$IF" --no-udp-gro >"$log" 2>&1 & ;;
+        wg-agent-plain) ip netns exec "$ns" "$WG_AGENT" device "$IF" --no-tun-offload --no-udp-gro >"$log" 2>&1 & ;;
         wireguard-go) ip netns exec "$ns" env LOG_LEVEL=error wireguard-go -f "$IF" >"$log" 2>&1 & ;;
         boringtun-cli) ip netns exec "$ns" boringtun-cli "$IF" --foreground --disable-drop-privileges >"$log" 2>&1 & ;;
         gotatun-cli) ip netns exec "$ns" gotatun "$IF" --foreground --disable-drop-privileges >"$log" 2>&1 & ;;
     esac
+    PIDS+=($!)
     disown   # killed at cleanup; no job-control noise
     for _ in $(seq 100); do
         [ -S "/var/run/wireguard/$IF.sock" ] && ip -n "$ns" link show "$IF" >/dev/null 2>&1 && return 0
@@ -60,6 +72,7 @@ start_impl() { # impl netns ifname
 
 setup() { # impl
     cleanup
+    PIDS=()
     ip netns add "$A"; ip netns add "$B"
     ip -n "$A" link add eth0 type veth peer name eth0 netns "$B"
     ip -n "$A" addr add 192.168.200.1/24 dev eth0
@@ -80,33 +93,84 @@ setup() { # impl
     ip netns exec "$A" ping -c 3 -i 0.2 -W 2 10.200.0.2 >/dev/null
 }
 
-iperf() { # extra-args... -> Gbit/s
+# Both tunnel processes' CPU time so far, in clock ticks (utime + stime).
+cpu_ticks() {
+    local t=0 pid f
+    for pid in "${PIDS[@]}"; do
+        read -ra f <"/proc/$pid/stat"
+        # Fields 14 and 15; the name (field 2) has no spaces for these programs.
+        t=$((t + f[13] + f[14]))
+    done
+    echo "$t"
+}
+TCK=$(getconf CLK_TCK)
+
+iperf() { # extra-args... -> "Gbit/s CPU-s/GB"
     ip netns exec "$B" iperf3 -s -1 -D -p 5201 >/dev/null 2>&1
     sleep 0.3
-    ip netns exec "$A" iperf3 -c 10.200.0.2 -p 5201 -t "$SECS" -J "$@" |
-        python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))'
+    local t0 t1 json
+    t0=$(cpu_ticks)
+    json=$(ip netns exec "$A" iperf3 -c 10.200.0.2 -p 5201 -t "$SECS" -J "$@")
+    t1=$(cpu_ticks)
+    python3 -c 'import json,sys
+d = json.loads(sys.argv[1])["end"]["sum_received"]
+cpu = (int(sys.argv[3]) - int(sys.argv[2])) / int(sys.argv[4])
+print("%.3f %.2f" % (d["bits_per_second"] / 1e9, cpu / max(d["bytes"] / 1e9, 1e-9)))' "$json" "$t0" "$t1" "$TCK"
+}
+
+# Average ping RTT in ms over the tunnel while `iperf` runs in the background.
+rtt_under_load() {
+    local out
+    iperf >"$OUT/loaded.txt" &
+    local job=$!
+    sleep 1
+    out=$(ip netns exec "$A" ping -q -c $((SECS * 4 - 8 > 4 ? SECS * 4 - 8 : 4)) -i 0.2 10.200.0.2 | tail -1)
+    wait "$job"
+    echo "$out" | awk -F/ '{print $5}'
 }
 
 declare -A RESULT
-IMPLS=(wg-agent wireguard-go boringtun-cli gotatun-cli)
+read -ra IMPLS <<<"${IMPLS:-wg-agent wg-agent-nogro wg-agent-plain wireguard-go boringtun-cli gotatun-cli}"
 for impl in "${IMPLS[@]}"; do
     echo "== $impl" >&2
     setup "$impl"
-    RESULT[$impl,1]=$(iperf)
-    RESULT[$impl,r]=$(iperf -R)
-    RESULT[$impl,4]=$(iperf -P 4)
+    RESULT[$impl,idle]=$(ip netns exec "$A" ping -q -c 10 -i 0.2 10.200.0.2 | tail -1 | awk -F/ '{print $5}')
+    read -r RESULT[$impl,1] RESULT[$impl,c1] <<<"$(iperf)"
+    read -r RESULT[$impl,r] RESULT[$impl,cr] <<<"$(iperf -R)"
+    read -r RESULT[$impl,4] RESULT[$impl,c4] <<<"$(iperf -P 4)"
+    RESULT[$impl,load]=$(rtt_under_load)
     cleanup
 done
 
-printf '\n%-14s %12s %12s %12s\n' "Gbit/s" "1 stream" "reverse" "4 streams"
+printf '\n%-15s %10s %10s %10s   %9s %9s %9s   %8s %8s\n' "" "Gbit/s" "" "" "CPU s/GB" "" "" "RTT ms" ""
+printf '%-15s %10s %10s %10s   %9s %9s %9s   %8s %8s\n' "" "1 stream" "reverse" "4 streams" "1 stream" "reverse" "4 streams" "idle" "loaded"
 for impl in "${IMPLS[@]}"; do
-    printf '%-14s %12s %12s %12s\n' "$impl" "${RESULT[$impl,1]}" "${RESULT[$impl,r]}" "${RESULT[$impl,4]}"
+    printf '%-15s %10s %10s %10s   %9s %9s %9s   %8s %8s\n' "$impl" \
+        "${RESULT[$impl,1]}" "${RESULT[$impl,r]}" "${RESULT[$impl,4]}" \
+        "${RESULT[$impl,c1]}" "${RESULT[$impl,cr]}" "${RESULT[$impl,c4]}" \
+        "${RESULT[$impl,idle]}" "${RESULT[$impl,load]}"
 done
-printf '\n%-14s %12s %12s %12s\n' "wg-agent / X" "1 stream" "reverse" "4 streams"
-for impl in "${IMPLS[@]:1}"; do
-    printf '%-14s' "$impl"
-    for k in 1 r 4; do
-        printf ' %12s' "$(python3 -c "print('%.2fx' % (${RESULT[wg-agent,$k]}/max(${RESULT[$impl,$k]},1e-9)))")"
+if [ -n "${RESULT[wg-agent,1]:-}" ]; then
+    printf '\n%-15s %10s %10s %10s   %9s %9s %9s\n' "wg-agent vs X" "1 stream" "reverse" "4 streams" "CPU/GB" "" ""
+    for impl in "${IMPLS[@]}"; do
+        [ "$impl" = wg-agent ] && continue
+        printf '%-15s' "$impl"
+        for k in 1 r 4; do
+            printf ' %10s' "$(python3 -c "print('%.2fx' % (${RESULT[wg-agent,$k]}/max(${RESULT[$impl,$k]},1e-9)))")"
+        done
+        printf '  '
+        for k in c1 cr c4; do
+            # Below 1: wg-agent spends less CPU per GB.
+            printf ' %9s' "$(python3 -c "print('%.2fx' % (${RESULT[wg-agent,$k]}/max(${RESULT[$impl,$k]},1e-9)))")"
+        done
+        echo
     done
-    echo
-done
+fi
+
+# The product path: pod to pod across nodes on the simulated cluster, the
+# managed agents (strict, eBPF policy) beside the same pods with encryption
+# off. PRODUCT=0 skips it.
+if [ "${PRODUCT:-1}" != 0 ]; then
+    cargo build --release --locked --workspace --bins >&2
+    MESHGUARD_BIN_DIR="$PWD/target/release" SECS="$SECS" cargo bench --locked -p meshguard-tests --bench pod_to_pod
+fi

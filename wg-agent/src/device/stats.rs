@@ -16,7 +16,8 @@ pub enum DropReason {
     NoEndpoint,
     /// The device has no private key.
     NoPrivateKey,
-    /// An IP packet from the TUN that is not IPv4/IPv6.
+    /// An IP packet from the TUN that is not IPv4/IPv6, or a super-packet
+    /// whose virtio-net header or headers do not add up.
     MalformedIp,
     /// A datagram that is not a WireGuard message.
     MalformedDatagram,
