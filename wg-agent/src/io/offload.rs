@@ -268,7 +268,7 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl 
             && payload.len() <= m.gso_size
             && m.buf.len() + payload.len() <= 65_535
             && m.headers == l.ip_len + l.l4_len
-            && p[..m.headers] == headers_to_compare(&m.buf, m.ip_len, m.version, m.segments, p)[..]
+            && headers_follow(&m.buf, m.ip_len, m.headers, m.version, m.segments, p)
         {
             m.buf.extend_from_slice(payload);
             m.segments += 1;
@@ -280,8 +280,11 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl 
             }
             continue;
         }
+        // Room for a whole super-packet up front: no reallocation as it grows.
+        let mut buf = Vec::with_capacity(65_535);
+        buf.extend_from_slice(p);
         out.push(Ok(Merge {
-            buf: p.to_vec(),
+            buf,
             ip_len: l.ip_len,
             headers: l.ip_len + l.l4_len,
             version: l.version,
@@ -333,17 +336,20 @@ fn same_flow(first: &[u8], ip_len: usize, version: u8, p: &[u8]) -> bool {
     first[proto] == p[proto] && first[addrs.clone()] == p[addrs] && first[ip_len..ip_len + 4] == p[ip_len..ip_len + 4]
 }
 
-/// The headers `p` must carry to follow the merge: the first segment's,
-/// with the fields that differ segment to segment taken from `p` once
-/// they are what they should be (IPv4 length, ID and checksum; IPv6
-/// length; sequence number, PSH and checksum).
-fn headers_to_compare(first: &[u8], ip_len: usize, version: u8, segments: usize, p: &[u8]) -> Vec<u8> {
-    let headers = p.len().min(first.len()).min(ip_len + usize::from(first[ip_len + 12] >> 4) * 4);
-    let mut h = first[..headers].to_vec();
+/// Whether `p`'s headers are those it must carry to follow the merge: the
+/// first segment's, with the fields that differ segment to segment taken
+/// from `p` once they are what they should be (IPv4 length, ID and
+/// checksum; IPv6 length; sequence number, PSH and checksum). The caller
+/// has checked that both have `headers` bytes of headers.
+fn headers_follow(first: &[u8], ip_len: usize, headers: usize, version: u8, segments: usize, p: &[u8]) -> bool {
+    // At most a 60-byte IPv4 header and a 60-byte TCP header: no allocation.
+    let mut h = [0u8; 120];
+    let h = &mut h[..headers];
+    h.copy_from_slice(&first[..headers]);
     if version == 4 {
         let id = be16(first, 4).wrapping_add(segments as u16);
         if be16(p, 4) != id {
-            return Vec::new();
+            return false;
         }
         h[2..6].copy_from_slice(&p[2..6]);
         h[10..12].copy_from_slice(&p[10..12]);
@@ -353,7 +359,7 @@ fn headers_to_compare(first: &[u8], ip_len: usize, version: u8, segments: usize,
     h[ip_len + 4..ip_len + 8].copy_from_slice(&p[ip_len + 4..ip_len + 8]);
     h[ip_len + 13] = (h[ip_len + 13] & !TCP_PSH) | (p[ip_len + 13] & TCP_PSH);
     h[ip_len + 16..ip_len + 18].copy_from_slice(&p[ip_len + 16..ip_len + 18]);
-    h
+    *h == p[..headers]
 }
 
 /// Fixes the super-packet's lengths and leaves the pseudo-header sum in
@@ -422,19 +428,29 @@ fn transport_checksum(seg: &[u8], version: u8, protocol: u8, t: usize) -> u16 {
 }
 
 /// The ones'-complement sum of big-endian 16-bit words, not yet folded.
+/// It runs over every byte of every packet, so it takes eight bytes at a
+/// time in the machine's own order: the sum is byte-order independent
+/// (RFC 1071), so one swap at the end gives the big-endian result.
 fn sum(bytes: &[u8], init: u32) -> u32 {
-    let mut acc = u64::from(init);
-    let mut words = bytes.chunks_exact(2);
+    let mut acc = 0u64;
+    let mut words = bytes.chunks_exact(8);
     for w in &mut words {
-        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+        let w = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        // Two 32-bit halves: at most 2^33 per step, 2^46 for 64 KiB.
+        acc += (w & 0xffff_ffff) + (w >> 32);
     }
-    if let [last] = words.remainder() {
-        acc += u64::from(*last) << 8;
+    let mut rest = words.remainder().chunks_exact(2);
+    for w in &mut rest {
+        acc += u64::from(u16::from_ne_bytes([w[0], w[1]]));
     }
-    while acc > 0xffff_ffff {
-        acc = (acc & 0xffff_ffff) + (acc >> 32);
+    if let [last] = rest.remainder() {
+        // An odd last byte is the high half of a big-endian word.
+        acc += u64::from(u16::from_ne_bytes([*last, 0]));
     }
-    acc as u32
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    u32::from(u16::from_be(acc as u16)) + init
 }
 
 fn fold(mut s: u32) -> u16 {
@@ -465,6 +481,29 @@ mod tests {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     use super::*;
+
+    /// The sum word by word, as RFC 1071 states it: what the fast one must equal.
+    fn naive_sum(bytes: &[u8], init: u32) -> u16 {
+        let mut acc = u64::from(init);
+        for w in bytes.chunks(2) {
+            acc += u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+        fold((acc & 0xffff_ffff) as u32 + (acc >> 32) as u32)
+    }
+
+    #[test]
+    fn the_fast_sum_is_the_rfc_1071_sum_for_every_length_and_alignment() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let ones = vec![0xffu8; 65_535];
+        for len in (0..80).chain([1419, 1420, 1421, 65_534, 65_535]) {
+            for start in 0..9 {
+                let b = &data[start..start + len];
+                assert_eq!(fold(sum(b, 0)), naive_sum(b, 0), "len {len} at {start}");
+                assert_eq!(fold(sum(b, 0x1_2345)), naive_sum(b, 0x1_2345), "len {len} at {start} with init");
+            }
+            assert_eq!(fold(sum(&ones[..len], 7)), naive_sum(&ones[..len], 7), "all ones, len {len}");
+        }
+    }
 
     /// A super-packet as the kernel hands it over: one IP header, one
     /// transport header, `payload` bytes, the transport checksum field
