@@ -25,7 +25,7 @@ spec:
   selector: {matchLabels: {app: server}}
   ingress:
     - from: [{podSelector: {matchLabels: {app: client}}}]
-      ports: [{protocol: TCP, port: 5201}]
+      ports: [{protocol: TCP, port: 5201}, {protocol: ICMP}]
 "#;
 
 fn build() -> Cluster {
@@ -99,7 +99,7 @@ fn ping_avg_ms(c: &Cluster, count: u32) -> f64 {
     let server = c.pod("bench/server").ip.to_string();
     let out = c.exec("bench/client", "ping", &["-q", "-c", &count.to_string(), "-i", "0.2", &server]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ping: {text}");
+    assert!(out.status.success(), "ping {server}: {text}");
     // rtt min/avg/max/mdev = a/b/c/d ms
     text.lines().last().and_then(|l| l.split('=').nth(1)).and_then(|v| v.trim().split('/').nth(1)).unwrap().parse().unwrap()
 }
@@ -150,7 +150,10 @@ fn main() {
     };
 
     println!("\npod to pod across nodes ({secs} s per run): encryption off vs meshguard (strict, eBPF policy, WireGuard)");
-    println!("{:<16} {:>10} {:>10} {:>10}   {:>9} {:>9} {:>9}   {:>8} {:>8}", "Gbit/s", "1 stream", "reverse", "4 streams", "CPU s/GB", "reverse", "4 streams", "RTT idle", "loaded");
+    println!(
+        "{:<16} {:>10} {:>10} {:>10}   {:>9} {:>9} {:>9}   {:>8} {:>8}",
+        "Gbit/s", "1 stream", "reverse", "4 streams", "CPU s/GB", "reverse", "4 streams", "RTT idle", "loaded"
+    );
     for (name, (runs, idle, loaded)) in [("encryption off", &plain), ("meshguard", &mesh)] {
         let cpu = |r: &Run| r.cpu_per_gb.map_or("-".to_owned(), |v| format!("{v:.2}"));
         println!(
