@@ -374,6 +374,64 @@ assert got == want, [len(g) for g in got]
         assert!(out.status.success(), "UDP GSO to {to}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    // Bursts of datagrams from a connected socket on wireguard-go's side:
+    // where the kernel takes UDP super-packets, we write them to our TUN
+    // coalesced, and the kernel cuts them back into the same datagrams.
+    for (to, bind) in [("10.9.0.1", "0.0.0.0"), ("fd09::1", "::")] {
+        let fam = if to.contains(':') { "socket.AF_INET6" } else { "socket.AF_INET" };
+        let receiver = format!(
+            r#"
+import socket
+s = socket.socket({fam}, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.bind(("{bind}", 7200))
+s.settimeout(3)
+seen, bad = set(), 0
+try:
+    while len(seen) < 400:
+        d = s.recv(4096)
+        i = int.from_bytes(d[:4], "big")
+        if d != i.to_bytes(4, "big") + bytes([i % 251]) * 996:
+            bad += 1
+        seen.add(i)
+except socket.timeout:
+    pass
+print("udp-burst received", len(seen), "bad", bad, flush=True)
+"#
+        );
+        let log = format!("udp-burst-{bind}.log").replace(':', "6");
+        c.spawn_in(&n1, Path::new("python3"), &["-c", &receiver], &[], &log).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let tun = Capture::start(&n1, &p.ours, &c.dir.join(format!("tun-udp-{}.pcap", to.replace(':', "")))).unwrap();
+        let sender = format!(
+            r#"
+import socket, time
+s = socket.socket({fam}, socket.SOCK_DGRAM)
+s.connect(("{to}", 7200))
+for burst in range(20):
+    for k in range(20):
+        i = 20 * burst + k
+        s.send(i.to_bytes(4, "big") + bytes([i % 251]) * 996)
+    time.sleep(0.005)
+"#
+        );
+        let out = in_ns_output(&n2, "python3", &["-c", &sender]).unwrap();
+        assert!(out.status.success(), "UDP burst to {to}: {}", String::from_utf8_lossy(&out.stderr));
+        let path = c.dir.join(&log);
+        wait_until("the UDP receiver's count", Duration::from_secs(10), || {
+            std::fs::read_to_string(&path).is_ok_and(|l| l.contains("udp-burst received"))
+        })
+        .unwrap();
+        let line = std::fs::read_to_string(&path).unwrap();
+        assert!(line.contains("received 400 bad 0"), "UDP bursts to {to}: {line}");
+        let big_udp = tun.stop().unwrap().iter().filter(|f| f.len() > 1420 && (if f[0] >> 4 == 4 { f[9] } else { f[6] }) == 17).count();
+        if offloads {
+            assert!(big_udp > 0, "UDP to {to}: no coalesced datagrams crossed our TUN");
+        } else {
+            assert_eq!(big_udp, 0, "UDP to {to}: offloads are off, yet {big_udp} UDP packets above the MTU crossed the TUN");
+        }
+    }
+
     let report = judge(&underlay.stop().unwrap(), 51820, &[]);
     assert!(report.violations.is_empty(), "not WireGuard on the underlay: {:#?}", report.violations);
     assert!(report.wireguard > 100, "{report:?}");

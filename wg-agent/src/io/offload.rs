@@ -9,8 +9,7 @@
 //!
 //! Nothing from the TUN is trusted: a header or packet that does not add up
 //! is refused with a reason, never panics and never yields a malformed
-//! packet. [`coalesce`] is the receive half (GRO). Wiring both into the
-//! TUN is the next step of issue 16.
+//! packet. [`coalesce`] is the receive half (GRO). `io::tun` calls both.
 
 /// `struct virtio_net_hdr` (without `num_buffers`), as the TUN prepends it.
 pub const VIRTIO_NET_HDR_LEN: usize = 10;
@@ -226,25 +225,33 @@ struct Merge {
     ip_len: usize,
     headers: usize,
     version: u8,
+    protocol: u8,
     gso_size: usize,
     segments: usize,
+    /// TCP: the sequence number the next segment must carry.
     next_seq: u32,
     /// A short segment or PSH ended it: nothing more may follow.
     closed: bool,
 }
 
+/// The kernel's limit on datagrams in one UDP super-packet (UDP_MAX_SEGMENTS).
+const MAX_UDP_SEGMENTS: usize = 64;
+
 /// Coalesces decrypted packets for the TUN (the receive half): TCP segments
 /// of one flow that follow each other back to back (same headers and
 /// options, contiguous sequence numbers, IPv4 IDs counting up, every
 /// segment's checksum valid) become one super-packet behind a virtio-net
-/// header, so the kernel's TCP stack sees few, large packets. Everything
-/// else passes as it came. Order within a flow is kept; `emit` is called
-/// with each result in the order its first packet arrived.
-pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl FnMut(&VirtioNetHdr, &[u8])) {
+/// header, so the kernel's TCP stack sees few, large packets. With `udp`
+/// (a kernel that takes UDP super-packets, Linux 6.2+), datagrams of one
+/// flow do too: same size but the last, checksums valid and not zero; the
+/// kernel cuts them back into the same datagrams for the socket.
+/// Everything else passes as it came. Order within a flow is kept; `emit`
+/// is called with each result in the order its first packet arrived.
+pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, udp: bool, mut emit: impl FnMut(&VirtioNetHdr, &[u8])) {
     // Few flows per batch: a linear search over open merges is cheapest.
     let mut out: Vec<Result<Merge, &'a [u8]>> = Vec::new();
     for p in packets {
-        let Some(l) = tcp_segment(p) else {
+        let Some(l) = tcp_segment(p).or_else(|| udp.then(|| udp_datagram(p)).flatten()) else {
             // Nothing of its flow may be merged past it (a pure ACK, a FIN):
             // close the flow's open super-packet, as GRO flushes it.
             for m in out.iter_mut().flatten() {
@@ -255,9 +262,10 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl 
             out.push(Err(p));
             continue;
         };
+        let tcp = l.protocol == PROTO_TCP;
         let payload = &p[l.ip_len + l.l4_len..];
-        let seq = be32(p, l.ip_len + 4);
-        let flags = p[l.ip_len + 13];
+        let seq = if tcp { be32(p, l.ip_len + 4) } else { 0 };
+        let psh = tcp && p[l.ip_len + 13] & TCP_PSH != 0;
         let open = out.iter_mut().rev().find_map(|m| match m {
             Ok(m) if same_flow(&m.buf, m.ip_len, m.version, p) => Some(m),
             _ => None,
@@ -267,14 +275,15 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl 
             && m.next_seq == seq
             && payload.len() <= m.gso_size
             && m.buf.len() + payload.len() <= 65_535
+            && (tcp || m.segments < MAX_UDP_SEGMENTS)
             && m.headers == l.ip_len + l.l4_len
-            && headers_follow(&m.buf, m.ip_len, m.headers, m.version, m.segments, p)
+            && headers_follow(m, p)
         {
             m.buf.extend_from_slice(payload);
             m.segments += 1;
-            m.next_seq = seq.wrapping_add(payload.len() as u32);
-            m.closed = payload.len() < m.gso_size || flags & TCP_PSH != 0;
-            if flags & TCP_PSH != 0 {
+            m.next_seq = if tcp { seq.wrapping_add(payload.len() as u32) } else { 0 };
+            m.closed = payload.len() < m.gso_size || psh;
+            if psh {
                 let t = m.ip_len + 13;
                 m.buf[t] |= TCP_PSH;
             }
@@ -288,10 +297,11 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl 
             ip_len: l.ip_len,
             headers: l.ip_len + l.l4_len,
             version: l.version,
+            protocol: l.protocol,
             gso_size: payload.len(),
             segments: 1,
-            next_seq: seq.wrapping_add(payload.len() as u32),
-            closed: flags & TCP_PSH != 0,
+            next_seq: if tcp { seq.wrapping_add(payload.len() as u32) } else { 0 },
+            closed: psh,
         }));
     }
     for item in out {
@@ -304,6 +314,19 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, mut emit: impl 
             }
         }
     }
+}
+
+/// The layout of a UDP datagram that may be merged: a payload, a length
+/// field that agrees, and a checksum that is present and valid.
+fn udp_datagram(p: &[u8]) -> Option<Layout> {
+    let l = layout(p).ok()?;
+    if l.protocol != PROTO_UDP || p.len() == l.ip_len + 8 || usize::from(be16(p, l.ip_len + 4)) != p.len() - l.ip_len {
+        return None;
+    }
+    if be16(p, l.ip_len + 6) == 0 || (l.version == 4 && fold(sum(&p[..l.ip_len], 0)) != 0xffff) {
+        return None;
+    }
+    (transport_sum(p, l.version, PROTO_UDP, l.ip_len) == 0xffff).then_some(l)
 }
 
 /// The layout of a TCP segment that may be merged: plain ACK (PSH allowed),
@@ -324,7 +347,7 @@ fn tcp_segment(p: &[u8]) -> Option<Layout> {
     if l.version == 4 && fold(sum(&p[..l.ip_len], 0)) != 0xffff {
         return None;
     }
-    (transport_sum(p, l.version, l.ip_len) == 0xffff).then_some(l)
+    (transport_sum(p, l.version, PROTO_TCP, l.ip_len) == 0xffff).then_some(l)
 }
 
 /// Whether `p` belongs to the flow of the merge whose first packet is `first`.
@@ -336,18 +359,20 @@ fn same_flow(first: &[u8], ip_len: usize, version: u8, p: &[u8]) -> bool {
     first[proto] == p[proto] && first[addrs.clone()] == p[addrs] && first[ip_len..ip_len + 4] == p[ip_len..ip_len + 4]
 }
 
-/// Whether `p`'s headers are those it must carry to follow the merge: the
-/// first segment's, with the fields that differ segment to segment taken
-/// from `p` once they are what they should be (IPv4 length, ID and
-/// checksum; IPv6 length; sequence number, PSH and checksum). The caller
-/// has checked that both have `headers` bytes of headers.
-fn headers_follow(first: &[u8], ip_len: usize, headers: usize, version: u8, segments: usize, p: &[u8]) -> bool {
+/// Whether `p`'s headers are those it must carry to follow merge `m`: the
+/// first packet's, with the fields that differ packet to packet taken from
+/// `p` once they are what they should be (IPv4 length, ID and checksum;
+/// IPv6 length; TCP sequence number, PSH and checksum; UDP length and
+/// checksum). The caller has checked that both have `m.headers` bytes of
+/// headers.
+fn headers_follow(m: &Merge, p: &[u8]) -> bool {
+    let (first, ip_len) = (&m.buf, m.ip_len);
     // At most a 60-byte IPv4 header and a 60-byte TCP header: no allocation.
     let mut h = [0u8; 120];
-    let h = &mut h[..headers];
-    h.copy_from_slice(&first[..headers]);
-    if version == 4 {
-        let id = be16(first, 4).wrapping_add(segments as u16);
+    let h = &mut h[..m.headers];
+    h.copy_from_slice(&first[..m.headers]);
+    if m.version == 4 {
+        let id = be16(first, 4).wrapping_add(m.segments as u16);
         if be16(p, 4) != id {
             return false;
         }
@@ -356,14 +381,18 @@ fn headers_follow(first: &[u8], ip_len: usize, headers: usize, version: u8, segm
     } else {
         h[4..6].copy_from_slice(&p[4..6]);
     }
-    h[ip_len + 4..ip_len + 8].copy_from_slice(&p[ip_len + 4..ip_len + 8]);
-    h[ip_len + 13] = (h[ip_len + 13] & !TCP_PSH) | (p[ip_len + 13] & TCP_PSH);
-    h[ip_len + 16..ip_len + 18].copy_from_slice(&p[ip_len + 16..ip_len + 18]);
-    *h == p[..headers]
+    if m.protocol == PROTO_TCP {
+        h[ip_len + 4..ip_len + 8].copy_from_slice(&p[ip_len + 4..ip_len + 8]);
+        h[ip_len + 13] = (h[ip_len + 13] & !TCP_PSH) | (p[ip_len + 13] & TCP_PSH);
+        h[ip_len + 16..ip_len + 18].copy_from_slice(&p[ip_len + 16..ip_len + 18]);
+    } else {
+        h[ip_len + 4..ip_len + 8].copy_from_slice(&p[ip_len + 4..ip_len + 8]);
+    }
+    *h == p[..m.headers]
 }
 
 /// Fixes the super-packet's lengths and leaves the pseudo-header sum in
-/// the TCP checksum field (CHECKSUM_PARTIAL): the kernel finishes it.
+/// the transport checksum field (CHECKSUM_PARTIAL): the kernel finishes it.
 fn finish(m: &mut Merge) -> VirtioNetHdr {
     let len = m.buf.len();
     let t = m.ip_len;
@@ -373,22 +402,31 @@ fn finish(m: &mut Merge) -> VirtioNetHdr {
     } else {
         put16(&mut m.buf, 4, (len - 40) as u16);
     }
-    let partial = fold(pseudo_sum(&m.buf, m.version, PROTO_TCP, t));
-    put16(&mut m.buf, t + 16, partial);
+    let tcp = m.protocol == PROTO_TCP;
+    if !tcp {
+        put16(&mut m.buf, t + 4, (len - t) as u16);
+    }
+    let partial = fold(pseudo_sum(&m.buf, m.version, m.protocol, t));
+    let csum_offset = if tcp { 16 } else { 6 };
+    put16(&mut m.buf, t + csum_offset, partial);
     VirtioNetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: if m.version == 4 { GSO_TCPV4 } else { GSO_TCPV6 },
+        gso_type: match (tcp, m.version) {
+            (true, 4) => GSO_TCPV4,
+            (true, _) => GSO_TCPV6,
+            (false, _) => GSO_UDP_L4,
+        },
         hdr_len: m.headers as u16,
         gso_size: m.gso_size as u16,
         csum_start: t as u16,
-        csum_offset: 16,
+        csum_offset: csum_offset as u16,
     }
 }
 
-/// The folded sum over a TCP segment with its pseudo-header: 0xffff when
-/// its checksum is right.
-fn transport_sum(p: &[u8], version: u8, t: usize) -> u16 {
-    fold(sum(&p[t..], pseudo_sum(p, version, PROTO_TCP, t)))
+/// The folded sum over a TCP or UDP segment with its pseudo-header: 0xffff
+/// when its checksum is right.
+fn transport_sum(p: &[u8], version: u8, protocol: u8, t: usize) -> u16 {
+    fold(sum(&p[t..], pseudo_sum(p, version, protocol, t)))
 }
 
 /// Completes a partial checksum: the field at `start + offset` holds the
@@ -650,10 +688,49 @@ mod tests {
         assert_eq!(cut(&hdr, &p).unwrap().len(), 1);
     }
 
+    /// Coalesced for a kernel that takes UDP super-packets too.
     fn merge(packets: &[Vec<u8>]) -> Vec<(VirtioNetHdr, Vec<u8>)> {
+        merge_with(packets, true)
+    }
+
+    fn merge_with(packets: &[Vec<u8>], udp: bool) -> Vec<(VirtioNetHdr, Vec<u8>)> {
         let mut out = Vec::new();
-        coalesce(packets.iter().map(Vec::as_slice), |h, p| out.push((*h, p.to_vec())));
+        coalesce(packets.iter().map(Vec::as_slice), udp, |h, p| out.push((*h, p.to_vec())));
         out
+    }
+
+    #[test]
+    fn udp_datagrams_of_one_flow_coalesce_and_cut_back_exactly() {
+        for v6 in [false, true] {
+            let (hdr, p) = super_packet(v6, false, 4500, 0);
+            let segs = cut(&hdr, &p).unwrap();
+            assert_eq!(segs.len(), 5);
+            let merged = merge(&segs);
+            assert_eq!(merged.len(), 1, "v6={v6}: one super-packet");
+            let (h, big) = &merged[0];
+            assert_eq!((h.gso_type, h.gso_size, h.flags, h.csum_offset), (GSO_UDP_L4, 1000, F_NEEDS_CSUM, 6));
+            assert_eq!(cut(h, big).unwrap(), segs, "v6={v6}: the kernel would cut it into the same datagrams");
+            // A kernel without UDP segmentation offload gets them one by one.
+            assert_eq!(merge_with(&segs, false).len(), 5);
+        }
+        let (hdr, p) = super_packet(false, false, 3000, 0);
+        let segs = cut(&hdr, &p).unwrap();
+        // No checksum (zero, allowed for IPv4) or a bad one: never merged.
+        let mut zero = segs[1].clone();
+        put16(&mut zero, 26, 0);
+        assert_eq!(merge(&[segs[0].clone(), zero]).len(), 2, "a datagram without a checksum stays apart");
+        let mut bad = segs[1].clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(merge(&[segs[0].clone(), bad]).len(), 2, "a corrupt datagram is not hidden in a super-packet");
+        // At most 64 datagrams per super-packet (UDP_MAX_SEGMENTS).
+        let (mut hdr, p) = super_packet(false, false, 6600, 0);
+        hdr.gso_size = 100;
+        let segs = cut(&hdr, &p).unwrap();
+        let merged = merge(&segs);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(cut(&merged[0].0, &merged[0].1).unwrap(), segs[..64]);
+        assert_eq!(cut(&merged[1].0, &merged[1].1).unwrap(), segs[64..]);
     }
 
     #[test]

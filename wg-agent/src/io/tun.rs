@@ -259,9 +259,7 @@ impl LinuxTun {
             _ => Err(io::Error::last_os_error()),
         }
     }
-}
 
-impl LinuxTun {
     /// One read(2); `None` when nothing is waiting.
     fn read_once(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         match (&self.file).read(buf) {
@@ -310,7 +308,7 @@ impl TunIo for LinuxTun {
             }
             return;
         }
-        offload::coalesce(pkts.iter().copied(), |hdr, p| {
+        offload::coalesce(pkts.iter().copied(), self.offload.uso, |hdr, p| {
             if let Err(e) = self.write_with(hdr, p) {
                 failed(e);
             }
