@@ -24,7 +24,7 @@ mod peer;
 pub mod stats;
 
 pub use config::{DeviceSnapshot, DeviceUpdate, PeerSnapshot, PeerUpdate};
-pub use stats::{DropReason, Stats};
+pub use stats::{Batching, DropReason, Stats};
 
 use peer::{DeviceKey, Peer};
 

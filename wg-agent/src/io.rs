@@ -31,13 +31,15 @@ pub trait TunIo: Send + Sync {
     fn send(&self, pkt: &[u8]) -> io::Result<()>;
     /// Writes packets in order within each flow; a device that takes
     /// super-packets gets one flow's back-to-back TCP segments coalesced.
-    /// `failed` hears of every write the kernel refuses.
-    fn write_packets(&self, pkts: &[&[u8]], failed: &mut dyn FnMut(io::Error)) {
+    /// `failed` hears of every write the kernel refuses. Returns how many
+    /// super-packets (writes carrying more than one packet) went out.
+    fn write_packets(&self, pkts: &[&[u8]], failed: &mut dyn FnMut(io::Error)) -> usize {
         for p in pkts {
             if let Err(e) = self.send(p) {
                 failed(e);
             }
         }
+        0
     }
 }
 

@@ -11,7 +11,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use meshguard_common::key::PublicKey;
 
 use super::peer::Peer;
-use super::stats::DropReason;
+use super::stats::{Batching, DropReason};
 use super::{Shared, State};
 use crate::io::{RecvBatch, is_timeout};
 use crate::packet;
@@ -118,7 +118,7 @@ pub(super) fn tun_loop(shared: &Shared) {
     while !shared.shutdown.load(Ordering::Relaxed) {
         let mut encrypt = |pkt: &[u8]| encrypt_one(shared, pkt, &mut out, &mut pending);
         match shared.tun.read_packets(&mut src, true, &mut encrypt) {
-            Ok(_) => {}
+            Ok(n) => count_read(shared, n),
             Err(e) if is_timeout(&e) => continue,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::ENODEV | libc::EIO)) => {
                 // The interface was deleted under us (`ip link del`): the device is over.
@@ -136,7 +136,7 @@ pub(super) fn tun_loop(shared: &Shared) {
         for _ in 1..TUN_BATCH {
             match shared.tun.read_packets(&mut src, false, &mut encrypt) {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(n) => count_read(shared, n),
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => refuse_read(shared, &e),
                 Err(e) => {
                     shared.stats.drop(DropReason::IoError, || format!("tun read: {e}"));
@@ -145,6 +145,13 @@ pub(super) fn tun_loop(shared: &Shared) {
             }
         }
         pending.flush(shared, &out);
+    }
+}
+
+#[inline]
+fn count_read(shared: &Shared, packets: usize) {
+    if packets > 1 {
+        shared.stats.batched(Batching::TunSegmented, 1);
     }
 }
 
@@ -235,6 +242,9 @@ pub(super) fn net_loop(shared: &Shared) {
             }
         };
         for i in 0..n {
+            if batch.segs[i] != 0 && batch.lens[i] > batch.segs[i] {
+                shared.stats.batched(Batching::UdpGro, 1);
+            }
             for datagram in batch.datagrams(i) {
                 if inner.room() < datagram.len() {
                     inner.deliver(shared);
@@ -276,7 +286,8 @@ impl Inner {
     fn deliver(&mut self, shared: &Shared) {
         if !self.ends.is_empty() {
             let pkts: Vec<&[u8]> = self.ends.iter().map(|&(a, b)| &self.buf[a..b]).collect();
-            shared.tun.write_packets(&pkts, &mut |e| shared.stats.drop(DropReason::IoError, || format!("tun write: {e}")));
+            let merged = shared.tun.write_packets(&pkts, &mut |e| shared.stats.drop(DropReason::IoError, || format!("tun write: {e}")));
+            shared.stats.batched(Batching::TunCoalesced, merged as u64);
         }
         self.ends.clear();
         self.used = 0;

@@ -113,11 +113,43 @@ pub struct Stats {
     last_log_ms: [AtomicU64; DropReason::ALL.len()],
     epoch: Instant,
     pub handshakes_completed: AtomicU64,
+    /// What the offloads did, by [`Batching`]: whether they are at work
+    /// shows here (all zero: the kernel or the flags left them off).
+    batched: [AtomicU64; Batching::ALL.len()],
+}
+
+/// Where the device moved many packets as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// A super-packet read from the TUN and cut into packets (TSO/USO).
+    TunSegmented,
+    /// A super-packet written to the TUN, merged from decrypted packets.
+    TunCoalesced,
+    /// A receive slot that held several datagrams (UDP GRO).
+    UdpGro,
+}
+
+impl Batching {
+    pub const ALL: [Batching; 3] = [Self::TunSegmented, Self::TunCoalesced, Self::UdpGro];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::TunSegmented => "tun_segmented",
+            Self::TunCoalesced => "tun_coalesced",
+            Self::UdpGro => "udp_gro",
+        }
+    }
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Self { drops: Default::default(), last_log_ms: Default::default(), epoch: Instant::now(), handshakes_completed: AtomicU64::new(0) }
+        Self {
+            drops: Default::default(),
+            last_log_ms: Default::default(),
+            epoch: Instant::now(),
+            handshakes_completed: AtomicU64::new(0),
+            batched: Default::default(),
+        }
     }
 }
 
@@ -138,6 +170,15 @@ impl Stats {
 
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()].load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn batched(&self, what: Batching, n: u64) {
+        self.batched[what as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn batches(&self, what: Batching) -> u64 {
+        self.batched[what as usize].load(Ordering::Relaxed)
     }
 
     pub fn all_drops(&self) -> Vec<(DropReason, u64)> {

@@ -299,20 +299,23 @@ impl TunIo for LinuxTun {
         if self.offload.tso { self.write_with(&VirtioNetHdr::default(), pkt) } else { (&self.file).write(pkt).map(|_| ()) }
     }
 
-    fn write_packets(&self, pkts: &[&[u8]], failed: &mut dyn FnMut(io::Error)) {
+    fn write_packets(&self, pkts: &[&[u8]], failed: &mut dyn FnMut(io::Error)) -> usize {
         if !self.offload.tso {
             for p in pkts {
                 if let Err(e) = (&self.file).write(p) {
                     failed(e);
                 }
             }
-            return;
+            return 0;
         }
+        let mut merged = 0;
         offload::coalesce(pkts.iter().copied(), self.offload.uso, |hdr, p| {
+            merged += usize::from(hdr.gso_type != 0);
             if let Err(e) = self.write_with(hdr, p) {
                 failed(e);
             }
         });
+        merged
     }
 }
 

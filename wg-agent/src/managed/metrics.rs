@@ -125,6 +125,18 @@ impl Collector for AgentMetrics {
         }
         {
             let mut m = enc.encode_descriptor(
+                "meshguard_wg_offload_batches",
+                "Packets moved as one by the kernel offloads: super-packets cut from the TUN (tun_segmented), written to it (tun_coalesced), and receive slots holding several datagrams (udp_gro).",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for what in crate::device::Batching::ALL {
+                let l = label("kind", what.as_str());
+                ConstCounter::new(stats.batches(what)).encode(m.encode_family(&l)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
                 "meshguard_wg_refused_node_records",
                 "Node records from the cluster source refused as peers, by reason.",
                 None,
