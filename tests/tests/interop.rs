@@ -300,6 +300,17 @@ fn root_offloads_on_bulk_tcp_both_ways_v4_v6_and_udp_gso_against_wireguard_go() 
     let offload = log.lines().find(|l| l.contains("TUN device open")).unwrap_or_else(|| panic!("no TUN line in the log: {log}"));
     assert!(offload.contains("offload=tso4,tso6"), "offloads were not negotiated on this kernel: {offload}");
     bulk_both_ways_v4_v6(&p, true);
+
+    // An operator turning segmentation off on the live interface: the
+    // kernel now cuts in software and hands over MTU-sized packets whose
+    // checksums we still owe (NEEDS_CSUM without GSO). They must arrive.
+    let n1 = p.c.node("node-1").netns.clone();
+    in_ns(&n1, "ethtool", &["-K", &p.ours, "tso", "off", "gso", "off"]).unwrap();
+    let tun = Capture::start(&n1, &p.ours, &p.c.dir.join("tun-tso-off.pcap")).unwrap();
+    let probe = bin_path("mg-probe");
+    let out = in_ns_output(&n1, probe.to_str().unwrap(), &["stream", "10.9.0.2:7100", "--seconds", "2", "--rate", "2000000000"]).unwrap();
+    assert!(out.status.success(), "after ethtool -K tso off: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(tun.stop().unwrap().iter().filter(|f| f.len() > 1420).count(), 0, "tso is off: no super-packets");
 }
 
 /// The same traffic with every offload refused at start: the plain path
