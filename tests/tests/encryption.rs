@@ -168,6 +168,11 @@ fn root_bulk_pod_traffic_goes_through_the_offloads_and_the_metrics_show_it() {
     assert!(batches("node-1", "tun_segmented") > 10.0, "sender: no TSO super-packets cut");
     assert!(batches("node-2", "udp_gro") > 10.0, "receiver: no UDP GRO slots");
     assert!(batches("node-2", "tun_coalesced") > 10.0, "receiver: no super-packets written to the TUN");
-    let dropped = c.metric("node-2", "meshguard_wg_dropped_packets_total{reason=\"malformed_ip\"}").unwrap();
-    assert_eq!(dropped, 0.0);
+    // Nothing refused: no super-packet from the sender's TUN, no write on either side.
+    for node in ["node-1", "node-2"] {
+        for reason in ["malformed_ip", "io_error"] {
+            let dropped = c.metric(node, &format!("meshguard_wg_dropped_packets_total{{reason=\"{reason}\"}}")).unwrap();
+            assert_eq!(dropped, 0.0, "{node}: {reason}");
+        }
+    }
 }

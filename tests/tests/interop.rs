@@ -325,6 +325,9 @@ fn root_offloads_off_the_plain_path_carries_the_same_traffic() {
 
 fn bulk_both_ways_v4_v6(p: &Pair, offloads: bool) {
     let c = &p.c;
+    // UDP is coalesced for the TUN only where the kernel takes UDP
+    // super-packets (Linux 6.2+), which the agent logs.
+    let uso = std::fs::read_to_string(c.dir.join("wg-agent.log")).unwrap().contains("offload=tso4,tso6,uso4,uso6");
     let (n1, n2) = (c.node("node-1").netns.clone(), c.node("node-2").netns.clone());
     for (ns, ifname, addr, peer, other) in
         [(&n1, &p.ours, "fd09::1/64", &p.theirs_pub, "fd09::2/128"), (&n2, &p.theirs, "fd09::2/64", &p.ours_pub, "fd09::1/128")]
@@ -436,9 +439,9 @@ for burst in range(20):
         let line = std::fs::read_to_string(&path).unwrap();
         assert!(line.contains("received 400 bad 0"), "UDP bursts to {to}: {line}");
         let big_udp = tun.stop().unwrap().iter().filter(|f| f.len() > 1420 && (if f[0] >> 4 == 4 { f[9] } else { f[6] }) == 17).count();
-        if offloads {
+        if uso {
             assert!(big_udp > 0, "UDP to {to}: no coalesced datagrams crossed our TUN");
-        } else {
+        } else if !offloads {
             assert_eq!(big_udp, 0, "UDP to {to}: offloads are off, yet {big_udp} UDP packets above the MTU crossed the TUN");
         }
     }

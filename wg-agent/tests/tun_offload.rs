@@ -2,8 +2,11 @@
 //! root). Offloads belong to the interface, not to the file that set them:
 //! an agent restarted with offloads off (or an older agent, which reads
 //! packets without a virtio-net header) must not inherit the previous
-//! owner's TSO, or it would read 64 KiB super-packets it cannot parse.
+//! owner's TSO, or it would read 64 KiB super-packets it cannot parse. An
+//! orderly close turns them off; a new owner sets them explicitly, which
+//! covers an owner that died without closing.
 
+use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use meshguard_wg_agent::io::tun::LinuxTun;
@@ -37,6 +40,17 @@ fn root_a_reattached_persistent_tun_takes_the_new_owners_offloads() {
         assert!(tun.offload().tso, "this kernel takes TSO on a TUN");
         assert!(feature(name, "tcp-segmentation-offload"));
         drop(tun);
+        // Let go of in order, the interface is left with no offloads.
+        assert!(!feature(name, "tcp-segmentation-offload"), "TSO left on after the owner closed the interface");
+
+        // An owner that died without closing in order (kill -9): the kernel
+        // only sees its descriptor go, and the offloads stay on.
+        let tun = LinuxTun::open_with(name, true, true).unwrap();
+        let fd = tun.as_raw_fd();
+        std::mem::forget(tun);
+        // SAFETY: `fd` is the forgotten device's own descriptor, closed once.
+        assert_eq!(unsafe { libc::close(fd) }, 0);
+        assert!(feature(name, "tcp-segmentation-offload"), "the dead owner's TSO is still on");
 
         // Restarted with offloads off: the interface must stop segmenting for us.
         let tun = LinuxTun::open_with(name, true, false).unwrap();

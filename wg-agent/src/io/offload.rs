@@ -113,9 +113,8 @@ fn layout(packet: &[u8]) -> Result<Layout, OffloadError> {
             if packet.len() < 40 {
                 return Err(OffloadError::Ip("IPv6 header truncated"));
             }
-            // Extension headers are not offloaded to us (the kernel segments
-            // those itself), so the next header must be the transport.
-            (6, 40, packet[6], 40 + usize::from(u16::from_be_bytes([packet[4], packet[5]])))
+            let (ip_len, protocol) = ipv6_transport(packet)?;
+            (6, ip_len, protocol, 40 + usize::from(u16::from_be_bytes([packet[4], packet[5]])))
         }
         _ => return Err(OffloadError::Ip("not IPv4 or IPv6")),
     };
@@ -139,20 +138,47 @@ fn layout(packet: &[u8]) -> Result<Layout, OffloadError> {
 }
 
 /// Cuts `packet` (after its virtio-net header `hdr`) into the packets the
+/// Where an IPv6 packet's transport header starts, past hop-by-hop and
+/// destination options (copied to every segment as they are), and which
+/// protocol it is. A routing header is refused (the transport checksum
+/// would be over the final destination, not the header's), and so is a
+/// fragment (it cannot be cut).
+fn ipv6_transport(packet: &[u8]) -> Result<(usize, u8), OffloadError> {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DEST_OPTS: u8 = 60;
+    let (mut at, mut next) = (40, packet[6]);
+    loop {
+        match next {
+            HOP_BY_HOP | DEST_OPTS => {
+                let ext = packet.get(at..at + 2).ok_or(OffloadError::Ip("IPv6 extension header truncated"))?;
+                next = ext[0];
+                at += (usize::from(ext[1]) + 1) * 8;
+                if at > packet.len() {
+                    return Err(OffloadError::Ip("IPv6 extension header truncated"));
+                }
+            }
+            ROUTING => return Err(OffloadError::Ip("an IPv6 routing header cannot be segmented")),
+            FRAGMENT => return Err(OffloadError::Ip("a fragment cannot be segmented")),
+            protocol => return Ok((at, protocol)),
+        }
+    }
+}
+
 /// kernel would have sent, calling `emit` with each in order. A packet
 /// without GSO is passed through, its checksum completed when owed.
-pub fn segment(hdr: &VirtioNetHdr, packet: &[u8], mut emit: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
+/// `packet` is the read buffer: an owed checksum is completed in place.
+pub fn segment(hdr: &VirtioNetHdr, packet: &mut [u8], mut emit: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
     let gso = hdr.gso_type & !GSO_ECN;
     if gso == GSO_NONE {
         if hdr.flags & F_NEEDS_CSUM != 0 {
-            let mut p = packet.to_vec();
-            complete_checksum(&mut p, hdr.csum_start, hdr.csum_offset)?;
-            emit(&p);
-        } else {
-            emit(packet);
+            complete_checksum(packet, hdr.csum_start, hdr.csum_offset)?;
         }
+        emit(packet);
         return Ok(1);
     }
+    let packet = &*packet;
     let l = layout(packet)?;
     let want = match gso {
         GSO_TCPV4 => (4, PROTO_TCP),
@@ -230,8 +256,6 @@ struct Merge {
     segments: usize,
     /// TCP: the sequence number the next segment must carry.
     next_seq: u32,
-    /// A short segment or PSH ended it: nothing more may follow.
-    closed: bool,
 }
 
 /// The kernel's limit on datagrams in one UDP super-packet (UDP_MAX_SEGMENTS).
@@ -248,17 +272,16 @@ const MAX_UDP_SEGMENTS: usize = 64;
 /// Everything else passes as it came. Order within a flow is kept; `emit`
 /// is called with each result in the order its first packet arrived.
 pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, udp: bool, mut emit: impl FnMut(&VirtioNetHdr, &[u8])) {
-    // Few flows per batch: a linear search over open merges is cheapest.
     let mut out: Vec<Result<Merge, &'a [u8]>> = Vec::new();
+    // Indices into `out` of the merges that may still grow: few flows per
+    // batch, so a linear search over them is cheapest, and a batch of
+    // pure ACKs never scans what came before.
+    let mut live: Vec<usize> = Vec::new();
     for p in packets {
         let Some(l) = tcp_segment(p).or_else(|| udp.then(|| udp_datagram(p)).flatten()) else {
             // Nothing of its flow may be merged past it (a pure ACK, a FIN):
             // close the flow's open super-packet, as GRO flushes it.
-            for m in out.iter_mut().flatten() {
-                if same_flow(&m.buf, m.ip_len, m.version, p) {
-                    m.closed = true;
-                }
-            }
+            live.retain(|&i| !matches!(&out[i], Ok(m) if same_flow(&m.buf, m.ip_len, m.version, p)));
             out.push(Err(p));
             continue;
         };
@@ -266,34 +289,41 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, udp: bool, mut 
         let payload = &p[l.ip_len + l.l4_len..];
         let seq = if tcp { be32(p, l.ip_len + 4) } else { 0 };
         let psh = tcp && p[l.ip_len + 13] & TCP_PSH != 0;
-        let open = out.iter_mut().rev().find_map(|m| match m {
-            Ok(m) if same_flow(&m.buf, m.ip_len, m.version, p) => Some(m),
-            _ => None,
-        });
-        if let Some(m) = open
-            && !m.closed
-            && m.next_seq == seq
-            && payload.len() <= m.gso_size
-            && m.buf.len() + payload.len() <= 65_535
-            && (tcp || m.segments < MAX_UDP_SEGMENTS)
-            && m.headers == l.ip_len + l.l4_len
-            && headers_follow(m, p)
-        {
-            m.buf.extend_from_slice(payload);
-            m.segments += 1;
-            m.next_seq = if tcp { seq.wrapping_add(payload.len() as u32) } else { 0 };
-            m.closed = payload.len() < m.gso_size || psh;
-            if psh {
-                let t = m.ip_len + 13;
-                m.buf[t] |= TCP_PSH;
+        let open = live.iter().rposition(|&i| matches!(&out[i], Ok(m) if same_flow(&m.buf, m.ip_len, m.version, p)));
+        if let Some(k) = open {
+            let Ok(m) = &mut out[live[k]] else { unreachable!("live holds merges only") };
+            if m.next_seq == seq
+                && payload.len() <= m.gso_size
+                && m.buf.len() + payload.len() <= 65_535
+                && (tcp || m.segments < MAX_UDP_SEGMENTS)
+                && m.headers == l.ip_len + l.l4_len
+                && headers_follow(m, p)
+            {
+                if m.segments == 1 {
+                    // It grows: room for a whole super-packet, once.
+                    m.buf.reserve(65_535 - m.buf.len());
+                }
+                m.buf.extend_from_slice(payload);
+                m.segments += 1;
+                m.next_seq = if tcp { seq.wrapping_add(payload.len() as u32) } else { 0 };
+                if psh {
+                    let t = m.ip_len + 13;
+                    m.buf[t] |= TCP_PSH;
+                }
+                if payload.len() < m.gso_size || psh {
+                    live.remove(k);
+                }
+                continue;
             }
-            continue;
+            // This packet does not follow on: nothing after it may join
+            // the earlier super-packet either.
+            live.remove(k);
         }
-        // Room for a whole super-packet up front: no reallocation as it grows.
-        let mut buf = Vec::with_capacity(65_535);
-        buf.extend_from_slice(p);
+        if !psh {
+            live.push(out.len());
+        }
         out.push(Ok(Merge {
-            buf,
+            buf: p.to_vec(),
             ip_len: l.ip_len,
             headers: l.ip_len + l.l4_len,
             version: l.version,
@@ -301,7 +331,6 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, udp: bool, mut 
             gso_size: payload.len(),
             segments: 1,
             next_seq: if tcp { seq.wrapping_add(payload.len() as u32) } else { 0 },
-            closed: psh,
         }));
     }
     for item in out {
@@ -321,6 +350,9 @@ pub fn coalesce<'a>(packets: impl IntoIterator<Item = &'a [u8]>, udp: bool, mut 
 fn udp_datagram(p: &[u8]) -> Option<Layout> {
     let l = layout(p).ok()?;
     if l.protocol != PROTO_UDP || p.len() == l.ip_len + 8 || usize::from(be16(p, l.ip_len + 4)) != p.len() - l.ip_len {
+        return None;
+    }
+    if l.version == 6 && l.ip_len != 40 {
         return None;
     }
     if be16(p, l.ip_len + 6) == 0 || (l.version == 4 && fold(sum(&p[..l.ip_len], 0)) != 0xffff) {
@@ -601,7 +633,7 @@ mod tests {
 
     fn cut(hdr: &VirtioNetHdr, p: &[u8]) -> Result<Vec<Vec<u8>>, OffloadError> {
         let mut out = Vec::new();
-        segment(hdr, p, |s| out.push(s.to_vec()))?;
+        segment(hdr, &mut p.to_vec(), |s| out.push(s.to_vec()))?;
         Ok(out)
     }
 
@@ -856,9 +888,124 @@ mod tests {
             }
             let mut h = hdr;
             h.gso_size = (x % 2000) as u16;
-            let _ = segment(&h, &q, |s| {
+            let _ = segment(&h, &mut q, |s| {
                 SlicedPacket::from_ip(s).expect("a segment that parses");
             });
+        }
+    }
+
+    #[test]
+    fn ipv6_options_headers_ride_along_and_a_routing_header_is_refused() {
+        let (mut hdr, p) = super_packet(true, true, 2500, 0);
+        // Insert 8 bytes of destination options (PadN) between the fixed
+        // header and TCP, as a sender with IPV6_DSTOPTS would.
+        let mut q = p[..40].to_vec();
+        q.extend_from_slice(&[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]);
+        q.extend_from_slice(&p[40..]);
+        q[6] = 60;
+        let len = q.len();
+        put16(&mut q, 4, (len - 40) as u16);
+        let partial = fold(pseudo_sum(&q, 6, PROTO_TCP, 48));
+        put16(&mut q, 48 + 16, partial);
+        hdr.csum_start = 48;
+        hdr.hdr_len += 8;
+        let segs = cut(&hdr, &q).unwrap();
+        assert_eq!(segs.len(), 3);
+        let mut data = Vec::new();
+        for s in &segs {
+            assert_eq!(&s[40..48], &q[40..48], "the options are in every segment");
+            assert_eq!(usize::from(be16(s, 4)), s.len() - 40);
+            assert_eq!(transport_sum(s, 6, PROTO_TCP, 48), 0xffff, "TCP checksum over the right bytes");
+            SlicedPacket::from_ip(s).expect("parses");
+            data.extend_from_slice(&s[48 + 20..]);
+        }
+        assert_eq!(data, p[60..]);
+        // Not merged back (options are rare; they go up one by one).
+        assert_eq!(merge(&segs).len(), 3);
+        let bad = |h: VirtioNetHdr, p: &[u8]| cut(&h, p).unwrap_err();
+        let mut routed = q.clone();
+        routed[6] = 43;
+        assert!(matches!(bad(hdr, &routed), OffloadError::Ip(_)), "routing header");
+        let mut frag = q.clone();
+        frag[6] = 44;
+        assert!(matches!(bad(hdr, &frag), OffloadError::Ip(_)), "fragment header");
+        let mut short = q.clone();
+        short[41] = 200; // an options header that swallows the TCP header
+        assert!(cut(&hdr, &short).is_err());
+        let truncated = &q[..44]; // the options header itself cut short
+        assert!(matches!(bad(hdr, truncated), OffloadError::Ip(_)));
+    }
+
+    /// A tiny xorshift: the mutation fuzzers' reproducible randomness.
+    fn next(x: &mut u32) -> u32 {
+        *x ^= *x << 13;
+        *x ^= *x >> 17;
+        *x ^= *x << 5;
+        *x
+    }
+
+    #[test]
+    fn mutated_headers_and_packets_of_every_kind_never_panic_segment() {
+        let mut x = 0x1234_5678u32;
+        for (v6, tcp) in [(false, true), (true, true), (false, false), (true, false)] {
+            let (hdr, p) = super_packet(v6, tcp, 3000, 0);
+            for round in 0..5_000 {
+                let mut q = p.clone();
+                for _ in 0..(1 + next(&mut x) % 4) {
+                    let at = next(&mut x) as usize % q.len();
+                    q[at] = (next(&mut x) >> 24) as u8;
+                }
+                let mut h = hdr;
+                match round % 4 {
+                    0 => h.gso_type = GSO_NONE,
+                    1 => h.csum_start = (next(&mut x) % 80) as u16,
+                    2 => h.csum_offset = (next(&mut x) % 80) as u16,
+                    _ => h.gso_size = (next(&mut x) % 3000) as u16,
+                }
+                let len = q.len();
+                let _ = segment(&h, &mut q, |s| {
+                    if h.gso_type == GSO_NONE {
+                        // A plain packet is the kernel's own, passed on as it
+                        // came (its checksum finished when owed), as without
+                        // offloads: the receiver judges it.
+                        assert_eq!(s.len(), len);
+                    } else {
+                        SlicedPacket::from_ip(s).expect("a segment that parses");
+                    }
+                });
+            }
+        }
+    }
+
+    /// What a peer can feed the receive half: mutated segments of several
+    /// flows, in any order. Never a panic, and every super-packet it builds
+    /// is one the transmit half (the kernel's rules) accepts and cuts back.
+    #[test]
+    fn mutated_decrypted_packets_never_panic_coalesce_and_every_super_packet_cuts() {
+        let mut x = 0x0bad_cafeu32;
+        let mut pool = Vec::new();
+        for (v6, tcp) in [(false, true), (true, true), (false, false), (true, false)] {
+            let (hdr, p) = super_packet(v6, tcp, 5000, 0);
+            pool.extend(cut(&hdr, &p).unwrap());
+        }
+        for _ in 0..3_000 {
+            let mut batch: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..(1 + next(&mut x) % 12) {
+                let mut q = pool[next(&mut x) as usize % pool.len()].clone();
+                if next(&mut x).is_multiple_of(3) {
+                    let at = next(&mut x) as usize % q.len();
+                    q[at] = (next(&mut x) >> 24) as u8;
+                }
+                if next(&mut x).is_multiple_of(7) {
+                    q.truncate(next(&mut x) as usize % q.len());
+                }
+                batch.push(q);
+            }
+            for (h, p) in merge(&batch) {
+                if h.gso_type != GSO_NONE {
+                    cut(&h, &p).unwrap_or_else(|e| panic!("a super-packet the kernel would refuse: {e}"));
+                }
+            }
         }
     }
 }

@@ -56,7 +56,12 @@ pub enum TunError {
 pub struct LinuxTun {
     file: File,
     name: String,
+    persist: bool,
     offload: Offload,
+    /// Cleared the first time the kernel refuses a coalesced write (some
+    /// kernels have: Linux 6.6.44 and 6.10.3 refused GSO writes from
+    /// userspace); from then on decrypted packets go up one by one.
+    coalescing: std::sync::atomic::AtomicBool,
 }
 
 /// What the kernel hands this TUN, decided once at open.
@@ -157,10 +162,21 @@ impl LinuxTun {
         let offload = if vnet {
             Self::negotiate(&file).map_err(cfg)?
         } else {
-            Self::set_offload(&file, 0).map_err(cfg).map(|()| Offload::default())?
+            Self::set_offload(&file, 0).map_err(cfg)?;
+            // Between attaching and turning the offloads off, the kernel
+            // may have queued super-packets under a previous owner's
+            // offloads; without a header they cannot be read right, so they
+            // go (a restart drops traffic anyway). Bounded by the queue.
+            let mut scratch = vec![0u8; 65_535 + VIRTIO_NET_HDR_LEN];
+            for _ in 0..1024 {
+                if !matches!((&file).read(&mut scratch), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            Offload::default()
         };
         tracing::info!(interface = name, offload = %offload, "TUN device open");
-        Ok(Self { file, name: name.to_owned(), offload })
+        Ok(Self { file, name: name.to_owned(), persist, offload, coalescing: std::sync::atomic::AtomicBool::new(offload.tso) })
     }
 
     fn attach(name: &str, flags: libc::c_short) -> Result<File, TunError> {
@@ -292,7 +308,7 @@ impl TunIo for LinuxTun {
         }
         let invalid = |e: offload::OffloadError| io::Error::new(io::ErrorKind::InvalidData, e);
         let hdr = VirtioNetHdr::parse(&buf[..n]).map_err(invalid)?;
-        offload::segment(&hdr, &buf[VIRTIO_NET_HDR_LEN..n], |p| emit(p)).map_err(invalid)
+        offload::segment(&hdr, &mut buf[VIRTIO_NET_HDR_LEN..n], |p| emit(p)).map_err(invalid)
     }
 
     fn send(&self, pkt: &[u8]) -> io::Result<()> {
@@ -300,22 +316,54 @@ impl TunIo for LinuxTun {
     }
 
     fn write_packets(&self, pkts: &[&[u8]], failed: &mut dyn FnMut(io::Error)) -> usize {
-        if !self.offload.tso {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.coalescing.load(Relaxed) {
             for p in pkts {
-                if let Err(e) = (&self.file).write(p) {
+                if let Err(e) = self.send(p) {
                     failed(e);
                 }
             }
             return 0;
         }
         let mut merged = 0;
-        offload::coalesce(pkts.iter().copied(), self.offload.uso, |hdr, p| {
-            merged += usize::from(hdr.gso_type != 0);
-            if let Err(e) = self.write_with(hdr, p) {
-                failed(e);
+        offload::coalesce(pkts.iter().copied(), self.offload.uso, |hdr, p| match self.write_with(hdr, p) {
+            Ok(()) => merged += usize::from(hdr.gso_type != 0),
+            Err(e) if hdr.gso_type != 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                if self.coalescing.swap(false, Relaxed) {
+                    tracing::warn!(interface = %self.name, error = %e, "the kernel refuses coalesced writes to the TUN; writing packets one by one");
+                }
+                // Cut it back into the packets it was made of (exactly those:
+                // see offload's tests) and write them as they came.
+                let mut p = p.to_vec();
+                let cut = offload::segment(hdr, &mut p, |seg| {
+                    if let Err(e) = self.send(seg) {
+                        failed(e);
+                    }
+                });
+                if let Err(e) = cut {
+                    failed(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
             }
+            Err(e) => failed(e),
         });
         merged
+    }
+}
+
+impl AsRawFd for LinuxTun {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl Drop for LinuxTun {
+    /// A persistent interface outlives us: leave it with no offloads, so
+    /// whoever attaches next (an older agent, say, that reads without a
+    /// virtio-net header) is not handed super-packets it cannot parse.
+    fn drop(&mut self) {
+        if self.persist && self.offload.tso {
+            let _ = Self::set_offload(&self.file, 0);
+        }
     }
 }
 
