@@ -68,6 +68,13 @@ pub struct RawConfig {
     pub cluster_cidrs: Vec<IpNet>,
     #[serde(default)]
     pub strict: Option<bool>,
+    /// TUN segmentation offload and coalescing (default on, where the
+    /// kernel has them): an operator's way out of a kernel that mishandles them.
+    #[serde(default)]
+    pub tun_offload: Option<bool>,
+    /// UDP GRO on the WireGuard socket (default on).
+    #[serde(default)]
+    pub udp_gro: Option<bool>,
     #[serde(default)]
     pub uapi_socket_dir: Option<PathBuf>,
     #[serde(default)]
@@ -159,6 +166,8 @@ pub struct AgentConfig {
     pub pod_cidrs: Vec<IpNet>,
     pub cluster_cidrs: Vec<IpNet>,
     pub strict: bool,
+    pub tun_offload: bool,
+    pub udp_gro: bool,
     pub uapi_socket_dir: PathBuf,
     pub metrics_address: Option<SocketAddr>,
     pub source: SourceConfig,
@@ -327,6 +336,8 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         pod_cidrs: raw.pod_cidrs.into_iter().map(|n| n.trunc()).collect(),
         cluster_cidrs: raw.cluster_cidrs.into_iter().map(|n| n.trunc()).collect(),
         strict,
+        tun_offload: raw.tun_offload.unwrap_or(true),
+        udp_gro: raw.udp_gro.unwrap_or(true),
         uapi_socket_dir: raw.uapi_socket_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_UAPI_DIR)),
         metrics_address: raw.metrics_address,
         source,
@@ -352,7 +363,11 @@ mod tests {
         assert_eq!(c.mtu, DEFAULT_MTU);
         assert_eq!(c.interface, "mg0");
         assert!(c.strict);
+        assert!(c.tun_offload && c.udp_gro, "offloads on unless turned off");
         assert_eq!(c.key_path(), PathBuf::from("/var/lib/meshguard/node.key"));
+        let off = construct_config(raw(&format!("{BASE}tunOffload: false\nudpGro: false\n"))).unwrap();
+        assert!(!off.tun_offload && !off.udp_gro);
+        assert!(meshguard_common::yaml::from_str::<RawConfig>(&format!("{BASE}tunOffload: maybe\n")).is_err());
     }
 
     #[test]
