@@ -11,6 +11,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -19,6 +21,7 @@ use crate::policy::MeshPolicy;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 pub mod alloc;
+pub mod crds;
 pub mod file;
 
 /// The trust domain when a source does not name one.
@@ -52,6 +55,68 @@ pub struct NodeRecord {
     /// Pod address ranges hosted on the node; the node's tunnel accepts only
     /// these as inner source addresses.
     pub pod_cidrs: Vec<IpNet>,
+}
+
+/// A node's record as a Kubernetes resource (cluster scoped, named after
+/// the node): what [`NodeRecord`] says, published by the node's own agent
+/// (the admission policy in deploy/ refuses writes from anyone else).
+// Each printcolumn(...) names its own type_; clippy reads them as repeats.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "meshguard.io",
+    version = "v1alpha1",
+    kind = "MeshNode",
+    status = "MeshNodeStatus",
+    shortname = "mn",
+    category = "meshguard",
+    derive = "PartialEq",
+    doc = "A meshguard node: its WireGuard public key, where its tunnel listens, and the pod address ranges it hosts. Written only by the agent on that node.",
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".spec.endpoint"),
+    printcolumn(name = "Public Key", type_ = "string", json_path = ".spec.publicKey"),
+    printcolumn(name = "Pod CIDRs", type_ = "string", json_path = ".spec.podCIDRs", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshNodeSpec {
+    /// The node's WireGuard public key.
+    pub public_key: PublicKey,
+    /// Where other nodes send WireGuard datagrams: `address:port`, IPv6 in brackets.
+    #[schemars(with = "String", length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9.]+:[0-9]+$') || (self.startsWith('[') && self.matches(']:[0-9]+$'))").message("endpoint must be address:port, IPv6 in brackets"))]
+    pub endpoint: SocketAddr,
+    /// Pod address ranges hosted on the node; its tunnel accepts only these
+    /// as inner source addresses.
+    #[serde(rename = "podCIDRs")]
+    #[schemars(with = "Vec<String>", length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(c, size(c) <= 43 && isCIDR(c))").message("every pod CIDR must be an address/prefix"))]
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`: whether the other nodes took this record into their view.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+impl MeshNode {
+    pub fn from_record(record: &NodeRecord) -> Self {
+        Self::new(
+            &record.name,
+            MeshNodeSpec { public_key: record.public_key, endpoint: record.endpoint, pod_cidrs: record.pod_cidrs.clone() },
+        )
+    }
+
+    /// The record, named after the resource.
+    pub fn record(&self) -> Result<NodeRecord, String> {
+        let name = self.metadata.name.clone().ok_or("metadata.name is missing")?;
+        Ok(NodeRecord { name, public_key: self.spec.public_key, endpoint: self.spec.endpoint, pod_cidrs: self.spec.pod_cidrs.clone() })
+    }
 }
 
 /// A workload (pod) and where it runs.
@@ -105,7 +170,7 @@ impl LocalEndpoint {
 }
 
 /// A snapshot of everything the agents need to know about the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterView {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,6 +8,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spiffe::{SpiffeId, validate_segment};
@@ -21,6 +24,8 @@ pub const KIND: &str = "MeshPolicy";
 pub enum PolicyError {
     #[error("policy YAML is invalid: {0}")]
     Yaml(#[from] crate::yaml::YamlError),
+    #[error("policy JSON is invalid: {0}")]
+    Json(#[from] serde_json::Error),
     #[error("apiVersion must be {API_VERSION:?}, got {got:?}")]
     ApiVersion { got: String },
     #[error("kind must be {KIND:?}, got {got:?}")]
@@ -36,66 +41,92 @@ pub enum PolicyError {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// The resource ([`MeshPolicy`]: metadata, spec, status) and its CRD are
+// derived from the spec: the OpenAPI schema from these types, plus CEL rules
+// for what a schema cannot say. `MeshPolicy::validate` checks the same
+// rules in Rust, so `kubectl`, `meshctl policy apply` and the registry
+// refuse the same policies (a test holds them to it). Doc comments here
+// are what `kubectl explain` shows.
+
+/// The pods the policy is about and its ingress and egress rules.
+// Each printcolumn(...) names its own type_; clippy reads them as repeats.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[kube(
+    group = "meshguard.io",
+    version = "v1alpha1",
+    kind = "MeshPolicy",
+    namespaced,
+    status = "MeshPolicyStatus",
+    shortname = "mp",
+    category = "meshguard",
+    derive = "PartialEq",
+    doc = "Which identities may talk to the selected pods (ingress) and to whom they may talk (egress), over which protocols and ports, and whether both sides must first prove their identities (mTLS).",
+    printcolumn(name = "Accepted", type_ = "string", json_path = r#".status.conditions[?(@.type=="Accepted")].status"#),
+    printcolumn(name = "Reason", type_ = "string", json_path = r#".status.conditions[?(@.type=="Accepted")].reason"#, priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MeshPolicy {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: MeshPolicySpec,
-}
-
-/// The subset of Kubernetes object metadata meshguard reads; the rest
-/// (labels, annotations, uid, ...) is accepted and kept so `kubectl` output
-/// round-trips.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ObjectMeta {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-}
-
-fn default_namespace() -> String {
-    "default".to_owned()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    validation = Rule::new("!has(self.ingress) || self.ingress.all(r, !has(r.to))").message("ingress rules list peers under `from`, not `to`"),
+    validation = Rule::new("!has(self.egress) || self.egress.all(r, !has(r.from))").message("egress rules list peers under `to`, not `from`")
+)]
 pub struct MeshPolicySpec {
     /// Subject pods in the policy's namespace; `{}` selects all of them.
     #[serde(default)]
     pub selector: LabelSelector,
+    /// Who may connect to the subject pods. Absent: ingress is not judged by
+    /// this policy; empty: nothing may connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ingress: Option<Vec<Rule>>,
+    #[schemars(length(max = 256))]
+    // The full path: KubeSchema's expansion imports kube's own `Rule`.
+    pub ingress: Option<Vec<crate::policy::Rule>>,
+    /// Whom the subject pods may connect to. Absent: egress is not judged by
+    /// this policy; empty: they may connect to nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Vec<Rule>>,
+    #[schemars(length(max = 256))]
+    pub egress: Option<Vec<crate::policy::Rule>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// What the cluster source (or the registry) made of a policy.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPolicyStatus {
+    /// The `metadata.generation` these conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`: `True` when the policy is enforced, `False` with the
+    /// reason when it is refused (and then nothing of it is enforced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Kubernetes label selector, with its semantics.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_EXPRESSIONS))]
     pub match_expressions: Vec<LabelExpression>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new(
+    "self.operator in ['In', 'NotIn'] ? has(self.values) && size(self.values) > 0 : !has(self.values) || size(self.values) == 0"
+).message("In and NotIn need values; Exists and DoesNotExist take none"))]
 pub struct LabelExpression {
     pub key: String,
     pub operator: LabelOperator,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_VALUES))]
     pub values: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum LabelOperator {
     In,
     NotIn,
@@ -105,30 +136,37 @@ pub enum LabelOperator {
 
 /// One rule. Ingress rules use `from`, egress rules use `to`; an absent or
 /// empty list matches every peer, as in NetworkPolicy.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
     pub action: Action,
+    /// Ingress only: the peers allowed (or denied) to connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PEERS))]
     pub from: Option<Vec<PeerSelector>>,
+    /// Egress only: the peers that may (or may not) be connected to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PEERS))]
     pub to: Option<Vec<PeerSelector>>,
     /// Absent or empty: every protocol and port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PORTS))]
     pub ports: Vec<PortRule>,
+    /// `required`: the flow passes only once auth-handshake has proved both
+    /// workloads' identities to each other with mutual TLS.
     #[serde(default)]
     pub authentication: Authentication,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum Action {
     #[default]
     Allow,
     Deny,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Authentication {
     #[default]
@@ -139,7 +177,7 @@ pub enum Authentication {
 /// Who a rule is about. Fields combine (all must match): `namespace` scopes
 /// `serviceAccount` and `podSelector` (default: the policy's namespace);
 /// `spiffeId` names one identity exactly, anywhere.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, try_from = "RawPeerSelector")]
 pub struct PeerSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,7 +190,7 @@ pub struct PeerSelector {
     pub pod_selector: Option<LabelSelector>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, try_from = "RawPortRule")]
 pub struct PortRule {
     pub protocol: Protocol,
@@ -164,28 +202,81 @@ pub struct PortRule {
     pub end_port: Option<u16>,
 }
 
-// The two rules most often written wrong are checked while they are parsed,
-// so the YAML parser's error carries the field path, line and column.
+/// Bounds on lists, so the API server can bound the cost of the CEL rules
+/// (it refuses a CRD whose rules it cannot bound) and no policy is absurdly
+/// large; [`MeshPolicy::validate`] enforces the same.
+const MAX_RULES: usize = 256;
+const MAX_PEERS: usize = 64;
+const MAX_PORTS: usize = 64;
+const MAX_EXPRESSIONS: usize = 32;
+const MAX_VALUES: usize = 64;
 
-#[derive(Deserialize)]
+/// A namespace or service-account name as SPIFFE path segments allow it:
+/// letters, digits, `.`, `-`, `_`, but not `.` or `..` alone.
+const SEGMENT_PATTERN: &str = r"^([A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+)$";
+
+// The two rules most often written wrong are checked while they are parsed,
+// so the YAML parser's error carries the field path, line and column. The
+// raw shapes are also what the CRD's schema is derived from (serde's
+// `try_from` makes schemars use them), so their CEL rules live here.
+
+/// The protocol in CEL as one canonical string: lowercase name or number
+/// without leading zeros (`"006"`, `6` and `"6"` are all TCP).
+macro_rules! protocol {
+    () => {
+        "(string(self.protocol).matches('^[0-9]{1,3}$') ? string(int(string(self.protocol))) : string(self.protocol).lowerAscii())"
+    };
+}
+
+#[derive(Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    validation = Rule::new("!has(self.endPort) || has(self.port)").message("endPort needs port"),
+    validation = Rule::new("!has(self.endPort) || !has(self.port) || self.endPort >= self.port").message("endPort is below port"),
+    validation = Rule::new(concat!("!(", protocol!(), " in ['icmp', 'icmpv6', '1', '58']) || !has(self.endPort)"))
+        .message("ICMP rules take a single type, not a range"),
+    validation = Rule::new(concat!("!(", protocol!(), " in ['icmp', 'icmpv6', '1', '58']) || !has(self.port) || self.port <= 255"))
+        .message("an ICMP type is at most 255"),
+    validation = Rule::new(concat!(
+        "!has(self.port) || ",
+        protocol!(),
+        " in ['tcp', 'udp', 'sctp', '6', '17', '132', 'icmp', 'icmpv6', '1', '58']"
+    ))
+    .message("only TCP, UDP, SCTP (ports) and ICMP, ICMPv6 (types) take a port"),
+)]
 struct RawPortRule {
+    /// TCP, UDP, SCTP, ICMP, ICMPv6, or any IP protocol by number (0-255).
     protocol: Protocol,
+    /// First port (TCP/UDP/SCTP) or ICMP type; absent = any.
     #[serde(default)]
     port: Option<u16>,
+    /// Last port of a range, inclusive (TCP/UDP/SCTP).
     #[serde(default)]
     end_port: Option<u16>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    // `namespace` is a CEL keyword: Kubernetes escapes it as `__namespace__`.
+    validation = Rule::new("has(self.__namespace__) || has(self.serviceAccount) || has(self.spiffeId) || has(self.podSelector)")
+        .message("empty peer: give serviceAccount, namespace, spiffeId or podSelector"),
+    validation = Rule::new("!has(self.spiffeId) || !(has(self.__namespace__) || has(self.serviceAccount) || has(self.podSelector))")
+        .message("spiffeId names one identity and cannot be combined with other fields"),
+)]
 struct RawPeerSelector {
+    /// The peers' namespace (default: the policy's own).
     #[serde(default)]
+    #[schemars(regex(pattern = SEGMENT_PATTERN), length(max = 253))]
     namespace: Option<String>,
+    /// The peers' Kubernetes service account.
     #[serde(default)]
+    #[schemars(regex(pattern = SEGMENT_PATTERN), length(max = 253))]
     service_account: Option<String>,
+    /// One SPIFFE ID, in any namespace or trust domain.
     #[serde(default)]
     spiffe_id: Option<SpiffeId>,
+    /// The peers' pod labels.
     #[serde(default)]
     pod_selector: Option<LabelSelector>,
 }
@@ -295,6 +386,30 @@ impl Serialize for Protocol {
     }
 }
 
+/// Int-or-string, as Kubernetes writes such fields; the CEL rule accepts
+/// exactly what [`Protocol`]'s `FromStr` does.
+impl JsonSchema for Protocol {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Protocol".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "TCP, UDP, SCTP, ICMP, ICMPv6 (any case), or an IP protocol number 0-255.",
+            "x-kubernetes-int-or-string": true,
+            "maxLength": 8,
+            "x-kubernetes-validations": [{
+                "rule": "string(self).lowerAscii() in ['tcp', 'udp', 'sctp', 'icmp', 'icmpv6'] || (string(self).matches('^[0-9]{1,3}$') && int(string(self)) <= 255)",
+                "message": "unknown protocol: use TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number 0-255"
+            }]
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Protocol {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -336,7 +451,15 @@ impl LabelSelector {
 impl MeshPolicy {
     /// Parses one policy from YAML and validates it.
     pub fn from_yaml(text: &str) -> Result<Self, PolicyError> {
-        let p: Self = crate::yaml::from_str(text)?;
+        let p = crate::yaml::from_str::<PolicyDocument>(text)?.into_policy()?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Parses one policy from JSON (the registry's wire form, the API
+    /// server's) and validates it.
+    pub fn from_json(text: &str) -> Result<Self, PolicyError> {
+        let p = serde_json::from_str::<PolicyDocument>(text)?.into_policy()?;
         p.validate()?;
         Ok(p)
     }
@@ -349,43 +472,64 @@ impl MeshPolicy {
         let mut out = Vec::new();
         // Deserialized straight from the stream (not via a Value), so the
         // parser's locations survive into the error.
-        for (i, p) in crate::yaml::documents::<Self>(text)?.into_iter().enumerate() {
+        for (i, doc) in crate::yaml::documents::<PolicyDocument>(text)?.into_iter().enumerate() {
             let in_doc =
                 |e: PolicyError| PolicyError::InDocument { index: i + 1, line: starts.get(i).copied().unwrap_or(1), source: Box::new(e) };
+            let p = doc.into_policy().map_err(in_doc)?;
             p.validate().map_err(in_doc)?;
             out.push(p);
         }
         Ok(out)
     }
 
-    /// `<namespace>/<name>`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    /// A policy named `namespace/name`, for code and tests that build one.
+    pub fn named(namespace: &str, name: &str, spec: MeshPolicySpec) -> Self {
+        let mut p = Self::new(name, spec);
+        p.metadata.namespace = Some(namespace.to_owned());
+        p
     }
 
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// The namespace; `default` when the metadata names none (as `kubectl`
+    /// would place it without `-n`).
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// `<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace(), self.name())
+    }
+
+    /// Everything the CRD's schema and CEL rules check, in Rust: meshctl and
+    /// the registry refuse what the API server would (a test holds the two
+    /// to the same verdicts), with the field path in the message.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        if self.api_version != API_VERSION {
-            return Err(PolicyError::ApiVersion { got: self.api_version.clone() });
-        }
-        if self.kind != KIND {
-            return Err(PolicyError::Kind { got: self.kind.clone() });
-        }
         let invalid = |what: String| PolicyError::Invalid { policy: self.key(), what };
-        validate_segment(&self.metadata.name).map_err(|e| invalid(format!("metadata.name: {e}")))?;
-        validate_segment(&self.metadata.namespace).map_err(|e| invalid(format!("metadata.namespace: {e}")))?;
+        let name = self.metadata.name.as_deref().ok_or_else(|| invalid("metadata.name is missing".into()))?;
+        validate_segment(name).map_err(|e| invalid(format!("metadata.name: {e}")))?;
+        validate_segment(self.namespace()).map_err(|e| invalid(format!("metadata.namespace: {e}")))?;
         validate_selector(&self.spec.selector).map_err(|e| invalid(format!("spec.selector: {e}")))?;
         for (dir, rules, peers_field, wrong_field) in
             [("ingress", &self.spec.ingress, "from", "to"), ("egress", &self.spec.egress, "to", "from")]
         {
-            for (i, rule) in rules.iter().flatten().enumerate() {
+            let rules = rules.as_deref().unwrap_or_default();
+            at_most(rules, MAX_RULES).map_err(|e| invalid(format!("spec.{dir}: {e}")))?;
+            for (i, rule) in rules.iter().enumerate() {
                 let at = format!("spec.{dir}[{i}]");
                 let (peers, wrong) = if dir == "ingress" { (&rule.from, &rule.to) } else { (&rule.to, &rule.from) };
                 if wrong.is_some() {
                     return Err(invalid(format!("{at}: {dir} rules list peers under `{peers_field}`, not `{wrong_field}`")));
                 }
-                for (j, peer) in peers.iter().flatten().enumerate() {
+                let peers = peers.as_deref().unwrap_or_default();
+                at_most(peers, MAX_PEERS).map_err(|e| invalid(format!("{at}.{peers_field}: {e}")))?;
+                for (j, peer) in peers.iter().enumerate() {
                     validate_peer(peer).map_err(|e| invalid(format!("{at}.{peers_field}[{j}]: {e}")))?;
                 }
+                at_most(&rule.ports, MAX_PORTS).map_err(|e| invalid(format!("{at}.ports: {e}")))?;
                 for (j, port) in rule.ports.iter().enumerate() {
                     validate_port(port).map_err(|e| invalid(format!("{at}.ports[{j}]: {e}")))?;
                 }
@@ -393,6 +537,50 @@ impl MeshPolicy {
         }
         Ok(())
     }
+}
+
+/// A policy as written: the resource's fields, unknown ones refused (the
+/// derived resource type ignores `apiVersion` and `kind` and would accept
+/// anything at the top level).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicyDocument {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: MeshPolicySpec,
+    #[serde(default)]
+    status: Option<MeshPolicyStatus>,
+}
+
+impl PolicyDocument {
+    fn into_policy(self) -> Result<MeshPolicy, PolicyError> {
+        if self.api_version != API_VERSION {
+            return Err(PolicyError::ApiVersion { got: self.api_version });
+        }
+        if self.kind != KIND {
+            return Err(PolicyError::Kind { got: self.kind });
+        }
+        let mut metadata = self.metadata;
+        metadata.namespace.get_or_insert_with(|| "default".to_owned());
+        Ok(MeshPolicy { metadata, spec: self.spec, status: self.status })
+    }
+}
+
+/// Policies as a field of another document (the file cluster source's):
+/// `apiVersion`, `kind` and unknown fields checked as [`MeshPolicy::from_yaml`]
+/// checks them; the caller runs [`MeshPolicy::validate`].
+pub fn deserialize_policies<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<MeshPolicy>, D::Error> {
+    Vec::<PolicyDocument>::deserialize(d)?
+        .into_iter()
+        .map(PolicyDocument::into_policy)
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
+}
+
+fn at_most<T>(items: &[T], max: usize) -> Result<(), String> {
+    if items.len() > max { Err(format!("{} entries; at most {max} are allowed", items.len())) } else { Ok(()) }
 }
 
 /// The 1-based line each YAML document of `text` starts on (after its `---`).
@@ -413,7 +601,9 @@ fn document_start_lines(text: &str) -> Vec<usize> {
 }
 
 fn validate_selector(s: &LabelSelector) -> Result<(), String> {
+    at_most(&s.match_expressions, MAX_EXPRESSIONS).map_err(|e| format!("matchExpressions: {e}"))?;
     for e in &s.match_expressions {
+        at_most(&e.values, MAX_VALUES).map_err(|err| format!("matchExpressions key {:?}: values: {err}", e.key))?;
         let needs_values = matches!(e.operator, LabelOperator::In | LabelOperator::NotIn);
         if needs_values && e.values.is_empty() {
             return Err(format!("matchExpressions key {:?}: {:?} needs values", e.key, e.operator));
@@ -544,7 +734,7 @@ spec:
         let two = format!("{EXAMPLE}\n---\n{}", EXAMPLE.replace("backend-ingress", "second"));
         let all = MeshPolicy::all_from_yaml(&two).unwrap();
         assert_eq!(all.len(), 2);
-        assert_eq!(all[1].metadata.name, "second");
+        assert_eq!(all[1].name(), "second");
     }
 
     #[test]
@@ -571,5 +761,79 @@ spec:
         // A typo'd field: the parser's path, line and column.
         let e = MeshPolicy::all_from_yaml(&text.replace("endPort", "endport")).unwrap_err().to_string();
         assert!(e.contains("unknown field `endport`") && e.contains("line 11"), "{e}");
+    }
+
+    /// The CRD's CEL rules, evaluated as the API server would (kube-cel),
+    /// give the same verdict as `MeshPolicy::validate` on every case: what
+    /// `kubectl apply` refuses, `meshctl policy apply` refuses too.
+    #[test]
+    fn the_crd_rules_and_validate_agree() {
+        let crd = <MeshPolicy as kube::CustomResourceExt>::crd();
+        let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let cases: &[(&str, &str, bool)] = &[
+            ("the design example", "", true),
+            ("port range backwards", "endPort: 9010|endPort: 8000", false),
+            ("endPort without port", "{protocol: TCP, port: 8080}|{protocol: TCP, endPort: 8080}", false),
+            ("ICMP range", "{protocol: ICMP}|{protocol: ICMP, port: 3, endPort: 4}", false),
+            ("ICMP type above 255", "{protocol: ICMP}|{protocol: icmpv6, port: 300}", false),
+            ("ICMP type by number", "{protocol: ICMP}|{protocol: 1, port: 8}", true),
+            ("ports on a portless protocol", "{protocol: ICMP}|{protocol: 47, port: 1}", false),
+            ("a protocol by number", "{protocol: ICMP}|{protocol: 47}", true),
+            ("a protocol number as a string", "{protocol: ICMP}|{protocol: \"006\", port: 22}", true),
+            ("a protocol number above 255", "{protocol: ICMP}|{protocol: 300}", false),
+            ("an unknown protocol", "protocol: UDP|protocol: QUIC", false),
+            ("a protocol in lowercase", "protocol: UDP|protocol: udp", true),
+            ("an ingress rule with to", "- action: Allow\n      from:|- action: Allow\n      to:", false),
+            ("an egress rule with from", "- to: [|- from: [", false),
+            ("an empty peer", "{serviceAccount: web}|{}", false),
+            ("a namespace alone", "{serviceAccount: web}|{namespace: ops}", true),
+            (
+                "spiffeId with a namespace",
+                "{spiffeId: \"spiffe://cluster.local/ns/batch/sa/report\"}|{spiffeId: \"spiffe://cluster.local/ns/batch/sa/report\", namespace: x}",
+                false,
+            ),
+            ("In without values", "{matchLabels: {tier: edge}}|{matchExpressions: [{key: tier, operator: In}]}", false),
+            ("Exists with values", "{matchLabels: {tier: edge}}|{matchExpressions: [{key: tier, operator: Exists, values: [a]}]}", false),
+            ("Exists without values", "{matchLabels: {tier: edge}}|{matchExpressions: [{key: tier, operator: Exists}]}", true),
+        ];
+        for (what, edit, valid) in cases {
+            let yaml = match edit.split_once('|') {
+                Some((from, to)) => {
+                    assert!(EXAMPLE.contains(from), "{what}: the example has no {from:?}");
+                    EXAMPLE.replacen(from, to, 1)
+                }
+                None => EXAMPLE.to_owned(),
+            };
+            let rust = MeshPolicy::from_yaml(&yaml);
+            assert_eq!(rust.is_ok(), *valid, "{what}: validate says {rust:?}");
+            let object: serde_json::Value = crate::yaml::from_str(&yaml).unwrap();
+            let cel = kube::core::cel::Validator::new().validate(&schema, &object, None);
+            assert_eq!(cel.is_ok(), *valid, "{what}: the CRD's CEL rules say {cel:?}");
+        }
+    }
+
+    /// The CRD's patterns accept exactly what the parsers accept.
+    #[test]
+    fn the_crd_patterns_match_the_parsers() {
+        let segment = regex::Regex::new(SEGMENT_PATTERN).unwrap();
+        for s in ["web", "a.b", ".x", "..x", "...", "a_b-c", ".", "..", "", "a/b", "a b", "ü"] {
+            assert_eq!(segment.is_match(s), validate_segment(s).is_ok(), "segment {s:?}");
+        }
+        let schema = serde_json::to_value(<SpiffeId as JsonSchema>::json_schema(&mut schemars::SchemaGenerator::default())).unwrap();
+        let id = regex::Regex::new(schema["pattern"].as_str().unwrap()).unwrap();
+        for s in [
+            "spiffe://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local",
+            "spiffe://td/.x/..y/...",
+            "spiffe://td/./x",
+            "spiffe://td/x/..",
+            "spiffe://td/x/",
+            "spiffe://td//x",
+            "spiffe://Cluster/x",
+            "spiffe://td/x?y",
+            "http://td/x",
+        ] {
+            assert_eq!(id.is_match(s), SpiffeId::parse(s).is_ok(), "SPIFFE ID {s:?}");
+        }
     }
 }

@@ -218,6 +218,27 @@ impl Serialize for SpiffeId {
     }
 }
 
+/// A string the CRD's schema checks as [`SpiffeId::parse`] does: a
+/// lowercase trust domain, then path segments that are not `.` or `..`.
+impl schemars::JsonSchema for SpiffeId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SpiffeId".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A SPIFFE ID: spiffe://<trust domain>/<path>.",
+            "type": "string",
+            "maxLength": 2048,
+            "pattern": r"^spiffe://[a-z0-9._-]+(/([A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+))*$"
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for SpiffeId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

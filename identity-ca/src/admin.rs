@@ -249,7 +249,7 @@ impl AdminApi for AdminService {
         // multi-document stream is applied in one transaction, all or none.
         let ps = MeshPolicy::all_from_yaml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let Some(first) = ps.first() else { return Err(Status::invalid_argument("no MeshPolicy in the request")) };
-        let (namespace, name) = (first.metadata.namespace.clone(), first.metadata.name.clone());
+        let (namespace, name) = (first.namespace().to_owned(), first.name().to_owned());
         let keys = ps.iter().map(MeshPolicy::key).collect();
         let st = self.state.clone();
         blocking(move || st.registry.put_policies(ps).map_err(reg_status)).await?;

@@ -107,6 +107,9 @@ pub enum Cmd {
         after_help = "Examples:\n  meshctl observe\n  meshctl observe --pod shop/api --verdict dropped -o json\n  meshctl observe --identity spiffe://cluster.local/ns/shop/sa/web --protocol UDP"
     )]
     Observe(ObserveArgs),
+    /// Print meshguard's CustomResourceDefinitions (MeshPolicy, MeshNode), generated from its types.
+    #[command(after_help = "Example:\n  meshctl crds | kubectl apply -f -")]
+    Crds,
 }
 
 #[derive(Subcommand)]
@@ -207,5 +210,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Status { output, json } => status::run(&dir, if json { Output::Json } else { output }),
         Cmd::Policy { cmd } => policies::run(&dir, cmd),
         Cmd::Observe(args) => observe::run(&dir, &args),
+        Cmd::Crds => {
+            let docs: Vec<String> =
+                meshguard_common::cluster::crds::all().iter().map(|(_, crd)| meshguard_common::cluster::crds::to_yaml(crd)).collect();
+            print!("{}", docs.join("---\n"));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

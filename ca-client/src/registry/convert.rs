@@ -70,17 +70,11 @@ pub fn workload_from_proto(w: proto::Workload) -> Result<Workload, RegistryError
 }
 
 pub fn policy_to_proto(p: &MeshPolicy) -> proto::Policy {
-    proto::Policy {
-        namespace: p.metadata.namespace.clone(),
-        name: p.metadata.name.clone(),
-        json: serde_json::to_string(p).unwrap_or_default(),
-    }
+    proto::Policy { namespace: p.namespace().to_owned(), name: p.name().to_owned(), json: serde_json::to_string(p).unwrap_or_default() }
 }
 
 pub fn policy_from_proto(p: proto::Policy) -> Result<MeshPolicy, RegistryError> {
-    let policy: MeshPolicy = serde_json::from_str(&p.json).map_err(|e| invalid("policy", e))?;
-    policy.validate().map_err(|e| invalid("policy", e))?;
-    Ok(policy)
+    MeshPolicy::from_json(&p.json).map_err(|e| invalid("policy", e))
 }
 
 pub fn numbers_to_proto<'a>(
@@ -185,7 +179,7 @@ enum Change {
     NodeDeleted(String),
     Workload(Workload),
     WorkloadDeleted(String),
-    Policy(MeshPolicy),
+    Policy(Box<MeshPolicy>),
     PolicyDeleted(String),
 }
 
@@ -198,7 +192,7 @@ pub fn apply_event(view: &mut ClusterView, event: proto::ClusterEvent) -> Result
         Some(Event::NodeDeleted(name)) => Change::NodeDeleted(name),
         Some(Event::WorkloadUpserted(w)) => Change::Workload(workload_from_proto(w)?),
         Some(Event::WorkloadDeleted(key)) => Change::WorkloadDeleted(key),
-        Some(Event::PolicyUpserted(p)) => Change::Policy(policy_from_proto(p)?),
+        Some(Event::PolicyUpserted(p)) => Change::Policy(Box::new(policy_from_proto(p)?)),
         Some(Event::PolicyDeleted(key)) => Change::PolicyDeleted(key),
     };
     let allocated = event.allocated.map(numbers_from_proto).transpose()?.unwrap_or_default();
@@ -231,7 +225,7 @@ pub fn apply_event(view: &mut ClusterView, event: proto::ClusterEvent) -> Result
             view.workloads.remove(&key);
         }
         Change::Policy(p) => {
-            view.policies.insert(p.key(), p);
+            view.policies.insert(p.key(), *p);
         }
         Change::PolicyDeleted(key) => {
             view.policies.remove(&key);

@@ -35,14 +35,14 @@ pub const ALLOCATIONS_FILE: &str = "allocations.yaml";
 const ALLOCATIONS_LOCK: &str = "allocations.lock";
 
 /// The operator-written part of a file-backed cluster.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_domain: Option<TrustDomain>,
     #[serde(default)]
     pub workloads: Vec<Workload>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::policy::deserialize_policies")]
     pub policies: Vec<MeshPolicy>,
 }
 

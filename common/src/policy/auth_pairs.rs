@@ -59,7 +59,7 @@ pub fn needed_pairs(view: &ClusterView, node: &str) -> BTreeSet<NeededPair> {
     for policy in view.policies.values() {
         let subjects: Vec<&(&Workload, SpiffeId)> = placed
             .iter()
-            .filter(|(w, _)| w.node == node && w.namespace == policy.metadata.namespace && policy.spec.selector.matches(&w.labels))
+            .filter(|(w, _)| w.node == node && w.namespace == policy.namespace() && policy.spec.selector.matches(&w.labels))
             .collect();
         if subjects.is_empty() {
             continue;
@@ -68,7 +68,7 @@ pub fn needed_pairs(view: &ClusterView, node: &str) -> BTreeSet<NeededPair> {
             for (w, id) in &placed {
                 let admitted = match peers {
                     None => true,
-                    Some(list) => list.iter().any(|p| p.matches(&policy.metadata.namespace, w, id)),
+                    Some(list) => list.iter().any(|p| p.matches(policy.namespace(), w, id)),
                 };
                 if !admitted {
                     continue;

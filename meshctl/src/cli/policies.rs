@@ -151,8 +151,8 @@ fn print_policies(ps: &[MeshPolicy], output: Output) -> Result<(), CliError> {
                     .flatten()
                     .any(|r| r.authentication == meshguard_common::policy::Authentication::Required);
                 t.row(vec![
-                    p.metadata.namespace.clone(),
-                    p.metadata.name.clone(),
+                    p.namespace().to_owned(),
+                    p.name().to_owned(),
                     selector,
                     count(&p.spec.ingress),
                     count(&p.spec.egress),

@@ -98,14 +98,14 @@ impl Ctx<'_> {
                 }
                 continue;
             }
-            let ns = p.namespace.clone().unwrap_or_else(|| policy.metadata.namespace.clone());
+            let ns = p.namespace.clone().unwrap_or_else(|| policy.namespace().to_owned());
             let by_sa = p
                 .service_account
                 .as_deref()
                 .and_then(|sa| self.td.workload_id(&ns, sa).ok())
                 .and_then(|id| self.view.identities.get(&id).copied());
             // The same selection auth-handshake uses for the pairs it proves ahead.
-            let matched = self.identities_of(what, |w| p.matches_workload(&policy.metadata.namespace, w));
+            let matched = self.identities_of(what, |w| p.matches_workload(policy.namespace(), w));
             out.extend(matched);
             // A service account named outright counts even before any of its pods runs.
             if p.pod_selector.is_none()
@@ -140,7 +140,7 @@ pub fn compile(view: &ClusterView) -> Compiled {
 
     for policy in view.policies.values() {
         let key = policy.key();
-        let ns = policy.metadata.namespace.clone();
+        let ns = policy.namespace().to_owned();
         let selector = policy.spec.selector.clone();
         let subjects = ctx.identities_of(&format!("policy {key} selector"), |w| w.namespace == ns && selector.matches(&w.labels));
         if subjects.is_empty() {
