@@ -8,13 +8,15 @@ set -eu
 # wireguard-go and wireguard-tools are the interop peer and the `wg` tool;
 # protobuf-compiler builds the gRPC APIs; python3-venv holds the Python
 # SPIFFE client the interop tests run (below); ethtool reads the offloads a
-# TUN was given.
+# TUN was given; containernetworking-plugins are the real main plugins
+# (ptp, host-local in /usr/lib/cni) meshguard-cni is chained after in tests.
 PACKAGES="
   build-essential pkg-config ca-certificates curl
   clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool
   iproute2 iputils-ping tcpdump python3 python3-venv ethtool
   wireguard-go wireguard-tools
   protobuf-compiler
+  containernetworking-plugins
 "
 
 if [ "$(id -u)" != 0 ]; then

@@ -9,6 +9,8 @@
 //!   the kernel's [`Datapath`](meshguard_ebpf::Datapath), or
 //!   `meshguard_ebpf::testing::FakeDatapath` in tests — with the ipcache, the
 //!   compiled policy and one attachment per local pod interface;
+//!   [`Enforcer::hand_off`] serves the CNI plugin's requests: a pod is
+//!   enforced (or held closed) before ADD returns;
 //! - [`events`]: drop and auth events, logged and counted.
 
 pub mod compile;
@@ -17,4 +19,4 @@ mod enforcer;
 pub mod events;
 pub mod pods;
 
-pub use enforcer::{EnforceError, EnforceState, Enforcer, PodState, PodStatus};
+pub use enforcer::{EnforceError, EnforceState, Enforcer, PodState, PodStatus, SyncMode, handoff};

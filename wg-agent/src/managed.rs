@@ -23,6 +23,7 @@ use crate::io::tun::LinuxTun;
 use crate::io::udp::HostNetwork;
 use crate::uapi::server::{Access, UapiServer};
 
+pub mod cni;
 pub mod config;
 pub mod metrics;
 pub mod node_key;
@@ -64,6 +65,9 @@ struct Agent {
     enforcer: Option<crate::enforce::Enforcer>,
     /// Whether a cluster view has been applied to the enforcer yet.
     enforced_a_view: bool,
+    /// The CNI plugin's requests, served between syncs.
+    cni_requests: tokio::sync::mpsc::Receiver<cni::Pending>,
+    cni_phase: tokio::sync::watch::Sender<cni::Phase>,
 }
 
 /// Runs the agent until SIGINT/SIGTERM, on the cluster source `cfg` names.
@@ -116,6 +120,17 @@ pub async fn run_with_source(
             }
         })
     });
+    // Before the datapath loads: a pod arriving meanwhile is told to retry,
+    // not left to time out on a missing socket.
+    let (cni_tx, cni_requests) = tokio::sync::mpsc::channel(16);
+    let (cni_phase, phase) = tokio::sync::watch::channel(if cfg.datapath.is_some() { cni::Phase::Loading } else { cni::Phase::NoDatapath });
+    let _cni = cni::CniServer::start(
+        &cfg.cni_socket,
+        phase,
+        cni_tx,
+        metrics.cni_requests.clone(),
+        cfg.datapath.as_ref().map(|d| d.endpoints_dir.clone()),
+    )?;
     let mut agent = Agent {
         routes: Routes::new(ifindex)?,
         key_mtime: std::fs::metadata(&key_path).and_then(|m| m.modified()).ok(),
@@ -127,6 +142,8 @@ pub async fn run_with_source(
         applied: BTreeMap::new(),
         enforcer: None,
         enforced_a_view: false,
+        cni_requests,
+        cni_phase,
     };
     tracing::info!(
         node = %agent.cfg.node_name,
@@ -167,6 +184,7 @@ pub async fn run_with_source(
         enforcer.close_all_but_adopted()?;
         agent.stream_events(&mut enforcer)?;
         agent.enforcer = Some(enforcer);
+        agent.cni_phase.send_replace(cni::Phase::Ready);
     }
     let mut endpoints =
         watch_dir::DirEvents::watch(agent.cfg.datapath.as_ref().map(|d| d.endpoints_dir.as_path()), ENDPOINT_BACKSTOP, ENDPOINT_POLL);
@@ -199,6 +217,10 @@ pub async fn run_with_source(
             () = endpoints.changed() => {
                 let view = views.borrow().clone();
                 agent.enforce(&view, false);
+            }
+            Some(request) = agent.cni_requests.recv() => {
+                let view = views.borrow().clone();
+                serve_cni(agent.enforcer.as_mut(), Some(&*view), request);
             }
             _ = housekeeping_tick.tick() => {
                 if let Some(e) = agent.enforcer.as_mut() {
@@ -256,6 +278,17 @@ fn registry_source(
     Ok((Box::new(RegistrySource::start(channel)), tls, health))
 }
 
+/// Answers one CNI request on the agent's loop; `view`: the view applied
+/// last (none yet: new pods are held closed).
+fn serve_cni(enforcer: Option<&mut crate::enforce::Enforcer>, view: Option<&ClusterView>, p: cni::Pending) {
+    use meshguard_cni::protocol::{Refusal, Response};
+    let response = match enforcer {
+        Some(e) => e.hand_off(&p.request, view.map_or(crate::enforce::SyncMode::BeforeView, crate::enforce::SyncMode::View)),
+        None => Response::refused(Refusal::NoDatapath, "this agent has no datapath"),
+    };
+    let _ = p.reply.send(response);
+}
+
 // === impl Agent ===
 
 impl Agent {
@@ -305,6 +338,10 @@ impl Agent {
                     if let Err(error) = synced {
                         tracing::error!(%error, "cannot sync local endpoints");
                     }
+                }
+                Some(request) = self.cni_requests.recv() => {
+                    let view = self.enforced_a_view.then(|| source.subscribe().borrow().clone());
+                    serve_cni(self.enforcer.as_mut(), view.as_deref(), request);
                 }
             }
         }

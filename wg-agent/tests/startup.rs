@@ -94,7 +94,7 @@ fn with_agent<D: Send + 'static, T: Send + 'static>(
             &config,
             format!(
                 "nodeName: node-1\nendpoint: 192.168.77.1\npodCidrs: [10.244.1.0/24]\nclusterCidrs: [10.244.0.0/16]\n\
-                 interface: mgs0\nstateDir: {b}/state\nuapiSocketDir: {b}/uapi\ncluster: {{dir: {b}/unused}}\n\
+                 interface: mgs0\nstateDir: {b}/state\nuapiSocketDir: {b}/uapi\ncniSocket: {b}/cni.sock\ncluster: {{dir: {b}/unused}}\n\
                  datapath: {{endpointsDir: {e}, pinDir: {p}, eventsSocket: {b}/events.sock}}\n",
                 b = base.display(),
                 e = endpoints_dir.display(),

@@ -468,6 +468,11 @@ impl Cluster {
         self.uapi_dir(node).join("events.sock")
     }
 
+    /// Where the node agent takes pods from the CNI plugin (`meshguard-cni`'s `agentSocket`).
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.uapi_dir(node).join("cni.sock")
+    }
+
     /// Every entry of `node`'s pinned auth map with the time it has left
     /// (zero: expired); empty while the datapath is not loaded.
     pub fn auth_entries(&self, node: &str) -> Vec<(meshguard_ebpf::AuthPair, Duration)> {
@@ -505,13 +510,14 @@ impl Cluster {
         let cfg = format!(
             "nodeName: {name}\nstateDir: {state}\ninterface: {TUNNEL_IF}\nlistenPort: {WG_PORT}\n\
              endpoint: {ip}:{WG_PORT}\npodCidrs: [{cidr}]\nclusterCidrs: [10.244.0.0/16]\nstrict: {strict}\n\
-             uapiSocketDir: {uapi}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {source}\n\
+             uapiSocketDir: {uapi}\ncniSocket: {cni}\nmetricsAddress: 127.0.0.1:{METRICS_PORT}\ncluster: {source}\n\
              datapath: {{pinDir: {pin}, endpointsDir: {endpoints}, eventsSocket: {events}, attachMode: {attach}}}\n",
             name = n.name,
             state = n.dir.join("state").display(),
             ip = n.underlay_ip,
             cidr = n.pod_cidr,
             uapi = self.uapi_dir(node).display(),
+            cni = self.cni_socket(node).display(),
             pin = self.pin_dir(node).display(),
             endpoints = self.endpoints_dir(node).display(),
             events = self.events_socket(node).display(),

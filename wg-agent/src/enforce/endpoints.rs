@@ -1,6 +1,7 @@
-//! The pods on this node, as the CNI plugin (or the simulated cluster)
-//! describes them: one `<namespace>_<name>.yaml` per pod in the agent's
-//! endpoints directory.
+//! The pods on this node, as the CNI plugin hands them over (the agent
+//! writes the file, `enforcer::handoff`) or the simulated cluster describes
+//! them: one `<namespace>_<name>.yaml` per pod in the agent's endpoints
+//! directory.
 
 use std::path::Path;
 

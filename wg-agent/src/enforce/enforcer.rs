@@ -21,6 +21,10 @@ use super::compile::{Compiled, compile};
 use super::endpoints::read_endpoints;
 use super::pods::{self, HoldReason, Want};
 
+pub mod handoff;
+
+pub use handoff::SyncMode;
+
 /// Identity of node addresses in the ipcache: the datapath's "host".
 const HOST_IDENTITY: u32 = meshguard_ebpf::abi::MG_IDENTITY_HOST;
 
@@ -249,9 +253,8 @@ impl<D: DatapathApi> Enforcer<D> {
             tracing::info!(pod = %p.want.pod, interface = %iface, "pod detached");
         }
         self.known_files = plan.known_files;
-        let mut st = self.state.lock();
-        st.unreadable = plan.unreadable;
-        st.pods = self.pods.iter().map(|(i, p)| (i.clone(), PodStatus { pod: p.want.pod.clone(), state: p.state.clone() })).collect();
+        self.state.lock().unreadable = plan.unreadable;
+        self.publish_pods();
         Ok(())
     }
 
@@ -289,9 +292,14 @@ impl<D: DatapathApi> Enforcer<D> {
             self.report(&ep.interface, &pod, &state);
             self.pods.insert(ep.interface.clone(), Attached { ifindex, want, state });
         }
-        let mut st = self.state.lock();
-        st.pods = self.pods.iter().map(|(i, p)| (i.clone(), PodStatus { pod: p.want.pod.clone(), state: p.state.clone() })).collect();
+        self.publish_pods();
         Ok(())
+    }
+
+    /// Makes the pods' states what metrics, `/readyz` and logs read.
+    fn publish_pods(&self) {
+        self.state.lock().pods =
+            self.pods.iter().map(|(i, p)| (i.clone(), PodStatus { pod: p.want.pod.clone(), state: p.state.clone() })).collect();
     }
 
     /// Where a pod source may come from (`bpf/lib/origin.h`): `ranges` (the

@@ -29,6 +29,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshguard";
 pub const DEFAULT_STRICT: bool = true;
 /// The key file's name inside `stateDir`.
 pub const KEY_FILE: &str = "node.key";
+/// Where the CNI plugin hands pods over; the plugin's `agentSocket` default.
+/// Served with or without a datapath: an agent that enforces no pod says so
+/// to the plugin rather than look unreachable.
+pub const DEFAULT_CNI_SOCKET: &str = meshguard_cni::protocol::DEFAULT_AGENT_SOCKET;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -79,6 +83,9 @@ pub struct RawConfig {
     pub uapi_socket_dir: Option<PathBuf>,
     #[serde(default)]
     pub metrics_address: Option<SocketAddr>,
+    /// The CNI plugin's hand-off socket (root only).
+    #[serde(default)]
+    pub cni_socket: Option<PathBuf>,
     pub cluster: RawSource,
     /// The eBPF policy datapath; absent: encryption only, no policy.
     #[serde(default)]
@@ -170,6 +177,7 @@ pub struct AgentConfig {
     pub udp_gro: bool,
     pub uapi_socket_dir: PathBuf,
     pub metrics_address: Option<SocketAddr>,
+    pub cni_socket: PathBuf,
     pub source: SourceConfig,
     pub datapath: Option<DatapathSettings>,
     /// Renamed keys the file used; logged by [`load`].
@@ -340,6 +348,7 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         udp_gro: raw.udp_gro.unwrap_or(true),
         uapi_socket_dir: raw.uapi_socket_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_UAPI_DIR)),
         metrics_address: raw.metrics_address,
+        cni_socket: raw.cni_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_CNI_SOCKET)),
         source,
         deprecations,
     })
@@ -364,6 +373,11 @@ mod tests {
         assert_eq!(c.interface, "mg0");
         assert!(c.strict);
         assert!(c.tun_offload && c.udp_gro, "offloads on unless turned off");
+        assert_eq!(c.cni_socket, PathBuf::from("/run/meshguard/cni.sock"));
+        assert_eq!(
+            construct_config(raw(&format!("{BASE}cniSocket: /run/n1/cni.sock\n"))).unwrap().cni_socket,
+            PathBuf::from("/run/n1/cni.sock")
+        );
         assert_eq!(c.key_path(), PathBuf::from("/var/lib/meshguard/node.key"));
         let off = construct_config(raw(&format!("{BASE}tunOffload: false\nudpGro: false\n"))).unwrap();
         assert!(!off.tun_offload && !off.udp_gro);

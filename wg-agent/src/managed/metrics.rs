@@ -42,7 +42,11 @@ pub struct AgentMetrics {
     pub registry_health: Mutex<Option<RegistryHealth>>,
     /// When the cluster source last delivered a view, Unix seconds; 0 before one.
     pub view_at: std::sync::atomic::AtomicI64,
+    pub cni_requests: CniCounts,
 }
+
+/// CNI plugin requests by (command, result), counted by the CNI socket.
+pub type CniCounts = Arc<Mutex<BTreeMap<(&'static str, &'static str), u64>>>;
 
 type Labels = Vec<(String, String)>;
 
@@ -62,6 +66,7 @@ impl AgentMetrics {
             ready: std::sync::atomic::AtomicBool::new(false),
             registry_health: Mutex::default(),
             view_at: std::sync::atomic::AtomicI64::new(0),
+            cni_requests: CniCounts::default(),
         })
     }
 
@@ -144,6 +149,18 @@ impl Collector for AgentMetrics {
             )?;
             for (reason, n) in self.refusals.lock().iter() {
                 let l = label("reason", reason.as_str());
+                ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "meshguard_wg_cni_requests",
+                "Requests from the CNI plugin, by command (add, del, check, status, invalid) and result (enforced, held_closed, removed, ready, or the refusal's reason).",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for ((command, result), n) in self.cni_requests.lock().iter() {
+                let l = vec![("command".to_owned(), (*command).to_owned()), ("result".to_owned(), (*result).to_owned())];
                 ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
             }
         }
