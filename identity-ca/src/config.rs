@@ -66,7 +66,31 @@ pub struct ConfigFile {
     pub metrics_address: Option<String>,
     /// Deprecated name of `metricsAddress`.
     pub metrics_addr: Option<String>,
+    /// Kubernetes node attestation (TokenReview); off when absent.
+    pub kubernetes: Option<KubernetesFile>,
 }
+
+/// `kubernetes:` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesFile {
+    pub audience: Option<String>,
+    pub agent_namespace: Option<String>,
+    pub agent_service_account: Option<String>,
+}
+
+/// Nodes attest with their agent's projected service-account token, which
+/// the CA checks with the API server's TokenReview.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesAttestation {
+    /// The audience the agents' projected tokens are minted for.
+    pub audience: String,
+    pub agent_namespace: String,
+    pub agent_service_account: String,
+}
+
+pub const DEFAULT_AGENT_NAMESPACE: &str = "meshguard";
+pub const DEFAULT_AGENT_SERVICE_ACCOUNT: &str = "meshguard-agent";
 
 /// The configuration the CA runs with.
 #[derive(Debug, Clone)]
@@ -81,6 +105,7 @@ pub struct Config {
     pub jwt_svid_ttl: Duration,
     pub join_token_ttl: Duration,
     pub metrics_address: Option<SocketAddr>,
+    pub kubernetes: Option<KubernetesAttestation>,
     /// Renamed keys the file used; logged by [`load`].
     pub deprecations: Deprecations,
 }
@@ -103,6 +128,7 @@ impl Config {
             jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
             join_token_ttl: DEFAULT_JOIN_TOKEN_TTL,
             metrics_address: None,
+            kubernetes: None,
             deprecations: Deprecations::default(),
         }
     }
@@ -147,6 +173,7 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         jwt_svid_ttl: dur("jwtSvidTtl", &f.jwt_svid_ttl, DEFAULT_JWT_SVID_TTL)?,
         join_token_ttl: dur("joinTokenTtl", &f.join_token_ttl, DEFAULT_JOIN_TOKEN_TTL)?,
         metrics_address: metrics_address.as_deref().map(|v| addr("metricsAddress", v)).transpose()?,
+        kubernetes: f.kubernetes.map(kubernetes).transpose()?,
         deprecations,
     };
     for (key, ttl) in [("svidTtl", cfg.svid_ttl), ("nodeSvidTtl", cfg.node_svid_ttl)] {
@@ -161,9 +188,46 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
     Ok(cfg)
 }
 
+fn kubernetes(k: KubernetesFile) -> Result<KubernetesAttestation, ConfigError> {
+    let name = |key: &'static str, v: Option<String>, default: &str| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        meshguard_common::spiffe::validate_segment(&v).map(|()| v.clone()).map_err(|e| ConfigError::Invalid {
+            key,
+            value: v,
+            reason: e.to_string(),
+        })
+    };
+    let audience = k.audience.unwrap_or_else(|| crate::attest::k8s::DEFAULT_AUDIENCE.to_owned());
+    if audience.is_empty() {
+        return Err(ConfigError::Invalid { key: "kubernetes.audience", value: audience, reason: "must not be empty".into() });
+    }
+    Ok(KubernetesAttestation {
+        audience,
+        agent_namespace: name("kubernetes.agentNamespace", k.agent_namespace, DEFAULT_AGENT_NAMESPACE)?,
+        agent_service_account: name("kubernetes.agentServiceAccount", k.agent_service_account, DEFAULT_AGENT_SERVICE_ACCOUNT)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubernetes_attestation_defaults_and_bad_names() {
+        let text = "trustDomain: cluster.local\nkubernetes: {}\n";
+        let f: ConfigFile = meshguard_common::yaml::from_str(text).unwrap();
+        let k = construct_config(f).unwrap().kubernetes.unwrap();
+        assert_eq!(k.audience, crate::attest::k8s::DEFAULT_AUDIENCE);
+        assert_eq!(
+            (k.agent_namespace.as_str(), k.agent_service_account.as_str()),
+            (DEFAULT_AGENT_NAMESPACE, DEFAULT_AGENT_SERVICE_ACCOUNT)
+        );
+        let f: ConfigFile = meshguard_common::yaml::from_str("trustDomain: cluster.local\nkubernetes: {agentNamespace: a/b}\n").unwrap();
+        assert!(matches!(construct_config(f), Err(ConfigError::Invalid { key: "kubernetes.agentNamespace", .. })));
+        assert!(meshguard_common::yaml::from_str::<ConfigFile>("trustDomain: td\nkubernetes: {audiences: x}\n").is_err());
+        let plain = construct_config(ConfigFile { trust_domain: "cluster.local".into(), ..Default::default() }).unwrap();
+        assert_eq!(plain.kubernetes, None);
+    }
 
     #[test]
     fn defaults_and_validation() {

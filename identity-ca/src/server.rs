@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
 use crate::admin::AdminService;
+use crate::attest::k8s::{ApiServerReviewer, K8sAttestor};
 use crate::attest::{JoinTokens, NodeAttestor};
 use crate::authority::{Ca, CaError, Lifetimes, now_unix};
 use crate::config::{Config, DB_FILE};
@@ -48,6 +49,8 @@ pub const PRUNE_GRACE: Duration = Duration::from_secs(24 * 3600);
 pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("kubernetes attestation is configured but unusable: {reason}")]
+    Kubernetes { reason: String },
     #[error(transparent)]
     Ca(#[from] CaError),
     #[error(transparent)]
@@ -319,7 +322,16 @@ impl CaServer {
     /// Opens the state, binds both listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, ServerError> {
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state = Arc::new(CaState::open(config.clone(), shutdown_rx.clone())?);
+        let mut state = CaState::open(config.clone(), shutdown_rx.clone())?;
+        if let Some(k) = &config.kubernetes {
+            // The client comes from the pod's service account (or a
+            // kubeconfig outside a cluster); without one the CA refuses to
+            // start rather than run without the attestation it was asked for.
+            let reviewer = ApiServerReviewer::from_environment().await.map_err(|e| ServerError::Kubernetes { reason: e.to_string() })?;
+            state.attestors.push(Box::new(K8sAttestor::new(reviewer, k.audience.clone(), &k.agent_namespace, &k.agent_service_account)));
+            tracing::info!(audience = %k.audience, agent = %format!("{}/{}", k.agent_namespace, k.agent_service_account), "Kubernetes node attestation (TokenReview) enabled");
+        }
+        let state = Arc::new(state);
         let mut tasks = JoinSet::new();
 
         // Our own certificate, renewed at half-life and whenever the bundle changes.

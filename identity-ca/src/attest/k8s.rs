@@ -1,5 +1,5 @@
-//! Kubernetes node attestation, designed and unit-tested here; the API
-//! server client is wired up with the Kubernetes deployment.
+//! Kubernetes node attestation: [`K8sAttestor`] with the API server's
+//! TokenReview ([`ApiServerReviewer`]).
 //!
 //! The node agent presents a projected service-account token (audience
 //! [`DEFAULT_AUDIENCE`], bound to its pod). The CA asks the API server's
@@ -30,6 +30,49 @@ pub struct TokenReviewStatus {
 /// The API server's TokenReview, behind a trait so tests need no cluster.
 pub trait TokenReviewer: Send + Sync {
     fn review<'a>(&'a self, token: &'a str, audiences: &'a [String]) -> BoxFuture<'a, Result<TokenReviewStatus, AttestError>>;
+}
+
+/// TokenReview through the API server (`authentication.k8s.io/v1`); the
+/// CA's own service account needs `create` on `tokenreviews`.
+#[derive(Clone)]
+pub struct ApiServerReviewer {
+    client: kube::Client,
+}
+
+impl ApiServerReviewer {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+
+    /// In the cluster: the pod's service account; outside: the kubeconfig.
+    pub async fn from_environment() -> Result<Self, AttestError> {
+        kube::Client::try_default().await.map(Self::new).map_err(|e| AttestError::Review { reason: format!("no API server client: {e}") })
+    }
+}
+
+impl TokenReviewer for ApiServerReviewer {
+    fn review<'a>(&'a self, token: &'a str, audiences: &'a [String]) -> BoxFuture<'a, Result<TokenReviewStatus, AttestError>> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        Box::pin(async move {
+            let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+            let review = TokenReview {
+                spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(audiences.to_vec()) },
+                ..Default::default()
+            };
+            // The error names the API server's complaint, never the token.
+            let done =
+                api.create(&kube::api::PostParams::default(), &review).await.map_err(|e| AttestError::Review { reason: e.to_string() })?;
+            let status = done.status.unwrap_or_default();
+            let user = status.user.unwrap_or_default();
+            Ok(TokenReviewStatus {
+                authenticated: status.authenticated.unwrap_or(false),
+                username: user.username.unwrap_or_default(),
+                audiences: status.audiences.unwrap_or_default(),
+                extra: user.extra.unwrap_or_default(),
+                error: status.error.unwrap_or_default(),
+            })
+        })
+    }
 }
 
 /// Attests nodes by their agent's projected service-account token.

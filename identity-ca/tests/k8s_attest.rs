@@ -1,0 +1,95 @@
+//! Kubernetes node attestation against an API server speaking the real
+//! HTTP API (tests/apiserver): projected service-account tokens it signed,
+//! reviewed with TokenReview over HTTP by the CA's kube client.
+
+use std::time::{Duration, SystemTime};
+
+use meshguard_identity_ca::attest::k8s::{ApiServerReviewer, DEFAULT_AUDIENCE, K8sAttestor};
+use meshguard_identity_ca::attest::{AttestError, AttestedNode, Evidence, NodeAttestor};
+use meshguard_test_apiserver::{ApiServer, ObjectKey, ServiceAccountToken};
+use serde_json::json;
+
+const NS: &str = "meshguard";
+const AGENT_SA: &str = "meshguard-agent";
+
+/// The CA's client: its own credential (the admin token here), the server's URL.
+fn client(server: &ApiServer) -> kube::Client {
+    let mut config = kube::Config::new(server.url().parse().unwrap());
+    config.auth_info.token = Some(server.admin_token().to_owned().into());
+    kube::Client::try_from(config).unwrap()
+}
+
+/// An agent pod on `node`; returns its uid.
+fn agent_pod(server: &ApiServer, name: &str, node: &str) -> String {
+    let pod = server
+        .create(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"nodeName": node, "serviceAccountName": AGENT_SA, "containers": [{"name": "wg-agent", "image": "meshguard"}]}
+        }))
+        .unwrap();
+    pod["metadata"]["uid"].as_str().unwrap().to_owned()
+}
+
+fn token(sa: &str, audience: &str, pod: (&str, &str), node: &str) -> ServiceAccountToken {
+    ServiceAccountToken::new(NS, sa)
+        .audience(audience)
+        .expires_in(Duration::from_secs(600))
+        .pod(pod.0, pod.1)
+        .node(node, &format!("uid-{node}"))
+}
+
+async fn attest(a: &K8sAttestor<ApiServerReviewer>, t: &str) -> Result<AttestedNode, AttestError> {
+    a.attest(&Evidence::K8sServiceAccountToken(t.to_owned())).await
+}
+
+#[tokio::test]
+async fn the_node_comes_from_the_api_server_and_bad_tokens_get_nothing() {
+    let server = ApiServer::start().await.unwrap();
+    let attestor = K8sAttestor::new(ApiServerReviewer::new(client(&server)), DEFAULT_AUDIENCE, NS, AGENT_SA);
+    let uid1 = agent_pod(&server, "agent-1", "node-1");
+    let uid2 = agent_pod(&server, "agent-2", "node-2");
+
+    // Each agent's bound token names its own node, whatever the caller claims.
+    let t1 = server.issue_token(token(AGENT_SA, DEFAULT_AUDIENCE, ("agent-1", &uid1), "node-1")).unwrap();
+    let t2 = server.issue_token(token(AGENT_SA, DEFAULT_AUDIENCE, ("agent-2", &uid2), "node-2")).unwrap();
+    assert_eq!(attest(&attestor, &t1).await.unwrap(), AttestedNode { node_name: "node-1".into(), method: "k8s_psat" });
+    assert_eq!(attest(&attestor, &t2).await.unwrap().node_name, "node-2");
+
+    let refused = |r: Result<AttestedNode, AttestError>, what: &str| {
+        assert!(matches!(r, Err(AttestError::Refused { .. })), "{what}: {r:?}");
+    };
+    // Another audience: a token meant for the API server or another service.
+    let other_aud = server.issue_token(token(AGENT_SA, "https://kubernetes.default.svc", ("agent-1", &uid1), "node-1")).unwrap();
+    refused(attest(&attestor, &other_aud).await, "another audience");
+    // Expired (beyond the API server's leeway).
+    let expired = server
+        .issue_token(
+            token(AGENT_SA, DEFAULT_AUDIENCE, ("agent-1", &uid1), "node-1")
+                .issued_at(SystemTime::now() - Duration::from_secs(3600))
+                .expires_in(Duration::from_secs(600)),
+        )
+        .unwrap();
+    refused(attest(&attestor, &expired).await, "expired");
+    // Forged: the payload edited to name node-2, the signature kept.
+    let mut parts: Vec<String> = t1.split('.').map(str::to_owned).collect();
+    let t2_parts: Vec<&str> = t2.split('.').collect();
+    parts[1] = t2_parts[1].to_owned();
+    refused(attest(&attestor, &parts.join(".")).await, "forged payload");
+    refused(attest(&attestor, "not-a-token").await, "garbage");
+    // Another service account (a workload's token, bound to a pod on node-1).
+    let web = server.issue_token(token("web", DEFAULT_AUDIENCE, ("agent-1", &uid1), "node-1")).unwrap();
+    refused(attest(&attestor, &web).await, "another service account");
+    // The bound pod is gone: its token is dead, though unexpired.
+    server.delete(&ObjectKey::namespaced("v1", "Pod", NS, "agent-2")).unwrap();
+    refused(attest(&attestor, &t2).await, "pod deleted");
+    // A token bound to no pod (e.g. a long-lived secret token).
+    let unbound =
+        server.issue_token(ServiceAccountToken::new(NS, AGENT_SA).audience(DEFAULT_AUDIENCE).expires_in(Duration::from_secs(600))).unwrap();
+    refused(attest(&attestor, &unbound).await, "not bound to a pod");
+
+    // The API server down: the CA cannot judge, and says so (no SVID).
+    server.stop().await;
+    let r = attest(&attestor, &t1).await;
+    assert!(matches!(r, Err(AttestError::Review { .. })), "API server down: {r:?}");
+}
