@@ -52,7 +52,7 @@ impl Agent {
     pub async fn start_with(config: Config, resolver: Option<Arc<dyn CallerResolver>>) -> Result<Self, AgentError> {
         let initial = read_pem_certs(&config.trust_bundle_file)?;
         let ca = Arc::new(GrpcCa::new(config.trust_domain.clone(), &config.node_name, &config.ca_address, &initial, &config.state_dir)?);
-        ca.ensure_node_svid(config.join_token.as_deref()).await?;
+        ca.ensure_node_svid(config.join_token.as_deref(), config.service_account_token_file.as_deref()).await?;
         let mut tasks = JoinSet::new();
 
         // Node SVID renewal at half-life.

@@ -28,7 +28,9 @@ pub enum CaClientError {
     Refused { code: tonic::Code, message: String },
     #[error("identity-ca sent an unusable {what}: {reason}")]
     BadResponse { what: &'static str, reason: String },
-    #[error("no valid node SVID and no join token: create one with `identity-ca token create --node {node}` and set joinToken")]
+    #[error(
+        "no valid node SVID and no join token: create one with `identity-ca token create --node {node}` and set joinToken (on Kubernetes: serviceAccountTokenFile)"
+    )]
     NeedJoinToken { node: String },
     #[error("cannot read or write {path}: {source}")]
     Io {
@@ -198,17 +200,25 @@ impl GrpcCa {
     }
 
     /// Gets a node SVID: the saved one if still valid, else by attesting
-    /// with `join_token`.
-    pub async fn ensure_node_svid(&self, join_token: Option<&str>) -> Result<(), CaClientError> {
+    /// with `join_token` or the service-account token in `sa_token_file`.
+    pub async fn ensure_node_svid(&self, join_token: Option<&str>, sa_token_file: Option<&Path>) -> Result<(), CaClientError> {
         if let Some(saved) = self.load_state()
             && saved.expires_at > now_unix() + 30
         {
             tracing::info!(node = %self.node, expires_at = saved.expires_at, "using the saved node SVID");
             return self.install(saved);
         }
-        let token = join_token.ok_or_else(|| CaClientError::NeedJoinToken { node: self.node.clone() })?;
+        let (evidence, method) = match (sa_token_file, join_token) {
+            (Some(path), _) => {
+                let token =
+                    std::fs::read_to_string(path).map_err(|source| CaClientError::Io { path: path.display().to_string(), source })?;
+                (proto::attest_node_request::Evidence::K8sSaToken(token.trim().to_owned()), "a service-account token")
+            }
+            (None, Some(token)) => (proto::attest_node_request::Evidence::JoinToken(token.to_owned()), "a join token"),
+            (None, None) => return Err(CaClientError::NeedJoinToken { node: self.node.clone() }),
+        };
         let (key, csr) = new_csr()?;
-        let req = proto::AttestNodeRequest { csr, evidence: Some(proto::attest_node_request::Evidence::JoinToken(token.to_owned())) };
+        let req = proto::AttestNodeRequest { csr, evidence: Some(evidence) };
         let resp = self.client().attest_node(req).await?.into_inner();
         let svid = svid_from_proto(resp.svid, key)?;
         if svid.spiffe_id.node_name() != Some(self.node.as_str()) {
@@ -220,7 +230,7 @@ impl GrpcCa {
         if let Some(b) = resp.bundle {
             self.bundle.set(x509_bundle(&self.trust_domain, &b.x509_authorities)?);
         }
-        tracing::info!(node = %self.node, spiffe_id = %svid.spiffe_id, "attested with a join token");
+        tracing::info!(node = %self.node, spiffe_id = %svid.spiffe_id, "attested with {method}");
         self.install(svid)
     }
 

@@ -54,6 +54,10 @@ pub struct ConfigFile {
     /// The join token, or a file holding it (preferred: keeps it out of the config).
     pub join_token: Option<String>,
     pub join_token_file: Option<PathBuf>,
+    /// Kubernetes: the agent's projected service-account token (audience
+    /// identity-ca's `kubernetes.audience`), re-read at every attestation
+    /// because the kubelet rotates it. Instead of a join token.
+    pub service_account_token_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub workload_api_socket: Option<PathBuf>,
     /// Path of each pod's network namespace, with `{namespace}`, `{name}` and `{node}`.
@@ -90,6 +94,7 @@ pub struct Config {
     pub ca_address: String,
     pub trust_bundle_file: PathBuf,
     pub join_token: Option<String>,
+    pub service_account_token_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub workload_api_socket: PathBuf,
     pub pod_netns_path: String,
@@ -118,6 +123,13 @@ fn load_with(path: &Path, secrets: bool) -> Result<Config, ConfigError> {
             key: "joinTokenFile",
             value: String::new(),
             reason: "give joinToken or joinTokenFile, not both".into(),
+        });
+    }
+    if file.service_account_token_file.is_some() && (file.join_token.is_some() || file.join_token_file.is_some()) {
+        return Err(ConfigError::Invalid {
+            key: "serviceAccountTokenFile",
+            value: String::new(),
+            reason: "a node attests with a join token or a service-account token, not both".into(),
         });
     }
     if let Some(p) = file.join_token_file.take().filter(|_| secrets) {
@@ -157,6 +169,7 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
         ca_address: f.ca_address,
         trust_bundle_file: f.trust_bundle_file,
         join_token: f.join_token.filter(|t| !t.is_empty()),
+        service_account_token_file: f.service_account_token_file,
         state_dir: f.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
         workload_api_socket: f.workload_api_socket.unwrap_or_else(|| DEFAULT_WORKLOAD_API_SOCKET.into()),
         pod_netns_path,
@@ -186,6 +199,19 @@ fn check_netns_template(t: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_kind_of_node_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = "trustDomain: cluster.local\nnodeName: node-1\ncaAddress: ca:8443\ntrustBundleFile: /b.pem\n";
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, format!("{base}serviceAccountTokenFile: /var/run/secrets/meshguard/token\n")).unwrap();
+        let c = load(&path).unwrap();
+        assert_eq!(c.service_account_token_file.as_deref(), Some(Path::new("/var/run/secrets/meshguard/token")));
+        assert_eq!(c.join_token, None);
+        std::fs::write(&path, format!("{base}serviceAccountTokenFile: /t\njoinToken: abc\n")).unwrap();
+        assert!(matches!(load(&path), Err(ConfigError::Invalid { key: "serviceAccountTokenFile", .. })));
+    }
 
     fn base() -> ConfigFile {
         ConfigFile {

@@ -52,6 +52,7 @@ async fn a_second_process_speaks_for_the_node_across_renewals() {
         ca_address: ca.addr.to_string(),
         trust_bundle_file: bundle_file.clone(),
         join_token: Some(token),
+        service_account_token_file: None,
         state_dir: state_dir.clone(),
         workload_api_socket: dir.path().join("workload.sock"),
         pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),

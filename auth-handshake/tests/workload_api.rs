@@ -41,6 +41,7 @@ fn agent_config(ca: &CaServer, dir: &std::path::Path) -> Config {
         ca_address: ca.addr.to_string(),
         trust_bundle_file: bundle_file,
         join_token: Some(token),
+        service_account_token_file: None,
         state_dir: dir.join("agent"),
         workload_api_socket: dir.join("workload.sock"),
         pod_netns_path: DEFAULT_POD_NETNS_PATH.into(),

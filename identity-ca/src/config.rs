@@ -77,6 +77,8 @@ pub struct KubernetesFile {
     pub audience: Option<String>,
     pub agent_namespace: Option<String>,
     pub agent_service_account: Option<String>,
+    /// Outside a cluster: the kubeconfig to reach the API server with.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Nodes attest with their agent's projected service-account token, which
@@ -87,6 +89,8 @@ pub struct KubernetesAttestation {
     pub audience: String,
     pub agent_namespace: String,
     pub agent_service_account: String,
+    /// `None`: the pod's service account in a cluster, else `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 pub const DEFAULT_AGENT_NAMESPACE: &str = "meshguard";
@@ -205,6 +209,7 @@ fn kubernetes(k: KubernetesFile) -> Result<KubernetesAttestation, ConfigError> {
         audience,
         agent_namespace: name("kubernetes.agentNamespace", k.agent_namespace, DEFAULT_AGENT_NAMESPACE)?,
         agent_service_account: name("kubernetes.agentServiceAccount", k.agent_service_account, DEFAULT_AGENT_SERVICE_ACCOUNT)?,
+        kubeconfig: k.kubeconfig,
     })
 }
 

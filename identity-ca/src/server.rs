@@ -327,7 +327,9 @@ impl CaServer {
             // The client comes from the pod's service account (or a
             // kubeconfig outside a cluster); without one the CA refuses to
             // start rather than run without the attestation it was asked for.
-            let reviewer = ApiServerReviewer::from_environment().await.map_err(|e| ServerError::Kubernetes { reason: e.to_string() })?;
+            let reviewer = ApiServerReviewer::from_environment(k.kubeconfig.as_deref())
+                .await
+                .map_err(|e| ServerError::Kubernetes { reason: e.to_string() })?;
             state.attestors.push(Box::new(K8sAttestor::new(reviewer, k.audience.clone(), &k.agent_namespace, &k.agent_service_account)));
             tracing::info!(audience = %k.audience, agent = %format!("{}/{}", k.agent_namespace, k.agent_service_account), "Kubernetes node attestation (TokenReview) enabled");
         }

@@ -2,6 +2,7 @@
 //! HTTP API (tests/apiserver): projected service-account tokens it signed,
 //! reviewed with TokenReview over HTTP by the CA's kube client.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshguard_identity_ca::attest::k8s::{ApiServerReviewer, DEFAULT_AUDIENCE, K8sAttestor};
@@ -92,4 +93,57 @@ async fn the_node_comes_from_the_api_server_and_bad_tokens_get_nothing() {
     server.stop().await;
     let r = attest(&attestor, &t1).await;
     assert!(matches!(r, Err(AttestError::Review { .. })), "API server down: {r:?}");
+}
+
+/// The whole path: a CA configured for Kubernetes attestation (its kube
+/// client from a kubeconfig) gives a node SVID for an agent's bound token
+/// over the node API, and nothing for a forged one.
+#[tokio::test]
+async fn the_ca_attests_nodes_over_its_node_api_with_token_review() {
+    use meshguard_ca_client::registry::{self, CA_SERVER_PATH, proto};
+    use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
+    use meshguard_common::spiffe::{SpiffeId, TrustDomain};
+    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
+    use meshguard_identity_ca::server::CaServer;
+
+    let api = ApiServer::start().await.unwrap();
+    let uid = agent_pod(&api, "agent-1", "node-1");
+    let good = api.issue_token(token(AGENT_SA, DEFAULT_AUDIENCE, ("agent-1", &uid), "node-1")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let kubeconfig_text = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: ca, user: {{token: \"{}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: ca}}}}]\ncurrent-context: c\n",
+        api.url(),
+        api.admin_token()
+    );
+    std::fs::write(&kubeconfig, kubeconfig_text).unwrap();
+    let mut config = Config::for_test("cluster.local", dir.path());
+    config.kubernetes = Some(KubernetesAttestation {
+        audience: DEFAULT_AUDIENCE.into(),
+        agent_namespace: NS.into(),
+        agent_service_account: AGENT_SA.into(),
+        kubeconfig: Some(kubeconfig),
+    });
+    let ca = CaServer::start(config).await.unwrap();
+
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let b = ca.state.ca.bundle();
+    let bundle = BundleCell::new(X509Bundle::new(td.clone(), b.x509_authorities.clone()).unwrap());
+    let verifier = Arc::new(SpiffeVerifier::exactly(bundle, SpiffeId::new(&td, CA_SERVER_PATH).unwrap()));
+    let tls = Arc::new(svid::client_config(CredentialCell::default(), verifier).unwrap());
+    let mut client = registry::node_client(registry::channel(&ca.addr.to_string(), tls).unwrap());
+    let attest = |t: String| proto::AttestNodeRequest {
+        csr: meshguard_identity_ca::csr::generate().unwrap().1,
+        evidence: Some(proto::attest_node_request::Evidence::K8sSaToken(t)),
+    };
+
+    let svid = client.attest_node(attest(good.clone())).await.unwrap().into_inner().svid.unwrap();
+    assert_eq!(svid.spiffe_id, "spiffe://cluster.local/meshguard/node/node-1");
+    // One signature character changed (to a different one, always).
+    let at = good.rfind('.').unwrap() + 5;
+    let swapped = if &good[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &good[..at], &good[at + 1..]);
+    let refused = client.attest_node(attest(forged)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 }
