@@ -26,6 +26,7 @@
 //! | `patch` | merge patch and JSON patch |
 //! | `auth` | static tokens and service-account JWTs; `tokenreview` the TokenReview API |
 //! | `admission` | the validating admission hook |
+//! | `vap` | ValidatingAdmissionPolicy YAML evaluated as that hook (CEL) |
 //! | `discovery` | discovery, `/version`, OIDC issuer discovery |
 //!
 //! Where it differs from kube-apiserver: no authorization (every authenticated user may do
@@ -50,6 +51,7 @@ mod server;
 mod status;
 mod store;
 mod tokenreview;
+mod vap;
 mod watch;
 
 pub use admission::{AdmissionHook, AdmissionRequest, Operation};
@@ -57,3 +59,4 @@ pub use auth::{KeyError, ServiceAccountToken, UserInfo};
 pub use resource::Resource;
 pub use server::{ApiServer, Config, ObjectKey, RequestRecord, StartError, Verb};
 pub use status::{ApiError, Reason};
+pub use vap::{PolicyError, ValidatingAdmissionPolicies};
