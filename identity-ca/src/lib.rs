@@ -25,6 +25,7 @@ pub mod attest;
 pub mod authority;
 pub mod config;
 pub mod csr;
+pub mod k8s_pods;
 pub mod metrics;
 pub mod node_api;
 pub mod registry;

@@ -323,18 +323,24 @@ impl CaServer {
     pub async fn start(config: Config) -> Result<Self, ServerError> {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut state = CaState::open(config.clone(), shutdown_rx.clone())?;
+        let mut kube_client = None;
         if let Some(k) = &config.kubernetes {
             // The client comes from the pod's service account (or a
-            // kubeconfig outside a cluster); without one the CA refuses to
-            // start rather than run without the attestation it was asked for.
-            let reviewer = ApiServerReviewer::from_environment(k.kubeconfig.as_deref())
+            // kubeconfig); without one the CA refuses to start rather than
+            // run without the attestation it was asked for.
+            let client = crate::attest::k8s::kube_client(k.kubeconfig.as_deref())
                 .await
                 .map_err(|e| ServerError::Kubernetes { reason: e.to_string() })?;
+            let reviewer = ApiServerReviewer::new(client.clone());
             state.attestors.push(Box::new(K8sAttestor::new(reviewer, k.audience.clone(), &k.agent_namespace, &k.agent_service_account)));
-            tracing::info!(audience = %k.audience, agent = %format!("{}/{}", k.agent_namespace, k.agent_service_account), "Kubernetes node attestation (TokenReview) enabled");
+            tracing::info!(audience = %k.audience, agent = %format!("{}/{}", k.agent_namespace, k.agent_service_account), "Kubernetes node attestation (TokenReview) enabled; workloads mirror the API server's pods");
+            kube_client = Some(client);
         }
         let state = Arc::new(state);
         let mut tasks = JoinSet::new();
+        if let Some(client) = kube_client {
+            tasks.spawn(crate::k8s_pods::mirror(client, state.clone()));
+        }
 
         // Our own certificate, renewed at half-life and whenever the bundle changes.
         let creds = CredentialCell::default();

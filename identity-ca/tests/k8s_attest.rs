@@ -147,3 +147,100 @@ async fn the_ca_attests_nodes_over_its_node_api_with_token_review() {
     let refused = client.attest_node(attest(forged)).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 }
+
+/// Workload authorization from the API server's pods: node-1 gets SVIDs
+/// only for service accounts of pods placed on node-1, and loses them when
+/// the pod goes, also when the pod went while the watch was down (a
+/// compacted history: 410 Gone, then a relist).
+#[tokio::test]
+async fn a_node_gets_svids_only_for_pods_the_api_server_places_on_it() {
+    use meshguard_ca_client::registry::{self, CA_SERVER_PATH, proto};
+    use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
+    use meshguard_common::spiffe::{SpiffeId, TrustDomain};
+    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
+    use meshguard_identity_ca::server::CaServer;
+    use rustls::pki_types::CertificateDer;
+
+    let api = ApiServer::start().await.unwrap();
+    let uid = agent_pod(&api, "agent-1", "node-1");
+    let node_token = api.issue_token(token(AGENT_SA, DEFAULT_AUDIENCE, ("agent-1", &uid), "node-1")).unwrap();
+    let workload = |name: &str, sa: &str, node: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": name}},
+            "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.9"}]}
+        })
+    };
+    api.create(workload("web", "web", "node-1")).unwrap();
+    api.create(workload("db", "db", "node-2")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: ca, user: {{token: \"{}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: ca}}}}]\ncurrent-context: c\n",
+            api.url(),
+            api.admin_token()
+        ),
+    )
+    .unwrap();
+    let mut config = Config::for_test("cluster.local", dir.path());
+    config.kubernetes = Some(KubernetesAttestation {
+        audience: DEFAULT_AUDIENCE.into(),
+        agent_namespace: NS.into(),
+        agent_service_account: AGENT_SA.into(),
+        kubeconfig: Some(kubeconfig),
+    });
+    let ca = CaServer::start(config).await.unwrap();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let id = |sa: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap();
+    let wait_for = |what: &'static str, f: Box<dyn Fn() -> bool>| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let st = ca.state.clone();
+    wait_for("the pods", Box::new(move || st.registry.hosts("node-1", &id("web")) && st.registry.hosts("node-2", &id("db")))).await;
+    assert!(!ca.state.registry.hosts("node-1", &id("db")));
+
+    // node-1, attested with its token, asks for both identities.
+    let b = ca.state.ca.bundle();
+    let bundle = BundleCell::new(X509Bundle::new(td.clone(), b.x509_authorities.clone()).unwrap());
+    let verifier = Arc::new(SpiffeVerifier::exactly(bundle, SpiffeId::new(&td, CA_SERVER_PATH).unwrap()));
+    let creds = CredentialCell::default();
+    let tls = Arc::new(svid::client_config(creds.clone(), verifier).unwrap());
+    let addr = ca.addr.to_string();
+    let mut client = registry::node_client(registry::channel(&addr, tls.clone()).unwrap());
+    let (key, csr) = meshguard_identity_ca::csr::generate().unwrap();
+    let req = proto::AttestNodeRequest { csr, evidence: Some(proto::attest_node_request::Evidence::K8sSaToken(node_token)) };
+    let svid = client.attest_node(req).await.unwrap().into_inner().svid.unwrap();
+    creds.set(svid.cert_chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), &key.serialize_der()).unwrap();
+    let mut client = registry::node_client(registry::channel(&addr, tls).unwrap());
+    let sign = |sa: &str| proto::SignWorkloadSvidsRequest {
+        requests: vec![proto::WorkloadSvidRequest {
+            spiffe_id: format!("spiffe://cluster.local/ns/shop/sa/{sa}"),
+            csr: meshguard_identity_ca::csr::generate().unwrap().1,
+        }],
+    };
+    assert_eq!(client.sign_workload_svids(sign("web")).await.unwrap().into_inner().svids.len(), 1);
+    let denied = client.sign_workload_svids(sign("db")).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    // The web pod goes while the API server is down, and its history is
+    // compacted: the watch resumes into 410 Gone, and the relist removes it;
+    // a pod added meanwhile appears.
+    api.stop().await;
+    api.delete(&ObjectKey::namespaced("v1", "Pod", "shop", "web")).unwrap();
+    api.create(workload("api", "api", "node-1")).unwrap();
+    api.compact();
+    api.restart().await.unwrap();
+    let st = ca.state.clone();
+    wait_for("the relist", Box::new(move || !st.registry.hosts("node-1", &id("web")) && st.registry.hosts("node-1", &id("api")))).await;
+    let denied = client.sign_workload_svids(sign("web")).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert_eq!(client.sign_workload_svids(sign("api")).await.unwrap().into_inner().svids.len(), 1);
+}

@@ -43,20 +43,21 @@ impl ApiServerReviewer {
     pub fn new(client: kube::Client) -> Self {
         Self { client }
     }
+}
 
-    /// From `kubeconfig` if given; else in the cluster the pod's service
-    /// account, outside it `$KUBECONFIG` or `~/.kube/config`.
-    pub async fn from_environment(kubeconfig: Option<&std::path::Path>) -> Result<Self, AttestError> {
-        let failed = |e: &dyn std::fmt::Display| AttestError::Review { reason: format!("no API server client: {e}") };
-        let config = match kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path).map_err(|e| failed(&e))?;
-                kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await.map_err(|e| failed(&e))?
-            }
-            None => kube::Config::infer().await.map_err(|e| failed(&e))?,
-        };
-        kube::Client::try_from(config).map(Self::new).map_err(|e| failed(&e))
-    }
+/// The CA's API server client: from `kubeconfig` if given; else in the
+/// cluster the pod's service account, outside it `$KUBECONFIG` or
+/// `~/.kube/config`.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, AttestError> {
+    let failed = |e: &dyn std::fmt::Display| AttestError::Review { reason: format!("no API server client: {e}") };
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| failed(&e))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await.map_err(|e| failed(&e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| failed(&e))?,
+    };
+    kube::Client::try_from(config).map_err(|e| failed(&e))
 }
 
 impl TokenReviewer for ApiServerReviewer {
