@@ -339,7 +339,8 @@ impl CaServer {
         let state = Arc::new(state);
         let mut tasks = JoinSet::new();
         if let Some(client) = kube_client {
-            tasks.spawn(crate::k8s_pods::mirror(client, state.clone()));
+            tasks.spawn(crate::k8s_pods::mirror(client.clone(), state.clone()));
+            tasks.spawn(crate::k8s_pods::mirror_policies(client, state.clone()));
         }
 
         // Our own certificate, renewed at half-life and whenever the bundle changes.

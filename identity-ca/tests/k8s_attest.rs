@@ -244,3 +244,72 @@ async fn a_node_gets_svids_only_for_pods_the_api_server_places_on_it() {
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
     assert_eq!(client.sign_workload_svids(sign("api")).await.unwrap().into_inner().svids.len(), 1);
 }
+
+/// MeshPolicy objects reach the registry (and through it every agent); an
+/// invalid one is refused and says why in its status; a deleted one goes.
+#[tokio::test]
+async fn mesh_policies_mirror_into_the_registry_with_their_verdict_in_status() {
+    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
+    use meshguard_identity_ca::server::CaServer;
+
+    let api = ApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: ca, user: {{token: \"{}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: ca}}}}]\ncurrent-context: c\n",
+            api.url(),
+            api.admin_token()
+        ),
+    )
+    .unwrap();
+    let mut config = Config::for_test("cluster.local", dir.path());
+    config.kubernetes = Some(KubernetesAttestation {
+        audience: DEFAULT_AUDIENCE.into(),
+        agent_namespace: NS.into(),
+        agent_service_account: AGENT_SA.into(),
+        kubeconfig: Some(kubeconfig),
+    });
+    let ca = CaServer::start(config).await.unwrap();
+    let policy = |name: &str, port: u16, end_port: u16| {
+        json!({
+            "apiVersion": "meshguard.io/v1alpha1", "kind": "MeshPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "api"}},
+                     "ingress": [{"from": [{"serviceAccount": "web"}], "ports": [{"protocol": "TCP", "port": port, "endPort": end_port}]}]}
+        })
+    };
+    api.create(policy("api-ingress", 8080, 8090)).unwrap();
+    // Past the CRD's rules (this server does not apply them), not past the CA.
+    api.create(policy("backwards", 9010, 9000)).unwrap();
+
+    let accepted = |name: &str| {
+        api.get(&ObjectKey::namespaced("meshguard.io/v1alpha1", "MeshPolicy", "shop", name))
+            .and_then(|p| p["status"]["conditions"].as_array().and_then(|c| c.first().cloned()))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while accepted("api-ingress").is_none() || accepted("backwards").is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no status written; registry: {:?}; requests: {:?}",
+            ca.state.registry.view().policies.keys().collect::<Vec<_>>(),
+            api.requests().iter().rev().take(6).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ok = accepted("api-ingress").unwrap();
+    assert_eq!((ok["type"].as_str(), ok["status"].as_str(), ok["reason"].as_str()), (Some("Accepted"), Some("True"), Some("Accepted")));
+    let bad = accepted("backwards").unwrap();
+    assert_eq!((bad["status"].as_str(), bad["reason"].as_str()), (Some("False"), Some("Invalid")));
+    assert!(bad["message"].as_str().unwrap().contains("endPort 9000 is below port 9010"), "{bad}");
+    let policies = ca.state.registry.view().policies;
+    assert!(policies.contains_key("shop/api-ingress") && !policies.contains_key("shop/backwards"), "{:?}", policies.keys());
+
+    api.delete(&ObjectKey::namespaced("meshguard.io/v1alpha1", "MeshPolicy", "shop", "api-ingress")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ca.state.registry.view().policies.contains_key("shop/api-ingress") {
+        assert!(tokio::time::Instant::now() < deadline, "the deleted policy stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
