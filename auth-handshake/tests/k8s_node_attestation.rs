@@ -42,15 +42,7 @@ async fn the_agent_attests_with_its_projected_token() {
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: ca, user: {{token: \"{}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: ca}}}}]\ncurrent-context: c\n",
-            api.url(),
-            api.admin_token()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, api.admin_kubeconfig()).unwrap();
     let mut cfg = meshguard_identity_ca::config::Config::for_test("cluster.local", dir.path());
     cfg.kubernetes = Some(KubernetesAttestation {
         audience: DEFAULT_AUDIENCE.into(),

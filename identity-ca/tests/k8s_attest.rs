@@ -40,6 +40,21 @@ fn token(sa: &str, audience: &str, pod: (&str, &str), node: &str) -> ServiceAcco
         .node(node, &format!("uid-{node}"))
 }
 
+/// A CA in Kubernetes mode whose kube client reaches `api` through a kubeconfig.
+async fn kube_ca(api: &ApiServer, dir: &std::path::Path) -> meshguard_identity_ca::server::CaServer {
+    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.admin_kubeconfig()).unwrap();
+    let mut config = Config::for_test("cluster.local", dir);
+    config.kubernetes = Some(KubernetesAttestation {
+        audience: DEFAULT_AUDIENCE.into(),
+        agent_namespace: NS.into(),
+        agent_service_account: AGENT_SA.into(),
+        kubeconfig: Some(kubeconfig),
+    });
+    meshguard_identity_ca::server::CaServer::start(config).await.unwrap()
+}
+
 async fn attest(a: &K8sAttestor<ApiServerReviewer>, t: &str) -> Result<AttestedNode, AttestError> {
     a.attest(&Evidence::K8sServiceAccountToken(t.to_owned())).await
 }
@@ -103,29 +118,13 @@ async fn the_ca_attests_nodes_over_its_node_api_with_token_review() {
     use meshguard_ca_client::registry::{self, CA_SERVER_PATH, proto};
     use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
     use meshguard_common::spiffe::{SpiffeId, TrustDomain};
-    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
-    use meshguard_identity_ca::server::CaServer;
 
     let api = ApiServer::start().await.unwrap();
     let uid = agent_pod(&api, "agent-1", "node-1");
     let good = api.issue_token(token(AGENT_SA, DEFAULT_AUDIENCE, ("agent-1", &uid), "node-1")).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    let kubeconfig_text = format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: ca, user: {{token: \"{}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: ca}}}}]\ncurrent-context: c\n",
-        api.url(),
-        api.admin_token()
-    );
-    std::fs::write(&kubeconfig, kubeconfig_text).unwrap();
-    let mut config = Config::for_test("cluster.local", dir.path());
-    config.kubernetes = Some(KubernetesAttestation {
-        audience: DEFAULT_AUDIENCE.into(),
-        agent_namespace: NS.into(),
-        agent_service_account: AGENT_SA.into(),
-        kubeconfig: Some(kubeconfig),
-    });
-    let ca = CaServer::start(config).await.unwrap();
+    let ca = kube_ca(&api, dir.path()).await;
 
     let td = TrustDomain::new("cluster.local").unwrap();
     let b = ca.state.ca.bundle();
@@ -157,8 +156,6 @@ async fn a_node_gets_svids_only_for_pods_the_api_server_places_on_it() {
     use meshguard_ca_client::registry::{self, CA_SERVER_PATH, proto};
     use meshguard_ca_client::svid::{self, BundleCell, CredentialCell, SpiffeVerifier, X509Bundle};
     use meshguard_common::spiffe::{SpiffeId, TrustDomain};
-    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
-    use meshguard_identity_ca::server::CaServer;
     use rustls::pki_types::CertificateDer;
 
     let api = ApiServer::start().await.unwrap();
@@ -176,24 +173,7 @@ async fn a_node_gets_svids_only_for_pods_the_api_server_places_on_it() {
     api.create(workload("db", "db", "node-2")).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: ca, user: {{token: \"{}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: ca}}}}]\ncurrent-context: c\n",
-            api.url(),
-            api.admin_token()
-        ),
-    )
-    .unwrap();
-    let mut config = Config::for_test("cluster.local", dir.path());
-    config.kubernetes = Some(KubernetesAttestation {
-        audience: DEFAULT_AUDIENCE.into(),
-        agent_namespace: NS.into(),
-        agent_service_account: AGENT_SA.into(),
-        kubeconfig: Some(kubeconfig),
-    });
-    let ca = CaServer::start(config).await.unwrap();
+    let ca = kube_ca(&api, dir.path()).await;
     let td = TrustDomain::new("cluster.local").unwrap();
     let id = |sa: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap();
     let wait_for = |what: &'static str, f: Box<dyn Fn() -> bool>| async move {
@@ -249,29 +229,9 @@ async fn a_node_gets_svids_only_for_pods_the_api_server_places_on_it() {
 /// invalid one is refused and says why in its status; a deleted one goes.
 #[tokio::test]
 async fn mesh_policies_mirror_into_the_registry_with_their_verdict_in_status() {
-    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
-    use meshguard_identity_ca::server::CaServer;
-
     let api = ApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: ca, user: {{token: \"{}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: ca}}}}]\ncurrent-context: c\n",
-            api.url(),
-            api.admin_token()
-        ),
-    )
-    .unwrap();
-    let mut config = Config::for_test("cluster.local", dir.path());
-    config.kubernetes = Some(KubernetesAttestation {
-        audience: DEFAULT_AUDIENCE.into(),
-        agent_namespace: NS.into(),
-        agent_service_account: AGENT_SA.into(),
-        kubeconfig: Some(kubeconfig),
-    });
-    let ca = CaServer::start(config).await.unwrap();
+    let ca = kube_ca(&api, dir.path()).await;
     let policy = |name: &str, port: u16, end_port: u16| {
         json!({
             "apiVersion": "meshguard.io/v1alpha1", "kind": "MeshPolicy",

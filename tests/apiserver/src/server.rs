@@ -263,6 +263,18 @@ impl ApiServer {
         &self.admin_token
     }
 
+    /// A kubeconfig for this server as the admin, as a client outside the
+    /// cluster would read it.
+    pub fn admin_kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: admin, user: {{token: \"{}\"}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: admin}}}}]\ncurrent-context: test\n",
+            self.url(),
+            self.admin_token
+        )
+    }
+
     /// Serves another resource (or replaces the definition of one, keeping its objects).
     pub fn register(&self, resource: Resource) {
         self.shared.lock().register(resource);
