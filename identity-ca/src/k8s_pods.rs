@@ -24,14 +24,22 @@ use meshguard_common::policy::{MeshPolicy, MeshPolicyStatus};
 use crate::server::CaState;
 
 /// What the registry should hold for `pod`: `None` when the pod has no
-/// workload identity (not scheduled yet, finished, or on the host network,
-/// where it shares the node's addresses).
+/// workload identity (not scheduled yet, finished, on the host network,
+/// where it shares the node's addresses, or a kubelet's mirror pod).
 pub fn workload_of(pod: &Pod) -> Option<Workload> {
     let spec = pod.spec.as_ref()?;
     let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
     if spec.host_network == Some(true) {
         return None;
     }
+    // A mirror (static) pod is created by its node's kubelet, which could
+    // name any namespace: it gets no identity, or a compromised node could
+    // mint SVIDs for `default` accounts everywhere. Such pods (and any pod
+    // without a service account) name none, so none is assumed.
+    if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror")) {
+        return None;
+    }
+    let service_account = spec.service_account_name.clone().filter(|s| !s.is_empty())?;
     let status = pod.status.as_ref();
     if status.and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed") {
         return None;
@@ -41,7 +49,7 @@ pub fn workload_of(pod: &Pod) -> Option<Workload> {
     Some(Workload {
         name: pod.metadata.name.clone()?,
         namespace: pod.metadata.namespace.clone()?,
-        service_account: spec.service_account_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".to_owned()),
+        service_account,
         node,
         ips,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
@@ -236,8 +244,12 @@ mod tests {
         let mut host = base.clone();
         host["spec"]["hostNetwork"] = true.into();
         assert_eq!(workload_of(&pod(host)), None);
-        let mut no_sa = base;
+        let mut no_sa = base.clone();
         no_sa["spec"]["serviceAccountName"] = serde_json::Value::Null;
-        assert_eq!(workload_of(&pod(no_sa)).unwrap().service_account, "default");
+        assert_eq!(workload_of(&pod(no_sa)), None);
+        // A kubelet's mirror pod, in someone else's namespace: no identity.
+        let mut mirror = base;
+        mirror["metadata"]["annotations"] = serde_json::json!({"kubernetes.io/config.mirror": "abc"});
+        assert_eq!(workload_of(&pod(mirror)), None);
     }
 }
