@@ -88,8 +88,8 @@ pub struct MeshNodeSpec {
     /// Pod address ranges hosted on the node; its tunnel accepts only these
     /// as inner source addresses.
     #[serde(rename = "podCIDRs")]
-    #[schemars(with = "Vec<String>", length(max = 16))]
-    #[x_kube(validation = Rule::new("self.all(c, size(c) <= 43 && isCIDR(c))").message("every pod CIDR must be an address/prefix"))]
+    #[schemars(with = "Vec<String>", length(max = 16), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("every pod CIDR must be an address/prefix"))]
     pub pod_cidrs: Vec<IpNet>,
 }
 
@@ -116,6 +116,88 @@ impl MeshNode {
     pub fn record(&self) -> Result<NodeRecord, String> {
         let name = self.metadata.name.clone().ok_or("metadata.name is missing")?;
         Ok(NodeRecord { name, public_key: self.spec.public_key, endpoint: self.spec.endpoint, pod_cidrs: self.spec.pod_cidrs.clone() })
+    }
+}
+
+// One allocated number as a Kubernetes resource (cluster scoped). On
+// Kubernetes identity-ca allocates the numbers, as it does standalone, and
+// writes these; the agents read them, so every node keys its maps alike.
+// Names are the numbers, so the API server itself refuses a number given
+// twice; a number's meaning never changes (the CRD refuses an update), and
+// it is never reused.
+/// What the number in the name stands for: exactly one of `spiffeId` and `node`.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "meshguard.io",
+    version = "v1alpha1",
+    kind = "MeshIdentity",
+    plural = "meshidentities",
+    shortname = "mid",
+    category = "meshguard",
+    derive = "PartialEq",
+    doc = "A number the meshguard datapath keys its maps by, and the workload identity (name <number>) or node (name node-<number>) it stands for. Written only by identity-ca.",
+    printcolumn(name = "SPIFFE ID", type_ = "string", json_path = ".spec.spiffeId"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    validation = Rule::new("has(self.spiffeId) != has(self.node)").message("give spiffeId (a workload identity) or node, not both"),
+    validation = Rule::new("self == oldSelf").message("a number's meaning never changes: allocations are immutable")
+)]
+pub struct MeshIdentitySpec {
+    /// The workload identity this number stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<SpiffeId>,
+    /// The node this id stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub node: Option<String>,
+}
+
+/// What one [`MeshIdentity`] allocates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocation {
+    Identity(SpiffeId, u32),
+    Node(String, u32),
+}
+
+impl MeshIdentity {
+    /// The resource recording numeric identity `number` for `id`.
+    pub fn identity(number: u32, id: &SpiffeId) -> Self {
+        Self::new(&number.to_string(), MeshIdentitySpec { spiffe_id: Some(id.clone()), node: None })
+    }
+
+    /// The resource recording node id `number` for node `node`.
+    pub fn node(number: u32, node: &str) -> Self {
+        Self::new(&format!("node-{number}"), MeshIdentitySpec { spiffe_id: None, node: Some(node.to_owned()) })
+    }
+
+    /// What it allocates, or why it is malformed (a name that is not the
+    /// number, a number outside the range its kind is given from).
+    pub fn allocation(&self) -> Result<Allocation, String> {
+        let name = self.metadata.name.as_deref().ok_or("metadata.name is missing")?;
+        let number = |digits: &str, first: u32| -> Result<u32, String> {
+            let n: u32 = digits
+                .parse()
+                .ok()
+                .filter(|n: &u32| n.to_string() == digits)
+                .ok_or_else(|| format!("name {name:?} is not a number (or node-<number>)"))?;
+            if n < first {
+                return Err(format!("number {n} is reserved (numbers of this kind start at {first})"));
+            }
+            Ok(n)
+        };
+        match (&self.spec.spiffe_id, &self.spec.node, name.strip_prefix("node-")) {
+            (Some(id), None, None) => Ok(Allocation::Identity(id.clone(), number(name, alloc::FIRST_IDENTITY)?)),
+            (None, Some(node), Some(digits)) => {
+                crate::spiffe::validate_segment(node).map_err(|_| format!("node {node:?} is not a node name"))?;
+                Ok(Allocation::Node(node.clone(), number(digits, alloc::FIRST_NODE_ID)?))
+            }
+            (Some(_), Some(_), _) | (None, None, _) => Err("give spiffeId or node, exactly one".into()),
+            (Some(_), None, Some(_)) => Err(format!("{name:?} names a node id, but the spec a SPIFFE ID")),
+            (None, Some(_), None) => Err(format!("{name:?} names a workload identity, but the spec a node")),
+        }
     }
 }
 
@@ -233,5 +315,57 @@ impl ClusterView {
     /// Every node but `local`, in name order.
     pub fn peers_of<'a>(&'a self, local: &'a str) -> impl Iterator<Item = &'a NodeRecord> + 'a {
         self.nodes.values().filter(move |n| n.name != local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_mesh_identity_says_what_its_number_stands_for() {
+        let web = id("spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(MeshIdentity::identity(256, &web).allocation(), Ok(Allocation::Identity(web.clone(), 256)));
+        assert_eq!(MeshIdentity::node(3, "node-1").allocation(), Ok(Allocation::Node("node-1".into(), 3)));
+        let named = |name: &str, spec: MeshIdentitySpec| MeshIdentity::new(name, spec).allocation();
+        let spec_id = MeshIdentitySpec { spiffe_id: Some(web.clone()), node: None };
+        let spec_node = MeshIdentitySpec { spiffe_id: None, node: Some("node-1".into()) };
+        for (name, spec, why) in [
+            ("0256", spec_id.clone(), "not a number"),
+            ("+256", spec_id.clone(), "not a number"),
+            ("web", spec_id.clone(), "not a number"),
+            ("2", spec_id.clone(), "reserved"),
+            ("4294967296", spec_id.clone(), "not a number"),
+            ("node-0", spec_node.clone(), "reserved"),
+            ("node-x", spec_node.clone(), "not a number"),
+            ("node-3", spec_id.clone(), "names a node id"),
+            ("300", spec_node.clone(), "names a workload identity"),
+            ("300", MeshIdentitySpec { spiffe_id: Some(web.clone()), node: Some("n".into()) }, "exactly one"),
+            ("node-4", MeshIdentitySpec { spiffe_id: None, node: Some("a/b".into()) }, "not a node name"),
+        ] {
+            let err = named(name, spec).unwrap_err();
+            assert!(err.contains(why), "{name}: {err}");
+        }
+    }
+
+    /// The CRD's own rules: exactly one meaning, and never a new one.
+    #[test]
+    fn the_mesh_identity_crd_refuses_a_changed_meaning() {
+        let crd = <MeshIdentity as kube::CustomResourceExt>::crd();
+        let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
+        let v = kube::core::cel::Validator::new();
+        let obj = |spec: serde_json::Value| serde_json::json!({"apiVersion": "meshguard.io/v1alpha1", "kind": "MeshIdentity", "metadata": {"name": "256"}, "spec": spec});
+        let web = obj(serde_json::json!({"spiffeId": "spiffe://cluster.local/ns/shop/sa/web"}));
+        let db = obj(serde_json::json!({"spiffeId": "spiffe://cluster.local/ns/shop/sa/db"}));
+        assert!(v.validate(&schema, &web, None).is_ok());
+        assert!(v.validate(&schema, &web, Some(&web)).is_ok(), "an unchanged update");
+        assert!(v.validate(&schema, &db, Some(&web)).is_err(), "256 cannot come to mean another identity");
+        assert!(v.validate(&schema, &obj(serde_json::json!({})), None).is_err(), "no meaning");
+        let both = obj(serde_json::json!({"spiffeId": "spiffe://cluster.local/ns/shop/sa/web", "node": "node-1"}));
+        assert!(v.validate(&schema, &both, None).is_err(), "two meanings");
     }
 }

@@ -5,12 +5,16 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use super::MeshNode;
+use super::{MeshIdentity, MeshNode};
 use crate::policy::MeshPolicy;
 
 /// Every CRD meshguard defines, with the file name it has under `deploy/crds/`.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
-    vec![("meshguard.io_meshpolicies.yaml", MeshPolicy::crd()), ("meshguard.io_meshnodes.yaml", MeshNode::crd())]
+    vec![
+        ("meshguard.io_meshpolicies.yaml", MeshPolicy::crd()),
+        ("meshguard.io_meshnodes.yaml", MeshNode::crd()),
+        ("meshguard.io_meshidentities.yaml", MeshIdentity::crd()),
+    ]
 }
 
 /// One CRD as the YAML `kubectl apply -f` takes.
