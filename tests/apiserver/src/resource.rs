@@ -75,6 +75,7 @@ impl Resource {
             Resource::new("", "v1", "serviceaccounts", "ServiceAccount", true).without_status_subresource(),
             Resource::new("meshguard.io", "v1alpha1", "meshpolicies", "MeshPolicy", true),
             Resource::new("meshguard.io", "v1alpha1", "meshnodes", "MeshNode", false),
+            Resource::new("meshguard.io", "v1alpha1", "meshidentities", "MeshIdentity", false).without_status_subresource(),
         ]
     }
 }
