@@ -45,6 +45,8 @@ pub enum ConfigError {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigFile {
     pub trust_domain: String,
+    /// Absent or empty: `$NODE_NAME` (the downward API on Kubernetes).
+    #[serde(default)]
     pub node_name: String,
     /// `host:port` of identity-ca.
     pub ca_address: String,
@@ -142,7 +144,9 @@ fn load_with(path: &Path, secrets: bool) -> Result<Config, ConfigError> {
 pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
     let invalid = |key, value: &str, reason: String| ConfigError::Invalid { key, value: value.to_owned(), reason };
     let trust_domain = TrustDomain::new(&f.trust_domain).map_err(|e| invalid("trustDomain", &f.trust_domain, e.to_string()))?;
-    validate_segment(&f.node_name).map_err(|e| invalid("nodeName", &f.node_name, e.to_string()))?;
+    let node_name = meshguard_common::config::node_name_or_env(Some(f.node_name.clone()).filter(|n| !n.is_empty()))
+        .ok_or_else(|| invalid("nodeName", "", "give nodeName, or set $NODE_NAME (on Kubernetes from spec.nodeName)".into()))?;
+    validate_segment(&node_name).map_err(|e| invalid("nodeName", &node_name, e.to_string()))?;
     if !f.ca_address.contains(':') {
         return Err(invalid("caAddress", &f.ca_address, "expected host:port".into()));
     }
@@ -160,12 +164,12 @@ pub fn construct_config(f: ConfigFile) -> Result<Config, ConfigError> {
     let handshake = (port != 0).then(|| HandshakeConfig {
         port,
         listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
-        pin_dir: f.pin_dir.clone().unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&f.node_name)),
+        pin_dir: f.pin_dir.clone().unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&node_name)),
         prove_ahead: f.prove_ahead.unwrap_or(true),
     });
     Ok(Config {
         trust_domain,
-        node_name: f.node_name,
+        node_name,
         ca_address: f.ca_address,
         trust_bundle_file: f.trust_bundle_file,
         join_token: f.join_token.filter(|t| !t.is_empty()),
@@ -250,5 +254,18 @@ mod tests {
         assert!(h.prove_ahead, "proving ahead is the default");
         let off = construct_config(ConfigFile { prove_ahead: Some(false), ..base() }).unwrap();
         assert!(!off.handshake.unwrap().prove_ahead);
+    }
+
+    /// The configuration deploy/ ships in its ConfigMap is one this agent
+    /// takes (nodeName from $NODE_NAME in the pod).
+    #[test]
+    fn the_kubernetes_manifests_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/config/auth-handshake.yaml");
+        let mut file: ConfigFile = meshguard_common::yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(file.node_name, "", "one ConfigMap for every node");
+        file.node_name = "node-1".into();
+        let c = construct_config(file).unwrap();
+        assert!(c.service_account_token_file.is_some() && c.join_token.is_none(), "Kubernetes nodes attest with their pod's token");
+        assert!(c.handshake.is_some());
     }
 }

@@ -283,6 +283,30 @@ pub trait ClusterSource: Send + Sync {
     /// Snapshots of the view; the receiver holds the latest one and is marked
     /// changed on every update.
     fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>>;
+
+    /// Objects the source has refused into the view so far, by kind (each
+    /// is also logged as it is refused); for the agents' metrics.
+    fn refusals(&self) -> Arc<Refusals> {
+        Arc::default()
+    }
+}
+
+/// Counts of objects a source refused, by kind (`MeshPolicy`, `MeshNode`, ...).
+#[derive(Debug, Default)]
+pub struct Refusals(std::sync::Mutex<BTreeMap<&'static str, u64>>);
+
+impl Refusals {
+    pub fn count(&self, kind: &'static str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1;
+    }
+
+    pub fn get(&self, kind: &str) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(kind).copied().unwrap_or(0)
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 // === impl Workload ===

@@ -13,6 +13,16 @@ pub fn default_path(binary: &str) -> PathBuf {
     PathBuf::from(CONFIG_DIR).join(format!("{binary}.yaml"))
 }
 
+/// Where a node's name comes from when its configuration file leaves it
+/// out: on Kubernetes the downward API sets it (`fieldRef: spec.nodeName`),
+/// so one ConfigMap serves every node of a DaemonSet.
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+
+/// `nodeName` as written, else `$NODE_NAME`; `None` when neither is set.
+pub fn node_name_or_env(written: Option<String>) -> Option<String> {
+    written.or_else(|| std::env::var(NODE_NAME_ENV).ok().filter(|n| !n.is_empty()))
+}
+
 /// A duration as people write them: `500ms`, `10s`, `1h30m`, `2h 5m`.
 /// A bare number is refused (its unit would be a guess), and so is zero:
 /// no interval, refresh or lifetime of ours means anything at zero.

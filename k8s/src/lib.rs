@@ -7,6 +7,7 @@ use std::path::Path;
 pub mod objects;
 pub mod source;
 
+pub use kube::Client;
 pub use source::KubeSource;
 
 #[derive(Debug, thiserror::Error)]

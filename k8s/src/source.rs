@@ -19,7 +19,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt as _;
 use ipnet::IpNet;
@@ -28,7 +27,7 @@ use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use meshguard_common::cluster::{
-    Allocation, BoxFuture, ClusterSource, ClusterView, MeshIdentity, MeshNode, NodeRecord, SourceError, Workload,
+    Allocation, BoxFuture, ClusterSource, ClusterView, MeshIdentity, MeshNode, NodeRecord, Refusals, SourceError, Workload,
 };
 use meshguard_common::policy::MeshPolicy;
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
@@ -46,14 +45,6 @@ pub struct KubeSource {
     rx: watch::Receiver<Arc<ClusterView>>,
     refused: Arc<Refusals>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Objects refused from the view, by kind (logged as each is refused).
-#[derive(Debug, Default)]
-pub struct Refusals {
-    pub policies: AtomicU64,
-    pub nodes: AtomicU64,
-    pub identities: AtomicU64,
 }
 
 /// One kind's change, as its watcher saw it.
@@ -112,23 +103,18 @@ impl KubeSource {
         })));
         let r = refused.clone();
         tasks.push(tokio::spawn(follow(untyped::<MeshPolicy>(&client), "MeshPolicy", msgs.clone(), Msg::Policies, move |o| {
-            counted(&r.policies, parse_policy(o))
+            counted(&r, "MeshPolicy", parse_policy(o))
         })));
         let r = refused.clone();
         tasks.push(tokio::spawn(follow(untyped::<MeshNode>(&client), "MeshNode", msgs.clone(), Msg::MeshNodes, move |o| {
-            counted(&r.nodes, parse::<MeshNode>(o).and_then(|n| n.record()).map_or_else(Verdict::Invalid, Verdict::Item))
+            counted(&r, "MeshNode", parse::<MeshNode>(o).and_then(|n| n.record()).map_or_else(Verdict::Invalid, Verdict::Item))
         })));
         let r = refused.clone();
         tasks.push(tokio::spawn(follow(untyped::<MeshIdentity>(&client), "MeshIdentity", msgs, Msg::Identities, move |o| {
-            counted(&r.identities, parse::<MeshIdentity>(o).and_then(|i| i.allocation()).map_or_else(Verdict::Invalid, Verdict::Item))
+            counted(&r, "MeshIdentity", parse::<MeshIdentity>(o).and_then(|i| i.allocation()).map_or_else(Verdict::Invalid, Verdict::Item))
         })));
         tasks.push(tokio::spawn(build(inbox, tx, trust_domain, refused.clone())));
         Self { client, rx, refused, tasks }
-    }
-
-    /// How many objects have been refused, by kind.
-    pub fn refusals(&self) -> Arc<Refusals> {
-        self.refused.clone()
     }
 }
 
@@ -150,6 +136,10 @@ impl ClusterSource for KubeSource {
 
     fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
         self.rx.clone()
+    }
+
+    fn refusals(&self) -> Arc<Refusals> {
+        self.refused.clone()
     }
 }
 
@@ -178,9 +168,9 @@ fn parse_policy(obj: &DynamicObject) -> Verdict<Box<MeshPolicy>> {
     }
 }
 
-fn counted<T>(counter: &AtomicU64, v: Verdict<T>) -> Verdict<T> {
+fn counted<T>(refused: &Refusals, kind: &'static str, v: Verdict<T>) -> Verdict<T> {
     if matches!(v, Verdict::Invalid(_)) {
-        counter.fetch_add(1, Ordering::Relaxed);
+        refused.count(kind);
     }
     v
 }
@@ -287,7 +277,7 @@ async fn build(mut inbox: mpsc::UnboundedReceiver<Msg>, tx: watch::Sender<Arc<Cl
         for (name, reason) in &now_refused {
             if refused_nodes.get(name) != Some(reason) {
                 tracing::warn!(kind = "MeshNode", object = %name, %reason, "MeshNode refused: the node gets no tunnel");
-                refused.nodes.fetch_add(1, Ordering::Relaxed);
+                refused.count("MeshNode");
             }
         }
         refused_nodes = now_refused;

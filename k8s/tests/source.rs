@@ -2,7 +2,6 @@
 //! list/watch protocol (resourceVersion, bookmarks, 410 Gone, restarts).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use meshguard_common::cluster::{ClusterSource, ClusterView, NodeRecord};
@@ -118,9 +117,9 @@ async fn pods_policies_nodes_and_numbers_reach_the_view_and_bad_objects_are_skip
     assert_eq!(view.node_ids.iter().collect::<Vec<_>>(), [(&"node-1".to_owned(), &1)]);
     assert_eq!(view.trust_domain.as_ref().map(|t| t.to_string()).as_deref(), Some("cluster.local"));
     let refused = src.refusals();
-    assert_eq!(refused.policies.load(Ordering::Relaxed), 2);
-    assert_eq!(refused.identities.load(Ordering::Relaxed), 2);
-    assert_eq!(refused.nodes.load(Ordering::Relaxed), 2);
+    assert_eq!(refused.get("MeshPolicy"), 2);
+    assert_eq!(refused.get("MeshIdentity"), 2);
+    assert_eq!(refused.get("MeshNode"), 2);
 
     // Changes, in order.
     api.update(pod("shop", "web-1", "web", "node-1", "10.244.1.6", "web")).unwrap();
@@ -132,7 +131,7 @@ async fn pods_policies_nodes_and_numbers_reach_the_view_and_bad_objects_are_skip
     api.create(pod("shop", "web-2", "web", "node-2", "10.244.2.5", "web")).unwrap();
     let v = until(&src, "web-2", |v| v.workloads.contains_key("shop/web-2")).await;
     assert_eq!(v.policies["shop/db"].spec.ingress.as_ref().unwrap()[0].ports[0].protocol, meshguard_common::policy::Protocol::Tcp);
-    assert_eq!(refused.policies.load(Ordering::Relaxed), 3);
+    assert_eq!(refused.get("MeshPolicy"), 3);
     api.delete(&ObjectKey::namespaced("v1", "Pod", "shop", "web-1")).unwrap();
     api.delete(&ObjectKey::namespaced(MG, "MeshPolicy", "shop", "db")).unwrap();
     let v = until(&src, "web-1 and the policy gone", |v| !v.workloads.contains_key("shop/web-1") && v.policies.is_empty()).await;

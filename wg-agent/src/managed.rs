@@ -71,15 +71,25 @@ struct Agent {
 }
 
 /// Runs the agent until SIGINT/SIGTERM, on the cluster source `cfg` names.
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+pub async fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let mut node_tls = None;
-    let source: Box<dyn ClusterSource> = match &cfg.source {
-        SourceConfig::Dir { path, poll } => Box::new(FileSource::start(path, *poll)?),
+    let source: Box<dyn ClusterSource> = match cfg.source.clone() {
+        SourceConfig::Dir { path, poll } => Box::new(FileSource::start(&path, poll)?),
         SourceConfig::Registry { address, node_credentials, trust_bundle, trust_domain, bundle_refresh } => {
             let (source, tls, health) =
-                registry_source(&cfg.node_name, address, node_credentials, trust_bundle, trust_domain, *bundle_refresh)?;
+                registry_source(&cfg.node_name, &address, &node_credentials, &trust_bundle, &trust_domain, bundle_refresh)?;
             node_tls = Some((tls, health));
             source
+        }
+        SourceConfig::Kubernetes { kubeconfig, trust_domain } => {
+            let client = meshguard_k8s::client(kubeconfig.as_deref()).await?;
+            if cfg.from_node != config::FromNode::default() {
+                let facts = own_node(&client, &cfg.node_name).await;
+                cfg.resolve_from_node(&facts.pod_cidrs, &facts.internal_ips)?;
+                tracing::info!(endpoint = %cfg.endpoint, pod_cidrs = ?cfg.pod_cidrs, "read from this node's Node object");
+            }
+            tracing::info!("cluster source: the Kubernetes API server");
+            Box::new(meshguard_k8s::KubeSource::start(client, trust_domain))
         }
     };
     let result = run_with_source(cfg, source, node_tls.as_ref().map(|(_, health)| health.clone())).await;
@@ -112,6 +122,7 @@ pub async fn run_with_source(
 
     let metrics = AgentMetrics::new(device.clone());
     *metrics.registry_health.lock() = registry;
+    *metrics.source_refusals.lock() = source.refusals();
     let _metrics_task = cfg.metrics_address.map(|addr| {
         let (registry, ready) = (Arc::new(metrics.registry()), metrics.readiness_fn());
         tokio::spawn(async move {
@@ -238,6 +249,20 @@ pub async fn run_with_source(
     }
     tracing::info!("node agent stopping; the tunnel interface and routes stay, so traffic stays dropped, not leaked");
     Ok(())
+}
+
+/// This node's Node object, read again until the API server answers: the
+/// agent cannot know its pod ranges without it (meanwhile the datapath
+/// pinned by the previous agent, if any, keeps enforcing).
+async fn own_node(client: &meshguard_k8s::Client, node: &str) -> meshguard_k8s::objects::NodeFacts {
+    let mut backoff = meshguard_common::retry::Backoff::default();
+    loop {
+        match meshguard_k8s::objects::NodeFacts::fetch(client, node).await {
+            Ok(facts) => return facts,
+            Err(error) => tracing::warn!(%node, %error, "cannot read this node's Node object; retrying"),
+        }
+        backoff.wait().await;
+    }
 }
 
 /// The registry as cluster source: a mutual-TLS channel to identity-ca

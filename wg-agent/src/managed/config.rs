@@ -56,7 +56,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawConfig {
-    pub node_name: String,
+    /// Absent: `$NODE_NAME` (the downward API on Kubernetes).
+    #[serde(default)]
+    pub node_name: Option<String>,
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
@@ -65,8 +67,12 @@ pub struct RawConfig {
     pub mtu: Option<u16>,
     #[serde(default)]
     pub listen_port: Option<u16>,
-    /// `IP` or `IP:port` other nodes send to.
-    pub endpoint: String,
+    /// `IP` or `IP:port` other nodes send to. On Kubernetes it may be left
+    /// out: the Node's first InternalIP and `listenPort`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// On Kubernetes it may be left out: the Node's `spec.podCIDRs`.
+    #[serde(default)]
     pub pod_cidrs: Vec<IpNet>,
     #[serde(default)]
     pub cluster_cidrs: Vec<IpNet>,
@@ -132,6 +138,19 @@ pub struct RawSource {
     /// identity-ca's registry (standalone mode).
     #[serde(default)]
     pub registry: Option<RawRegistry>,
+    /// The Kubernetes API server.
+    #[serde(default)]
+    pub kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawKubernetes {
+    /// Absent: in a pod its service account, else `$KUBECONFIG` or `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub trust_domain: Option<meshguard_common::spiffe::TrustDomain>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +198,10 @@ pub struct AgentConfig {
     pub metrics_address: Option<SocketAddr>,
     pub cni_socket: PathBuf,
     pub source: SourceConfig,
+    /// What is read from the node's own Node object at start (Kubernetes,
+    /// when the file leaves it out); until then `endpoint` and `pod_cidrs`
+    /// are not this node's.
+    pub from_node: FromNode,
     pub datapath: Option<DatapathSettings>,
     /// Renamed keys the file used; logged by [`load`].
     pub deprecations: Deprecations,
@@ -211,6 +234,16 @@ pub enum SourceConfig {
         trust_domain: meshguard_common::spiffe::TrustDomain,
         bundle_refresh: Duration,
     },
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        trust_domain: meshguard_common::spiffe::TrustDomain,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FromNode {
+    pub endpoint: bool,
+    pub pod_cidrs: bool,
 }
 
 /// How often the registry's trust bundle is re-fetched (CA rotations):
@@ -220,6 +253,30 @@ pub const DEFAULT_BUNDLE_REFRESH: Duration = meshguard_ca_client::registry::DEFA
 // === impl AgentConfig ===
 
 impl AgentConfig {
+    /// Fills in what the file left to the node's Node object: the endpoint
+    /// (its first InternalIP, at `listenPort`) and the pod CIDRs, which must
+    /// lie inside `clusterCidrs` as written ones must.
+    pub fn resolve_from_node(&mut self, pod_cidrs: &[IpNet], internal_ips: &[IpAddr]) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.from_node.endpoint {
+            let Some(ip) = internal_ips.first() else {
+                return invalid(format!("Node {} has no InternalIP: give endpoint in the configuration", self.node_name));
+            };
+            self.endpoint = SocketAddr::new(*ip, self.listen_port);
+        }
+        if self.from_node.pod_cidrs {
+            if pod_cidrs.is_empty() {
+                return invalid(format!("Node {} has no spec.podCIDRs: give podCidrs in the configuration", self.node_name));
+            }
+            if let Some(pod) = pod_cidrs.iter().find(|p| !self.cluster_cidrs.iter().any(|c| c.contains(*p))) {
+                return invalid(format!("Node {}'s pod CIDR {pod} is outside every clusterCidr", self.node_name));
+            }
+            self.pod_cidrs = pod_cidrs.iter().map(IpNet::trunc).collect();
+        }
+        self.from_node = FromNode::default();
+        Ok(())
+    }
+
     pub fn key_path(&self) -> PathBuf {
         self.state_dir.join(KEY_FILE)
     }
@@ -236,9 +293,13 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
 
 pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     let invalid = |m: String| Err(ConfigError::Invalid(m));
-    if meshguard_common::spiffe::validate_segment(&raw.node_name).is_err() {
-        return invalid(format!("nodeName {:?} must be a non-empty name of letters, digits, '.', '-', '_'", raw.node_name));
+    let Some(node_name) = meshguard_common::config::node_name_or_env(raw.node_name) else {
+        return invalid("give nodeName, or set $NODE_NAME (on Kubernetes from the downward API's spec.nodeName)".into());
+    };
+    if meshguard_common::spiffe::validate_segment(&node_name).is_err() {
+        return invalid(format!("nodeName {node_name:?} must be a non-empty name of letters, digits, '.', '-', '_'"));
     }
+    let on_kubernetes = raw.cluster.kubernetes.is_some();
     let interface = raw.interface.unwrap_or_else(|| DEFAULT_INTERFACE.to_owned());
     if let Err(e) = validate_ifname(&interface) {
         return invalid(e.to_string());
@@ -251,17 +312,26 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     if listen_port == 0 {
         return invalid("listenPort must be a fixed port: other nodes are told to send to it".into());
     }
-    let endpoint = match raw.endpoint.parse::<SocketAddr>() {
-        Ok(ep) => ep,
-        Err(_) => match raw.endpoint.parse::<IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, listen_port),
-            Err(_) => return invalid(format!("endpoint {:?} must be IP or IP:port", raw.endpoint)),
-        },
+    let from_node = FromNode { endpoint: on_kubernetes && raw.endpoint.is_none(), pod_cidrs: on_kubernetes && raw.pod_cidrs.is_empty() };
+    let endpoint = match &raw.endpoint {
+        // Filled in from the Node object before anything uses it.
+        None if from_node.endpoint => SocketAddr::new(IpAddr::from([0, 0, 0, 0]), listen_port),
+        None => return invalid("endpoint is required (IP or IP:port other nodes send to)".into()),
+        Some(text) => {
+            let endpoint = match text.parse::<SocketAddr>() {
+                Ok(ep) => ep,
+                Err(_) => match text.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, listen_port),
+                    Err(_) => return invalid(format!("endpoint {text:?} must be IP or IP:port")),
+                },
+            };
+            if endpoint.ip().is_unspecified() || endpoint.port() == 0 {
+                return invalid(format!("endpoint {endpoint} must name a reachable address and port"));
+            }
+            endpoint
+        }
     };
-    if endpoint.ip().is_unspecified() || endpoint.port() == 0 {
-        return invalid(format!("endpoint {endpoint} must name a reachable address and port"));
-    }
-    if raw.pod_cidrs.is_empty() {
+    if raw.pod_cidrs.is_empty() && !from_node.pod_cidrs {
         return invalid("podCidrs must list this node's pod address ranges".into());
     }
     let strict = raw.strict.unwrap_or(DEFAULT_STRICT);
@@ -284,14 +354,20 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     let duration = |key: &str, text: Option<String>| {
         text.map(|t| parse_duration(&t).map_err(|e| ConfigError::Invalid(format!("{key} {t:?}: {e}")))).transpose()
     };
-    let source = match (raw.cluster.dir, raw.cluster.registry) {
-        (Some(path), None) => {
+    let source = match (raw.cluster.dir, raw.cluster.registry, raw.cluster.kubernetes) {
+        (None, None, Some(k)) => SourceConfig::Kubernetes {
+            kubeconfig: k.kubeconfig,
+            trust_domain: k.trust_domain.unwrap_or_else(|| {
+                meshguard_common::spiffe::TrustDomain::new(meshguard_common::cluster::DEFAULT_TRUST_DOMAIN).expect("valid constant")
+            }),
+        },
+        (Some(path), None, None) => {
             let poll = duration("cluster.pollInterval", raw.cluster.poll_interval)?;
             let old = raw.cluster.poll_interval_ms.map(Duration::from_millis);
             let poll = deprecations.pick("cluster.pollInterval", poll, "cluster.pollIntervalMs", old).map_err(ConfigError::Invalid)?;
             SourceConfig::Dir { path, poll: poll.unwrap_or(meshguard_common::cluster::file::DEFAULT_POLL_INTERVAL) }
         }
-        (None, Some(r)) => {
+        (None, Some(r), None) => {
             fn required<T>(v: Option<T>, key: &str) -> Result<T, ConfigError> {
                 v.ok_or_else(|| ConfigError::Invalid(format!("cluster.registry.{key} is required")))
             }
@@ -316,15 +392,16 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
                 bundle_refresh: refresh.unwrap_or(DEFAULT_BUNDLE_REFRESH),
             }
         }
-        (Some(_), Some(_)) => return invalid("cluster: give one source, `dir` or `registry`, not both".into()),
-        (None, None) => {
+        (None, None, None) => {
             return invalid(
-                "cluster: give a source, e.g. `cluster: {dir: /var/lib/meshguard/cluster}` or `cluster: {registry: {...}}`".into(),
+                "cluster: give a source, e.g. `cluster: {dir: /var/lib/meshguard/cluster}`, `cluster: {registry: {...}}` or `cluster: {kubernetes: {}}`"
+                    .into(),
             );
         }
+        _ => return invalid("cluster: give one source, `dir`, `registry` or `kubernetes`, not several".into()),
     };
     let datapath = raw.datapath.map(|d| DatapathSettings {
-        pin_dir: d.pin_dir.unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&raw.node_name)),
+        pin_dir: d.pin_dir.unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&node_name)),
         endpoints_dir: d.endpoints_dir,
         events_socket: d.events_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_EVENTS_SOCKET)),
         attach: match d.attach_mode {
@@ -335,7 +412,7 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
     });
     Ok(AgentConfig {
         datapath,
-        node_name: raw.node_name,
+        node_name,
         state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         interface,
         mtu,
@@ -350,6 +427,7 @@ pub fn construct_config(raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         metrics_address: raw.metrics_address,
         cni_socket: raw.cni_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_CNI_SOCKET)),
         source,
+        from_node,
         deprecations,
     })
 }
@@ -427,7 +505,7 @@ mod tests {
                     "cluster: {dir: /tmp/c}",
                     "cluster: {dir: /tmp/c, registry: {address: a, nodeCredentials: c, trustBundle: b}}",
                 ),
-                "not both",
+                "not several",
             ),
             (format!("{BASE}mtu: 100\n"), "mtu"),
             (format!("{BASE}listenPort: 0\n"), "listenPort"),
@@ -453,5 +531,55 @@ mod tests {
         }
         let c = construct_config(raw(&format!("{BASE}datapath: {{endpointsDir: /e}}\n"))).unwrap();
         assert_eq!(c.datapath.unwrap().attach, meshguard_ebpf::AttachMode::Auto);
+    }
+
+    /// On Kubernetes the endpoint and pod CIDRs may come from the Node
+    /// object; anywhere else they are required, and what the Node says is
+    /// held to the same rules as what a file says.
+    #[test]
+    fn kubernetes_reads_the_endpoint_and_pod_cidrs_from_the_node() {
+        let k8s = "nodeName: node-1\nclusterCidrs: [10.244.0.0/16]\ncluster: {kubernetes: {kubeconfig: /k, trustDomain: example.org}}\n";
+        let mut c = construct_config(raw(k8s)).unwrap();
+        assert_eq!(c.from_node, FromNode { endpoint: true, pod_cidrs: true });
+        let SourceConfig::Kubernetes { kubeconfig, trust_domain } = &c.source else { panic!("{:?}", c.source) };
+        assert_eq!((kubeconfig.as_deref(), trust_domain.to_string().as_str()), (Some(Path::new("/k")), "example.org"));
+        let (cidrs, ips) = (["10.244.3.7/24".parse().unwrap()], ["192.168.7.3".parse().unwrap()]);
+        assert!(c.clone().resolve_from_node(&cidrs, &[]).unwrap_err().to_string().contains("no InternalIP"));
+        assert!(c.clone().resolve_from_node(&[], &ips).unwrap_err().to_string().contains("no spec.podCIDRs"));
+        let outside = c.clone().resolve_from_node(&["10.9.0.0/24".parse().unwrap()], &ips).unwrap_err().to_string();
+        assert!(outside.contains("outside every clusterCidr"), "{outside}");
+        c.resolve_from_node(&cidrs, &ips).unwrap();
+        assert_eq!(c.endpoint, "192.168.7.3:51820".parse().unwrap());
+        assert_eq!(c.pod_cidrs, vec!["10.244.3.0/24".parse::<IpNet>().unwrap()], "truncated like a written one");
+        assert_eq!(c.from_node, FromNode::default());
+
+        // What the file gives wins, and is not read from the Node.
+        let c = construct_config(raw(&format!("{k8s}endpoint: 192.168.9.9\npodCidrs: [10.244.9.0/24]\n"))).unwrap();
+        assert_eq!(c.from_node, FromNode::default());
+        // Outside Kubernetes nothing can fill them in.
+        let dir = "nodeName: node-1\nclusterCidrs: [10.244.0.0/16]\ncluster: {dir: /tmp/c}\n";
+        assert!(
+            construct_config(raw(&format!("{dir}podCidrs: [10.244.1.0/24]\n"))).unwrap_err().to_string().contains("endpoint is required")
+        );
+        assert!(construct_config(raw(&format!("{dir}endpoint: 192.168.1.1\n"))).unwrap_err().to_string().contains("podCidrs"));
+        let both = BASE.replace("cluster: {dir: /tmp/c}", "cluster: {dir: /tmp/c, kubernetes: {}}");
+        assert!(construct_config(raw(&both)).unwrap_err().to_string().contains("not several"));
+        if std::env::var_os(meshguard_common::config::NODE_NAME_ENV).is_none() {
+            let err = construct_config(raw(&BASE.replace("nodeName: node-1\n", ""))).unwrap_err().to_string();
+            assert!(err.contains("$NODE_NAME"), "{err}");
+        }
+    }
+
+    /// The configuration deploy/ ships in its ConfigMap is one this agent takes.
+    #[test]
+    fn the_kubernetes_manifests_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/config/wg-agent.yaml");
+        let mut r = raw(&std::fs::read_to_string(path).unwrap());
+        // From $NODE_NAME in the pod.
+        r.node_name = Some("node-1".into());
+        let c = construct_config(r).unwrap();
+        assert!(matches!(c.source, SourceConfig::Kubernetes { .. }));
+        assert_eq!(c.from_node, FromNode { endpoint: true, pod_cidrs: true });
+        assert!(c.datapath.is_some(), "the DaemonSet enforces policy");
     }
 }

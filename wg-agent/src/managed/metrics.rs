@@ -43,6 +43,8 @@ pub struct AgentMetrics {
     /// When the cluster source last delivered a view, Unix seconds; 0 before one.
     pub view_at: std::sync::atomic::AtomicI64,
     pub cni_requests: CniCounts,
+    /// Objects the cluster source refused into the view.
+    pub source_refusals: Mutex<Arc<meshguard_common::cluster::Refusals>>,
 }
 
 /// CNI plugin requests by (command, result), counted by the CNI socket.
@@ -67,6 +69,7 @@ impl AgentMetrics {
             registry_health: Mutex::default(),
             view_at: std::sync::atomic::AtomicI64::new(0),
             cni_requests: CniCounts::default(),
+            source_refusals: Mutex::default(),
         })
     }
 
@@ -162,6 +165,18 @@ impl Collector for AgentMetrics {
             for ((command, result), n) in self.cni_requests.lock().iter() {
                 let l = vec![("command".to_owned(), (*command).to_owned()), ("result".to_owned(), (*result).to_owned())];
                 ConstCounter::new(*n).encode(m.encode_family(&l)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "meshguard_wg_source_refused_objects",
+                "Objects the cluster source refused into the view (malformed, or a MeshNode outside its Node's pod CIDRs), by kind.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            let refused = self.source_refusals.lock().snapshot();
+            for (kind, n) in refused {
+                ConstCounter::new(n).encode(m.encode_family(&label("kind", kind))?)?;
             }
         }
         let snap = self.device.snapshot();
