@@ -132,7 +132,15 @@ fn check_numbers(view: &ClusterView, new: &Numbers) -> Result<(), RegistryError>
     check(&view.node_ids, &new.node_ids, "node id")
 }
 
+/// The view a snapshot holds. A policy this build cannot read (a newer
+/// identity-ca's shape, say) is left out and named in `unreadable`, not
+/// fatal: one policy must not keep a node on a stale view of everything.
 pub fn snapshot_from_proto(s: proto::Snapshot) -> Result<ClusterView, RegistryError> {
+    snapshot_parts(s).map(|(view, _)| view)
+}
+
+fn snapshot_parts(s: proto::Snapshot) -> Result<(ClusterView, Vec<String>), RegistryError> {
+    let mut unreadable = Vec::new();
     let mut view = ClusterView {
         trust_domain: if s.trust_domain.is_empty() {
             None
@@ -150,15 +158,23 @@ pub fn snapshot_from_proto(s: proto::Snapshot) -> Result<ClusterView, RegistryEr
         view.workloads.insert(w.key(), w);
     }
     for p in s.policies {
-        let p = policy_from_proto(p)?;
-        view.policies.insert(p.key(), p);
+        let key = format!("{}/{}", p.namespace, p.name);
+        match policy_from_proto(p) {
+            Ok(p) => {
+                view.policies.insert(p.key(), p);
+            }
+            Err(error) => {
+                tracing::warn!(policy = %key, %error, "a policy in the registry's snapshot cannot be read; its last version, if any, stays");
+                unreadable.push(key);
+            }
+        }
     }
     if let Some(n) = s.numbers {
         let n = numbers_from_proto(n)?;
         view.identities = n.identities;
         view.node_ids = n.node_ids;
     }
-    Ok(view)
+    Ok((view, unreadable))
 }
 
 pub fn snapshot_to_proto(view: &ClusterView) -> proto::Snapshot {
@@ -174,7 +190,8 @@ pub fn snapshot_to_proto(view: &ClusterView) -> proto::Snapshot {
 /// One event, decoded and checked, ready to apply.
 enum Change {
     None,
-    Snapshot(ClusterView),
+    /// With the keys of policies it could not read.
+    Snapshot(ClusterView, Vec<String>),
     Node(NodeRecord),
     NodeDeleted(String),
     Workload(Workload),
@@ -187,7 +204,10 @@ enum Change {
 pub fn apply_event(view: &mut ClusterView, event: proto::ClusterEvent) -> Result<(), RegistryError> {
     let change = match event.event {
         None => Change::None,
-        Some(Event::Snapshot(s)) => Change::Snapshot(snapshot_from_proto(s)?),
+        Some(Event::Snapshot(s)) => {
+            let (new, unreadable) = snapshot_parts(s)?;
+            Change::Snapshot(new, unreadable)
+        }
         Some(Event::NodeUpserted(n)) => Change::Node(node_from_proto(n)?),
         Some(Event::NodeDeleted(name)) => Change::NodeDeleted(name),
         Some(Event::WorkloadUpserted(w)) => Change::Workload(workload_from_proto(w)?),
@@ -197,11 +217,18 @@ pub fn apply_event(view: &mut ClusterView, event: proto::ClusterEvent) -> Result
     };
     let allocated = event.allocated.map(numbers_from_proto).transpose()?.unwrap_or_default();
     match &change {
-        Change::Snapshot(new) => check_numbers(new, &allocated)?,
+        Change::Snapshot(new, _) => check_numbers(new, &allocated)?,
         _ => check_numbers(view, &allocated)?,
     }
     // Valid: from here on nothing fails.
-    if let Change::Snapshot(new) = change {
+    if let Change::Snapshot(mut new, unreadable) = change {
+        // A policy that cannot be read keeps its last version, as an
+        // unreadable update does: dropping it could open what it closed.
+        for key in unreadable {
+            if let Some(old) = view.policies.remove(&key) {
+                new.policies.insert(key, old);
+            }
+        }
         // A snapshot replaces everything, numbers included.
         *view = new;
         view.identities.extend(allocated.identities);
@@ -211,7 +238,7 @@ pub fn apply_event(view: &mut ClusterView, event: proto::ClusterEvent) -> Result
     view.identities.extend(allocated.identities);
     view.node_ids.extend(allocated.node_ids);
     match change {
-        Change::None | Change::Snapshot(_) => {}
+        Change::None | Change::Snapshot(..) => {}
         Change::Node(n) => {
             view.nodes.insert(n.name.clone(), n);
         }
@@ -266,6 +293,39 @@ mod tests {
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
+    }
+
+    /// One policy this build cannot read does not cost the node the rest
+    /// of the snapshot, and does not take away that policy's last version.
+    #[test]
+    fn an_unreadable_policy_in_a_snapshot_is_skipped_and_its_last_version_kept() {
+        let policy = |name: &str, port: u16| {
+            let yaml = format!(
+                "apiVersion: meshguard.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  ingress:\n  - action: Deny\n    from: [{{serviceAccount: web}}]\n    ports: [{{protocol: TCP, port: {port}}}]\n"
+            );
+            MeshPolicy::from_yaml(&yaml).unwrap()
+        };
+        let mut view = ClusterView::default();
+        view.policies.insert("shop/deny".into(), policy("deny", 22));
+        let mut snap = snapshot_to_proto(&ClusterView::default());
+        snap.policies = vec![
+            policy_to_proto(&policy("deny", 23)),
+            policy_to_proto(&policy("other", 80)),
+            proto::Policy { namespace: "shop".into(), name: "future".into(), json: "{\"spec\": {\"newField\": 1}}".into() },
+        ];
+        let mut unreadable_deny = policy_to_proto(&policy("deny", 23));
+        unreadable_deny.json = "{\"spec\": {\"ingress\": 5}}".into();
+        // Readable: the snapshot's version wins.
+        apply_event(&mut view, event(None, Some(Event::Snapshot(snap.clone())))).unwrap();
+        assert_eq!(view.policies.keys().collect::<Vec<_>>(), ["shop/deny", "shop/other"]);
+        assert_eq!(view.policies["shop/deny"].spec.ingress.as_ref().unwrap()[0].ports[0].port, Some(23));
+        // Unreadable: the last version stays; the rest is applied.
+        snap.policies[0] = unreadable_deny;
+        snap.policies[1] = policy_to_proto(&policy("other", 81));
+        apply_event(&mut view, event(None, Some(Event::Snapshot(snap)))).unwrap();
+        assert_eq!(view.policies["shop/deny"].spec.ingress.as_ref().unwrap()[0].ports[0].port, Some(23));
+        assert_eq!(view.policies["shop/other"].spec.ingress.as_ref().unwrap()[0].ports[0].port, Some(81));
+        assert!(!view.policies.contains_key("shop/future"));
     }
 
     fn numbers(ids: &[(&str, u32)], nodes: &[(&str, u32)]) -> proto::Numbers {
