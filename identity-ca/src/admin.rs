@@ -1,7 +1,7 @@
 //! The admin API on the local unix socket: join tokens, listings, CA
-//! rotation, and (standalone mode) workloads and policies. The socket is
-//! 0600 in a 0700 directory, and every call's peer credentials are checked:
-//! root or the CA's own user only.
+//! rotation, and (standalone mode) workloads and policies (on Kubernetes
+//! those are the API server's). The socket is 0600 in a 0700 directory, and
+//! every call's peer credentials are checked: root or the CA's own user only.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +19,14 @@ use crate::authority::{Authority, AuthorityState, CaError};
 use crate::node_api::bundle_to_proto;
 use crate::registry::RegistryError;
 use crate::server::CaState;
+
+/// On Kubernetes the registry mirrors workloads and policies from the API
+/// server: an admin write of them would be undone by the next relist, or
+/// (a workload) give a node SVIDs no pod justifies.
+const WORKLOADS_ON_KUBERNETES: &str =
+    "on Kubernetes workloads are the API server's pods, which identity-ca mirrors: create or delete the pod instead";
+const POLICIES_ON_KUBERNETES: &str =
+    "on Kubernetes policies are MeshPolicy objects, which identity-ca mirrors: kubectl apply or kubectl delete meshpolicy instead";
 
 pub struct AdminService {
     pub state: Arc<CaState>,
@@ -88,6 +96,10 @@ fn authority_info(a: &Authority) -> proto::AuthorityInfo {
         not_after: a.not_after,
         cert_der: a.cert_der.to_vec(),
     }
+}
+
+fn refused_on_kubernetes(st: &CaState, why: &'static str) -> Result<(), Status> {
+    if st.on_kubernetes() { Err(Status::failed_precondition(why)) } else { Ok(()) }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
@@ -224,6 +236,7 @@ impl AdminApi for AdminService {
     }
 
     async fn put_workload(&self, req: Request<proto::PutWorkloadRequest>) -> Result<Response<proto::PutWorkloadResponse>, Status> {
+        refused_on_kubernetes(&self.state, WORKLOADS_ON_KUBERNETES)?;
         let w = req.into_inner().workload.ok_or_else(|| Status::invalid_argument("workload is missing"))?;
         let w = convert::workload_from_proto(w).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let st = self.state.clone();
@@ -232,6 +245,7 @@ impl AdminApi for AdminService {
     }
 
     async fn delete_workload(&self, req: Request<proto::DeleteWorkloadRequest>) -> Result<Response<proto::DeleteWorkloadResponse>, Status> {
+        refused_on_kubernetes(&self.state, WORKLOADS_ON_KUBERNETES)?;
         let r = req.into_inner();
         let st = self.state.clone();
         blocking(move || st.registry.delete_workload(&format!("{}/{}", r.namespace, r.name)).map_err(reg_status)).await?;
@@ -244,6 +258,7 @@ impl AdminApi for AdminService {
     }
 
     async fn put_policy(&self, req: Request<proto::PutPolicyRequest>) -> Result<Response<proto::PutPolicyResponse>, Status> {
+        refused_on_kubernetes(&self.state, POLICIES_ON_KUBERNETES)?;
         let text = req.into_inner().yaml;
         // YAML is a superset of JSON, so one parser takes both; a
         // multi-document stream is applied in one transaction, all or none.
@@ -257,6 +272,7 @@ impl AdminApi for AdminService {
     }
 
     async fn delete_policy(&self, req: Request<proto::DeletePolicyRequest>) -> Result<Response<proto::DeletePolicyResponse>, Status> {
+        refused_on_kubernetes(&self.state, POLICIES_ON_KUBERNETES)?;
         let r = req.into_inner();
         let st = self.state.clone();
         blocking(move || st.registry.delete_policy(&format!("{}/{}", r.namespace, r.name)).map_err(reg_status)).await?;
@@ -271,6 +287,22 @@ impl AdminApi for AdminService {
     async fn delete_node(&self, req: Request<proto::DeleteNodeRequest>) -> Result<Response<proto::DeleteNodeResponse>, Status> {
         let name = req.into_inner().name;
         let st = self.state.clone();
+        if st.on_kubernetes() {
+            // The record is the node's MeshNode (a registry delete would be
+            // undone by the next relist); the attestation is the CA's own,
+            // and forgetting it is how a node's credential is revoked.
+            let record = st.registry.view().nodes.contains_key(&name);
+            let n = name.clone();
+            let was = blocking(move || st.forget_attestation(&n).map_err(|e| Status::internal(e.to_string()))).await?;
+            if !was {
+                let why = if record { "is not attested" } else { "is neither attested nor published" };
+                return Err(Status::failed_precondition(format!(
+                    "node {name} {why}; on Kubernetes its record is its MeshNode object: kubectl delete meshnode {name}"
+                )));
+            }
+            tracing::info!(node = %name, "node attestation removed; on Kubernetes its record stays until its MeshNode is deleted");
+            return Ok(Response::new(proto::DeleteNodeResponse {}));
+        }
         let found = blocking(move || st.remove_node(&name).map_err(|e| Status::internal(e.to_string()))).await?;
         if !found {
             return Err(Status::not_found("no such node"));

@@ -10,6 +10,9 @@
 //! | [`csr`] | checking PKCS#10 requests |
 //! | [`attest`] | node attestation: join tokens, Kubernetes TokenReview |
 //! | [`registry`] | nodes, workloads, policies and their watch stream |
+//! | [`k8s_pods`] | Kubernetes mode: pods and MeshPolicy objects into the registry |
+//! | [`k8s_nodes`] | Kubernetes mode: MeshNode objects into the registry |
+//! | [`k8s_numbers`] | Kubernetes mode: the registry's numbers out as MeshIdentity objects |
 //! | [`node_api`] | the mutual-TLS gRPC API nodes call |
 //! | [`admin`] | the root-only admin API on a unix socket |
 //! | [`server`] | wiring it all up and running it |
@@ -25,6 +28,8 @@ pub mod attest;
 pub mod authority;
 pub mod config;
 pub mod csr;
+pub mod k8s_nodes;
+pub mod k8s_numbers;
 pub mod k8s_pods;
 pub mod metrics;
 pub mod node_api;

@@ -18,7 +18,9 @@ pub struct Metrics {
     /// By `kind`: node, workload, server, jwt.
     pub issued: Family<Labels, Counter>,
     /// By `reason`: not_hosted, wrong_trust_domain, not_a_workload, bad_request,
-    /// stale_node_credential, conflicting_node_record, other_node.
+    /// stale_node_credential, conflicting_node_record, other_node; on
+    /// Kubernetes also invalid_pod, invalid_policy, invalid_mesh_node and
+    /// publish_on_kubernetes.
     pub denied: Family<Labels, Counter>,
     /// By `method` and `result`.
     pub attestations: Family<Labels, Counter>,
@@ -28,6 +30,9 @@ pub struct Metrics {
     /// Unix time each authority's certificate expires, by `authority` and
     /// `state` (prepared, active, previous): what operators alert on.
     pub authority_expiry: Family<Labels, Gauge>,
+    /// MeshIdentity objects found with a meaning other than the registry's
+    /// allocation (never overwritten): the agents and the CA disagree on a number.
+    pub k8s_identity_conflicts: Counter,
     /// The label sets `authority_expiry` holds now.
     authority_series: std::sync::Mutex<Vec<Labels>>,
 }
@@ -48,6 +53,7 @@ impl Metrics {
         let attestations = Family::<Labels, Counter>::default();
         let overload = Family::<Labels, Counter>::default();
         let authority_expiry = Family::<Labels, Gauge>::default();
+        let k8s_identity_conflicts = Counter::default();
         registry.register("svids_issued", "SVIDs signed, by kind", issued.clone());
         registry.register("authorization_denied", "SVID requests refused by authorization, by reason", denied.clone());
         registry.register("attestations", "Node attestations, by method and result", attestations.clone());
@@ -57,6 +63,11 @@ impl Metrics {
             "Unix time each signing authority's certificate expires, by authority and state",
             authority_expiry.clone(),
         );
+        registry.register(
+            "k8s_identity_conflicts",
+            "MeshIdentity objects whose meaning differs from the number's allocation in the registry (never overwritten)",
+            k8s_identity_conflicts.clone(),
+        );
         Self {
             registry: Arc::new(root),
             issued,
@@ -64,6 +75,7 @@ impl Metrics {
             attestations,
             overload,
             authority_expiry,
+            k8s_identity_conflicts,
             authority_series: std::sync::Mutex::default(),
         }
     }

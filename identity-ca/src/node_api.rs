@@ -260,6 +260,16 @@ impl NodeApi for NodeService {
 
     async fn publish_node(&self, req: Request<proto::PublishNodeRequest>) -> Result<Response<proto::PublishNodeResponse>, Status> {
         let node = self.caller(&req)?;
+        // On Kubernetes a node's record is the MeshNode object the admission
+        // policy let its own agent write (mirrored into the registry); a
+        // record published here would go around that policy.
+        if self.state.on_kubernetes() {
+            self.state.metrics.denied("publish_on_kubernetes");
+            tracing::warn!(%node, "refused a node record published to the CA: on Kubernetes it is the node's MeshNode object");
+            return Err(Status::failed_precondition(
+                "on Kubernetes nodes publish MeshNode objects: the agent's cluster source must be the API server, not identity-ca",
+            ));
+        }
         let rec = req.into_inner().node.ok_or_else(|| Status::invalid_argument("node record is missing"))?;
         let rec = convert::node_from_proto(rec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if rec.name != node {

@@ -219,6 +219,13 @@ impl CaState {
         })
     }
 
+    /// Kubernetes mode: the API server owns workloads (pods), policies
+    /// (MeshPolicy) and node records (MeshNode); the registry mirrors them
+    /// and takes no other writes of them.
+    pub fn on_kubernetes(&self) -> bool {
+        self.config.kubernetes.is_some()
+    }
+
     /// A place for one more watch stream of `node`, within [`MAX_WATCHES_PER_NODE`].
     pub fn watch_slot(&self, node: &str) -> Option<Place<String>> {
         self.watches.take(&node.to_owned())
@@ -291,12 +298,19 @@ impl CaState {
 
     /// Forgets a node: its SVID no longer opens the API, its record leaves the registry.
     pub fn remove_node(&self, node: &str) -> Result<bool, ServerError> {
+        let was = self.forget_attestation(node)?;
+        let rec = self.registry.delete_node(node)?;
+        Ok(was || rec)
+    }
+
+    /// Forgets a node's attestation only: its SVID no longer opens the API
+    /// (watch streams end within a second); its record stays. Returns
+    /// whether it was attested.
+    pub fn forget_attestation(&self, node: &str) -> Result<bool, ServerError> {
         let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
         let was = nodes.remove(node).is_some();
         self.ca.store().put::<NodeAttestation>(ATTESTED_NODES, node, None)?;
-        drop(nodes);
-        let rec = self.registry.delete_node(node)?;
-        Ok(was || rec)
+        Ok(was)
     }
 
     /// A fresh server SVID `spiffe://<td>/meshguard/identity-ca` and its key.
@@ -333,14 +347,17 @@ impl CaServer {
                 .map_err(|e| ServerError::Kubernetes { reason: e.to_string() })?;
             let reviewer = ApiServerReviewer::new(client.clone());
             state.attestors.push(Box::new(K8sAttestor::new(reviewer, k.audience.clone(), &k.agent_namespace, &k.agent_service_account)));
-            tracing::info!(audience = %k.audience, agent = %format!("{}/{}", k.agent_namespace, k.agent_service_account), "Kubernetes node attestation (TokenReview) enabled; workloads mirror the API server's pods");
+            tracing::info!(audience = %k.audience, agent = %format!("{}/{}", k.agent_namespace, k.agent_service_account), "Kubernetes node attestation (TokenReview) enabled; workloads, policies and nodes mirror the API server's, numbers are published as MeshIdentity objects");
             kube_client = Some(client);
         }
         let state = Arc::new(state);
         let mut tasks = JoinSet::new();
         if let Some(client) = kube_client {
-            tasks.spawn(crate::k8s_pods::mirror(client.clone(), state.clone()));
-            tasks.spawn(crate::k8s_pods::mirror_policies(client, state.clone()));
+            let sd = || shutdown_rx.clone();
+            tasks.spawn(until_shutdown(sd(), crate::k8s_pods::mirror(client.clone(), state.clone())));
+            tasks.spawn(until_shutdown(sd(), crate::k8s_pods::mirror_policies(client.clone(), state.clone())));
+            tasks.spawn(until_shutdown(sd(), crate::k8s_nodes::mirror(client.clone(), state.clone())));
+            tasks.spawn(until_shutdown(sd(), crate::k8s_numbers::publish(client, state.clone())));
         }
 
         // Our own certificate, renewed at half-life and whenever the bundle changes.
@@ -489,6 +506,14 @@ impl CaServer {
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
         signal.await;
         self.shutdown().await;
+    }
+}
+
+/// Runs `task` (one that never ends by itself) until shutdown.
+async fn until_shutdown(mut shutdown: watch::Receiver<bool>, task: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = task => {}
+        _ = shutdown.changed() => {}
     }
 }
 

@@ -2,6 +2,10 @@
 //! HTTP API (tests/apiserver): projected service-account tokens it signed,
 //! reviewed with TokenReview over HTTP by the CA's kube client.
 
+#[allow(dead_code)]
+#[path = "support/k8s.rs"]
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -10,49 +14,13 @@ use meshguard_identity_ca::attest::{AttestError, AttestedNode, Evidence, NodeAtt
 use meshguard_test_apiserver::{ApiServer, ObjectKey, ServiceAccountToken};
 use serde_json::json;
 
-const NS: &str = "meshguard";
-const AGENT_SA: &str = "meshguard-agent";
+use crate::support::{AGENT_SA, NS, agent_pod, kube_ca, token};
 
 /// The CA's client: its own credential (the admin token here), the server's URL.
 fn client(server: &ApiServer) -> kube::Client {
     let mut config = kube::Config::new(server.url().parse().unwrap());
     config.auth_info.token = Some(server.admin_token().to_owned().into());
     kube::Client::try_from(config).unwrap()
-}
-
-/// An agent pod on `node`; returns its uid.
-fn agent_pod(server: &ApiServer, name: &str, node: &str) -> String {
-    let pod = server
-        .create(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": {"nodeName": node, "serviceAccountName": AGENT_SA, "containers": [{"name": "wg-agent", "image": "meshguard"}]}
-        }))
-        .unwrap();
-    pod["metadata"]["uid"].as_str().unwrap().to_owned()
-}
-
-fn token(sa: &str, audience: &str, pod: (&str, &str), node: &str) -> ServiceAccountToken {
-    ServiceAccountToken::new(NS, sa)
-        .audience(audience)
-        .expires_in(Duration::from_secs(600))
-        .pod(pod.0, pod.1)
-        .node(node, &format!("uid-{node}"))
-}
-
-/// A CA in Kubernetes mode whose kube client reaches `api` through a kubeconfig.
-async fn kube_ca(api: &ApiServer, dir: &std::path::Path) -> meshguard_identity_ca::server::CaServer {
-    use meshguard_identity_ca::config::{Config, KubernetesAttestation};
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.admin_kubeconfig()).unwrap();
-    let mut config = Config::for_test("cluster.local", dir);
-    config.kubernetes = Some(KubernetesAttestation {
-        audience: DEFAULT_AUDIENCE.into(),
-        agent_namespace: NS.into(),
-        agent_service_account: AGENT_SA.into(),
-        kubeconfig: Some(kubeconfig),
-    });
-    meshguard_identity_ca::server::CaServer::start(config).await.unwrap()
 }
 
 async fn attest(a: &K8sAttestor<ApiServerReviewer>, t: &str) -> Result<AttestedNode, AttestError> {
