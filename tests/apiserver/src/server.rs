@@ -32,6 +32,9 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// A static token for a cluster admin (`system:masters`), registered at start.
     pub admin_token: String,
+    /// Where to listen: loopback on a free port unless a test needs the
+    /// server reachable from its network namespaces.
+    pub listen: SocketAddr,
 }
 
 impl Default for Config {
@@ -41,6 +44,7 @@ impl Default for Config {
             issuer: "https://kubernetes.default.svc".to_owned(),
             bookmark_interval: Duration::from_secs(1),
             admin_token: "meshguard-test-admin".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -232,8 +236,8 @@ impl ApiServer {
     }
 
     pub async fn start_with(config: Config) -> Result<Self, StartError> {
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: SocketAddr::from(([127, 0, 0, 1], 0)), source })?;
+        let listener = listen(config.listen)?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let auth = Authenticator::new(&config.issuer, &config.audience)?;
         auth.add_static(&config.admin_token, UserInfo::new("admin", &["system:masters"]));
         let shared = Arc::new(Shared {
