@@ -18,43 +18,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time
 use kube::api::DynamicObject;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
-use meshguard_common::cluster::Workload;
 use meshguard_common::policy::{MeshPolicy, MeshPolicyStatus};
+use meshguard_k8s::objects::workload_of;
 
 use crate::server::CaState;
-
-/// What the registry should hold for `pod`: `None` when the pod has no
-/// workload identity (not scheduled yet, finished, on the host network,
-/// where it shares the node's addresses, or a kubelet's mirror pod).
-pub fn workload_of(pod: &Pod) -> Option<Workload> {
-    let spec = pod.spec.as_ref()?;
-    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
-    if spec.host_network == Some(true) {
-        return None;
-    }
-    // A mirror (static) pod is created by its node's kubelet, which could
-    // name any namespace: it gets no identity, or a compromised node could
-    // mint SVIDs for `default` accounts everywhere. Such pods (and any pod
-    // without a service account) name none, so none is assumed.
-    if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror")) {
-        return None;
-    }
-    let service_account = spec.service_account_name.clone().filter(|s| !s.is_empty())?;
-    let status = pod.status.as_ref();
-    if status.and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed") {
-        return None;
-    }
-    let ips =
-        status.and_then(|s| s.pod_ips.as_ref()).map(|ips| ips.iter().filter_map(|ip| ip.ip.parse().ok()).collect()).unwrap_or_default();
-    Some(Workload {
-        name: pod.metadata.name.clone()?,
-        namespace: pod.metadata.namespace.clone()?,
-        service_account,
-        node,
-        ips,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-    })
-}
 
 fn key_of(pod: &Pod) -> Option<String> {
     Some(format!("{}/{}", pod.metadata.namespace.as_deref()?, pod.metadata.name.as_deref()?))
@@ -214,42 +181,5 @@ fn remove_policy(state: &CaState, key: &str) {
         && let Err(error) = state.registry.delete_policy(key)
     {
         tracing::warn!(policy = %key, %error, "cannot remove a deleted MeshPolicy from the registry");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(json: serde_json::Value) -> Pod {
-        serde_json::from_value(json).unwrap()
-    }
-
-    #[test]
-    fn only_scheduled_running_pod_network_pods_are_workloads() {
-        let base = serde_json::json!({
-            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
-            "spec": {"nodeName": "node-1", "serviceAccountName": "web", "containers": []},
-            "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}, {"ip": "fd00::5"}]}
-        });
-        let w = workload_of(&pod(base.clone())).unwrap();
-        assert_eq!((w.key().as_str(), w.service_account.as_str(), w.node.as_str(), w.ips.len()), ("shop/web-1", "web", "node-1", 2));
-        assert_eq!(w.labels["app"], "web");
-        let mut unscheduled = base.clone();
-        unscheduled["spec"]["nodeName"] = serde_json::Value::Null;
-        assert_eq!(workload_of(&pod(unscheduled)), None);
-        let mut done = base.clone();
-        done["status"]["phase"] = "Succeeded".into();
-        assert_eq!(workload_of(&pod(done)), None);
-        let mut host = base.clone();
-        host["spec"]["hostNetwork"] = true.into();
-        assert_eq!(workload_of(&pod(host)), None);
-        let mut no_sa = base.clone();
-        no_sa["spec"]["serviceAccountName"] = serde_json::Value::Null;
-        assert_eq!(workload_of(&pod(no_sa)), None);
-        // A kubelet's mirror pod, in someone else's namespace: no identity.
-        let mut mirror = base;
-        mirror["metadata"]["annotations"] = serde_json::json!({"kubernetes.io/config.mirror": "abc"});
-        assert_eq!(workload_of(&pod(mirror)), None);
     }
 }

@@ -49,15 +49,7 @@ impl ApiServerReviewer {
 /// cluster the pod's service account, outside it `$KUBECONFIG` or
 /// `~/.kube/config`.
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, AttestError> {
-    let failed = |e: &dyn std::fmt::Display| AttestError::Review { reason: format!("no API server client: {e}") };
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| failed(&e))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await.map_err(|e| failed(&e))?
-        }
-        None => kube::Config::infer().await.map_err(|e| failed(&e))?,
-    };
-    kube::Client::try_from(config).map_err(|e| failed(&e))
+    meshguard_k8s::client(kubeconfig).await.map_err(|e| AttestError::Review { reason: e.to_string() })
 }
 
 impl TokenReviewer for ApiServerReviewer {
