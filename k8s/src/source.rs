@@ -42,6 +42,9 @@ pub const FIELD_MANAGER: &str = "meshguard-agent";
 /// The cluster source on Kubernetes.
 pub struct KubeSource {
     client: kube::Client,
+    /// The node this agent publishes (set by `publish_node`): the one whose
+    /// MeshNode status it writes.
+    local: Arc<std::sync::Mutex<Option<String>>>,
     rx: watch::Receiver<Arc<ClusterView>>,
     refused: Arc<Refusals>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -65,7 +68,8 @@ enum Msg {
     Pods(Op<Workload>),
     Nodes(Op<Vec<IpNet>>),
     Policies(Op<Box<MeshPolicy>>),
-    MeshNodes(Op<NodeRecord>),
+    /// With the object's `metadata.generation`, for its status.
+    MeshNodes(Op<(NodeRecord, Option<i64>)>),
     Identities(Op<Allocation>),
 }
 
@@ -107,14 +111,21 @@ impl KubeSource {
         })));
         let r = refused.clone();
         tasks.push(tokio::spawn(follow(untyped::<MeshNode>(&client), "MeshNode", msgs.clone(), Msg::MeshNodes, move |o| {
-            counted(&r, "MeshNode", parse::<MeshNode>(o).and_then(|n| n.record()).map_or_else(Verdict::Invalid, Verdict::Item))
+            let generation = o.metadata.generation;
+            counted(
+                &r,
+                "MeshNode",
+                parse::<MeshNode>(o).and_then(|n| n.record()).map_or_else(Verdict::Invalid, |n| Verdict::Item((n, generation))),
+            )
         })));
         let r = refused.clone();
         tasks.push(tokio::spawn(follow(untyped::<MeshIdentity>(&client), "MeshIdentity", msgs, Msg::Identities, move |o| {
             counted(&r, "MeshIdentity", parse::<MeshIdentity>(o).and_then(|i| i.allocation()).map_or_else(Verdict::Invalid, Verdict::Item))
         })));
-        tasks.push(tokio::spawn(build(inbox, tx, trust_domain, refused.clone())));
-        Self { client, rx, refused, tasks }
+        let local = Arc::new(std::sync::Mutex::new(None));
+        let status = Status { client: client.clone(), local: local.clone(), reported: Arc::default() };
+        tasks.push(tokio::spawn(build(inbox, tx, trust_domain, refused.clone(), status)));
+        Self { client, local, rx, refused, tasks }
     }
 }
 
@@ -130,6 +141,7 @@ impl ClusterSource for KubeSource {
     /// is bound to.
     fn publish_node<'a>(&'a self, node: &'a NodeRecord) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
+            *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.name.clone());
             publish(&self.client, node).await.map_err(|e| SourceError::Unavailable { reason: format!("MeshNode {}: {e}", node.name) })
         })
     }
@@ -240,7 +252,13 @@ async fn follow<K, T>(
 }
 
 /// Folds the watchers' changes into views, one per burst.
-async fn build(mut inbox: mpsc::UnboundedReceiver<Msg>, tx: watch::Sender<Arc<ClusterView>>, td: TrustDomain, refused: Arc<Refusals>) {
+async fn build(
+    mut inbox: mpsc::UnboundedReceiver<Msg>,
+    tx: watch::Sender<Arc<ClusterView>>,
+    td: TrustDomain,
+    refused: Arc<Refusals>,
+    mut status: Status,
+) {
     let mut pods = Table::new();
     let mut nodes = Table::new();
     let mut policies = Table::new();
@@ -264,7 +282,7 @@ async fn build(mut inbox: mpsc::UnboundedReceiver<Msg>, tx: watch::Sender<Arc<Cl
         }
         let mut view = ClusterView { trust_domain: Some(td.clone()), ..Default::default() };
         let mut now_refused = BTreeMap::new();
-        for (name, record) in &mesh_nodes.live {
+        for (name, (record, _)) in &mesh_nodes.live {
             match check_against_node(record, nodes.live.get(name).map(Vec::as_slice)) {
                 Ok(()) => {
                     view.nodes.insert(name.clone(), record.clone());
@@ -280,6 +298,7 @@ async fn build(mut inbox: mpsc::UnboundedReceiver<Msg>, tx: watch::Sender<Arc<Cl
                 refused.count("MeshNode");
             }
         }
+        status.report(&mesh_nodes.live, &now_refused);
         refused_nodes = now_refused;
         view.workloads = pods.live.values().map(|w| (w.key(), w.clone())).collect();
         view.policies = policies.live.iter().map(|(k, p)| (k.clone(), MeshPolicy::clone(p))).collect();
@@ -301,6 +320,58 @@ async fn build(mut inbox: mpsc::UnboundedReceiver<Msg>, tx: watch::Sender<Arc<Cl
                 true
             } else {
                 false
+            }
+        });
+    }
+}
+
+/// Writes this node's verdict into its own MeshNode's status (the
+/// admission policy lets an agent write only its own): every agent judges
+/// every MeshNode alike, so its own agent speaks for all of them.
+struct Status {
+    client: kube::Client,
+    local: Arc<std::sync::Mutex<Option<String>>>,
+    /// The verdict written last, with the generation it was for; cleared
+    /// when the write fails, so the next view tries again.
+    reported: Arc<std::sync::Mutex<Option<Verdicted>>>,
+}
+
+type Verdicted = (Option<i64>, Result<(), String>);
+
+impl Status {
+    fn report(&mut self, live: &BTreeMap<String, (NodeRecord, Option<i64>)>, refused: &BTreeMap<String, String>) {
+        let Some(name) = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let Some((_, generation)) = live.get(&name) else { return };
+        let verdict = refused.get(&name).map_or(Ok(()), |reason| Err(reason.clone()));
+        let now = (*generation, verdict);
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        if reported.as_ref() == Some(&now) {
+            return;
+        }
+        let (status, reason, message) = match &now.1 {
+            Ok(()) => ("True", "Accepted", "in every node's view: tunnels to this node are up".to_owned()),
+            Err(why) => ("False", "Refused", format!("no node takes this record: {why}")),
+        };
+        let condition = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Accepted".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: *generation,
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+        };
+        let patch = serde_json::json!({"status": {"observedGeneration": generation, "conditions": [condition]}});
+        let api: kube::Api<DynamicObject> = untyped::<MeshNode>(&self.client);
+        let shared = self.reported.clone();
+        *reported = Some(now.clone());
+        tokio::spawn(async move {
+            let pp = kube::api::PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+            if let Err(error) = api.patch_status(&name, &pp, &kube::api::Patch::Merge(&patch)).await {
+                tracing::warn!(node = %name, %error, "cannot write this node's MeshNode status");
+                let mut reported = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if reported.as_ref() == Some(&now) {
+                    *reported = None;
+                }
             }
         });
     }

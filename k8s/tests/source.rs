@@ -75,6 +75,17 @@ async fn until(src: &KubeSource, what: &str, ok: impl Fn(&ClusterView) -> bool) 
     }
 }
 
+/// Polls `ok` every 20 ms for 10 s at most.
+async fn wait(ok: impl Fn() -> bool, what: &str) {
+    for _ in 0..500 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 fn web_id() -> SpiffeId {
     SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap()
 }
@@ -231,6 +242,25 @@ async fn an_agent_publishes_and_updates_its_mesh_node() {
     until(&src, "node-3", |v| v.nodes.get("node-3") == Some(&record)).await;
     let stored = api.get(&ObjectKey::cluster(MG, "MeshNode", "node-3")).unwrap();
     assert_eq!(stored["spec"]["publicKey"], record.public_key.to_string());
+    let accepted = |reason: &'static str| {
+        let api = &api;
+        move || {
+            let status = &api.get(&ObjectKey::cluster(MG, "MeshNode", "node-3")).unwrap()["status"];
+            status["conditions"][0]["reason"] == reason
+        }
+    };
+    wait(accepted("Accepted"), "its own MeshNode reported Accepted").await;
+
+    // A record outside the Node's range: nobody takes it, and its status says why.
+    let mut outside = record.clone();
+    outside.pod_cidrs = vec!["10.244.4.0/24".parse().unwrap()];
+    src.publish_node(&outside).await.unwrap();
+    wait(accepted("Refused"), "its own MeshNode reported Refused").await;
+    let status = api.get(&ObjectKey::cluster(MG, "MeshNode", "node-3")).unwrap()["status"].clone();
+    assert!(status["conditions"][0]["message"].as_str().unwrap().contains("10.244.4.0/24"), "{status}");
+    assert!(!src.subscribe().borrow().nodes.contains_key("node-3"));
+    src.publish_node(&record).await.unwrap();
+    wait(accepted("Accepted"), "Accepted again").await;
 
     // A rotated key replaces the record; publishing it again writes nothing.
     record.public_key = PublicKey([10; 32]);
@@ -239,6 +269,13 @@ async fn an_agent_publishes_and_updates_its_mesh_node() {
     api.clear_requests();
     src.publish_node(&record).await.unwrap();
     use meshguard_test_apiserver::Verb;
-    let writes = api.requests().iter().filter(|r| matches!(r.verb, Verb::Create | Verb::Update | Verb::Patch | Verb::Delete)).count();
+    // (Its status may still be written: that is the verdict, not the record.)
+    let writes = api
+        .requests()
+        .iter()
+        .filter(|r| {
+            matches!(r.verb, Verb::Create | Verb::Update | Verb::Patch | Verb::Delete) && r.resource.as_deref() == Some("meshnodes")
+        })
+        .count();
     assert_eq!(writes, 0, "an unchanged record is not written again");
 }

@@ -378,7 +378,7 @@ fn rbac_grants_no_wildcards_no_secrets_and_writes_only_what_each_component_owns(
         }
     }
     let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
-    assert_eq!(writes["meshguard-agent"], set(&["create meshnodes", "patch meshnodes", "update meshnodes"]));
+    assert_eq!(writes["meshguard-agent"], set(&["create meshnodes", "patch meshnodes", "patch meshnodes/status", "update meshnodes"]));
     assert_eq!(
         writes["meshguard-identity-ca"],
         set(&["create meshidentities", "create tokenreviews", "patch meshpolicies/status"]),
