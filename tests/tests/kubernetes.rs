@@ -12,7 +12,7 @@ use std::sync::Arc;
 use meshguard_common::spiffe::SpiffeId;
 use meshguard_meshctl::sim::bins::bin_path;
 use meshguard_meshctl::sim::capture::{Capture, judge};
-use meshguard_meshctl::sim::cluster::{Cluster, UNDERLAY_BRIDGE, WG_PORT, cluster};
+use meshguard_meshctl::sim::cluster::{Cluster, TUNNEL_IF, UNDERLAY_BRIDGE, WG_PORT, cluster};
 use meshguard_test_apiserver::{ApiServer, ObjectKey};
 use serde_json::json;
 
@@ -119,6 +119,12 @@ fn root_node_agents_mesh_and_enforce_from_the_kubernetes_api_server() {
         let b64 = meshguard_common::key::PublicKey::from_hex(&key).unwrap().to_base64();
         assert_eq!(stored["spec"]["publicKey"], b64, "{other} peers with the key {n} published");
     }
+
+    // No IPv6 link-local address on the tunnel (set over netlink: /proc/sys
+    // is read-only where the DaemonSet runs the agent).
+    let addrs = c.exec_node("node-1", "ip", &["-6", "addr", "show", "dev", TUNNEL_IF]).unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(!addrs.contains("inet6"), "the tunnel has an IPv6 address: {addrs}");
 
     let cap = Capture::start(&c.underlay_ns, UNDERLAY_BRIDGE, &c.dir.join("kubernetes.pcap")).unwrap();
     let mark = format!("MGK8S-{:016x}", rand::random::<u64>());

@@ -111,11 +111,11 @@ pub async fn run_with_source(
 
     let tun = LinuxTun::open_with(&cfg.interface, true, cfg.tun_offload)?;
     tun.set_mtu(cfg.mtu)?;
-    // No IPv6 link-local address on the tunnel: it would only emit router
-    // solicitations that no peer can take (and that would count as drops).
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/addr_gen_mode", cfg.interface), "1");
-    tun.set_up()?;
     let ifindex = tun.ifindex().context("cannot read the tunnel's interface index")?;
+    if let Err(error) = routes::no_ipv6_link_local(ifindex).await {
+        tracing::warn!(%error, "cannot turn off IPv6 link-local addressing on the tunnel; it will solicit routers no peer answers");
+    }
+    tun.set_up()?;
     let device = Arc::new(Device::start(Arc::new(tun), Arc::new(HostNetwork { gro: cfg.udp_gro }), cfg.listen_port)?);
     device.apply(&DeviceUpdate { private_key: Some(Some(secret)), ..Default::default() })?;
     let _uapi = UapiServer::start(&cfg.uapi_socket_dir, &cfg.interface, device.clone(), Access::ReadOnly)?;

@@ -55,6 +55,21 @@ pub struct MeshRoute {
     pub kind: RouteKind,
 }
 
+/// Turns off IPv6 address generation on interface `ifindex` (call before
+/// it goes up): a link-local address on the tunnel would only send router
+/// solicitations no peer can take, counted as drops. Netlink, not
+/// `/proc/sys`, which is read-only in a container.
+pub async fn no_ipv6_link_local(ifindex: u32) -> Result<(), RouteError> {
+    use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute};
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Connect)?;
+    let task = tokio::spawn(conn);
+    let mut msg = rtnetlink::LinkUnspec::new_with_index(ifindex).build();
+    msg.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)])]));
+    let result = handle.link().set(msg).execute().await.map_err(RouteError::Link);
+    task.abort();
+    result
+}
+
 pub struct Routes {
     handle: Handle,
     ifindex: u32,
