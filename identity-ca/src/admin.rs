@@ -80,6 +80,7 @@ fn reg_status(e: RegistryError) -> Status {
         RegistryError::Store(_) => Status::internal(e.to_string()),
         RegistryError::Alloc(_) => Status::resource_exhausted(e.to_string()),
         RegistryError::Conflict { .. } => Status::already_exists(e.to_string()),
+        RegistryError::Disagree { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 

@@ -3,7 +3,14 @@
 //! `node-<n>` for a node id), which the agents' Kubernetes cluster source
 //! reads so that every node keys its maps alike.
 //!
-//! The registry stays the allocator; this task only copies its numbers
+//! Before anything allocates, [`adopt`] lists the objects and takes their
+//! numbers into the registry: they are what the nodes enforce, so a CA
+//! whose state was lost or restored from an older backup must not give
+//! them new meanings. Where the registry already disagrees with them it
+//! fails closed: nothing on Kubernetes starts, the registry's numbers are
+//! not served, and `/readyz` says why.
+//!
+//! The registry stays the allocator; [`publish`] only copies its numbers
 //! out. At start it lists the objects that exist and creates the missing
 //! ones; then it follows the registry's events (each carries the numbers it
 //! allocated), and its whole view when it fell behind. While the API server
@@ -21,17 +28,33 @@ use std::sync::Arc;
 
 use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use meshguard_ca_client::registry::{convert, proto};
-use meshguard_common::cluster::{ClusterView, MeshIdentity, MeshIdentitySpec};
+use meshguard_common::cluster::{Allocation, ClusterView, MeshIdentity, MeshIdentitySpec};
 use meshguard_common::retry::Backoff;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
+use crate::registry::RegistryError;
 use crate::server::CaState;
 
 /// Objects per page when listing what exists.
 pub const LIST_PAGE: u32 = 500;
 /// How much of a conflicting object's spec an error log shows.
 const SHOWN_SPEC_CHARS: usize = 300;
+/// Disagreements logged one by one when adoption is refused (all are counted).
+const LOGGED_DISAGREEMENTS: usize = 100;
+
+/// Where the registry's numbers stand against the MeshIdentity objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// The objects are not listed yet (the API server not reached yet):
+    /// nothing allocates and the registry's numbers are not served.
+    Waiting,
+    /// Adopted: this many identities and node ids were new to the registry.
+    Adopted { identities: usize, nodes: usize },
+    /// The registry disagrees with the objects: nothing on Kubernetes
+    /// starts, until an operator resolves it and restarts the CA.
+    Refused { reason: String },
+}
 
 /// What the API server holds under a wanted name.
 #[derive(Debug, PartialEq, Eq)]
@@ -108,6 +131,87 @@ pub async fn publish(client: kube::Client, state: Arc<CaState>) {
             () = retry => {}
         }
     }
+}
+
+/// Lists every MeshIdentity, retrying with backoff while the API server
+/// cannot be reached, and adopts their numbers into the registry (see
+/// [`crate::registry::Registry::adopt`]). Returns whether they agree; when
+/// they do not, the CA's state says why and nothing else on Kubernetes may
+/// start.
+pub async fn adopt(client: kube::Client, state: &CaState) -> bool {
+    let api: kube::Api<DynamicObject> = kube::Api::all_with(client, &ApiResource::erase::<MeshIdentity>(&()));
+    let mut backoff = Backoff::default();
+    loop {
+        let error = match list_allocations(&api).await {
+            Err(error) => error.to_string(),
+            Ok(objects) => match state.registry.adopt(&objects) {
+                Ok(delta) => {
+                    let (identities, nodes) = (delta.identities.len(), delta.nodes.len());
+                    tracing::info!(objects = objects.len(), identities, nodes, "MeshIdentity numbers adopted into the registry");
+                    state.set_adoption(Adoption::Adopted { identities, nodes });
+                    // Attested nodes waited for their ids until now.
+                    let attested = state.attested_nodes();
+                    if let Err(error) = state.registry.allocate_node_ids(attested.keys().map(String::as_str)) {
+                        tracing::warn!(%error, "cannot give the attested nodes their node ids");
+                    }
+                    return true;
+                }
+                Err(RegistryError::Store(error)) => error.to_string(),
+                Err(error) => {
+                    refuse(state, error);
+                    return false;
+                }
+            },
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(%error, retry_in = ?delay, "cannot adopt the MeshIdentity numbers yet; the Kubernetes mirrors wait");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Fails closed: logs and counts every disagreement, and keeps the reason
+/// for `/readyz`.
+fn refuse(state: &CaState, error: RegistryError) {
+    if let RegistryError::Disagree { disagreements } = &error {
+        state.metrics.k8s_identity_conflicts.inc_by(disagreements.len() as u64);
+        for d in disagreements.iter().take(LOGGED_DISAGREEMENTS) {
+            tracing::error!(
+                object = %d.object, stands_for = %d.stands_for, registry = %d.registry,
+                "the registry disagrees with a MeshIdentity the nodes enforce (identity-ca's state lost or restored from an old backup?)"
+            );
+        }
+    }
+    tracing::error!(%error, "the Kubernetes mirrors are not started and the registry's numbers are not served");
+    state.set_adoption(Adoption::Refused { reason: error.to_string() });
+}
+
+/// Every MeshIdentity's allocation, page by page; a malformed object is
+/// skipped with a warning.
+async fn list_allocations(api: &kube::Api<DynamicObject>) -> Result<Vec<Allocation>, kube::Error> {
+    let mut params = ListParams::default().limit(LIST_PAGE);
+    let mut out = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        for obj in &page.items {
+            match allocation_of(obj) {
+                Ok(a) => out.push(a),
+                Err(reason) => tracing::warn!(
+                    object = %obj.metadata.name.as_deref().unwrap_or_default(), %reason,
+                    "malformed MeshIdentity skipped; its number is not adopted"
+                ),
+            }
+        }
+        match page.metadata.continue_.as_deref() {
+            Some(token) if !token.is_empty() => params = params.continue_token(token),
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// What a MeshIdentity object allocates, or why it is malformed.
+pub fn allocation_of(obj: &DynamicObject) -> Result<Allocation, String> {
+    let typed: MeshIdentity = serde_json::to_value(obj).and_then(serde_json::from_value).map_err(|e| e.to_string())?;
+    typed.allocation()
 }
 
 /// One object per number `view` holds.
@@ -268,6 +372,28 @@ mod tests {
         // Numbers the registry would never send are not published.
         let bad = proto::Numbers { identities: [("spiffe://cluster.local/ns/shop/sa/x".into(), 3)].into(), ..Default::default() };
         assert!(from_numbers(&bad).is_empty());
+    }
+
+    #[test]
+    fn a_listed_object_is_an_allocation_or_says_why_not() {
+        let obj = |name: &str, spec: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({"apiVersion": "meshguard.io/v1alpha1", "kind": "MeshIdentity", "metadata": {"name": name, "resourceVersion": "3"}, "spec": spec}))
+                .unwrap()
+        };
+        let web = id("spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(
+            allocation_of(&obj("256", serde_json::json!({"spiffeId": web.to_string()}))),
+            Ok(Allocation::Identity(web.clone(), 256))
+        );
+        assert_eq!(allocation_of(&obj("node-2", serde_json::json!({"node": "node-1"}))), Ok(Allocation::Node("node-1".into(), 2)));
+        for (name, spec) in [
+            ("256", serde_json::json!({"spiffeId": "not an id"})),
+            ("256", serde_json::json!({"spiffeId": web.to_string(), "extra": 1})),
+            ("12", serde_json::json!({"spiffeId": web.to_string()})),
+            ("node-1", serde_json::json!({"spiffeId": web.to_string()})),
+        ] {
+            assert!(allocation_of(&obj(name, spec.clone())).is_err(), "{name}: {spec}");
+        }
     }
 
     #[test]

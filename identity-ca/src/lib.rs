@@ -12,7 +12,7 @@
 //! | [`registry`] | nodes, workloads, policies and their watch stream |
 //! | [`k8s_pods`] | Kubernetes mode: pods and MeshPolicy objects into the registry |
 //! | [`k8s_nodes`] | Kubernetes mode: MeshNode objects into the registry |
-//! | [`k8s_numbers`] | Kubernetes mode: the registry's numbers out as MeshIdentity objects |
+//! | [`k8s_numbers`] | Kubernetes mode: MeshIdentity numbers adopted at start, the registry's numbers out as MeshIdentity objects |
 //! | [`node_api`] | the mutual-TLS gRPC API nodes call |
 //! | [`admin`] | the root-only admin API on a unix socket |
 //! | [`server`] | wiring it all up and running it |

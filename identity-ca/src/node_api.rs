@@ -297,6 +297,12 @@ impl NodeApi for NodeService {
     async fn watch_cluster(&self, req: Request<proto::WatchClusterRequest>) -> Result<Response<Self::WatchClusterStream>, Status> {
         let (node, serial) = self.caller_credential(&req)?;
         let st = self.state.clone();
+        // On Kubernetes the numbers are served only once they agree with
+        // the MeshIdentity objects the nodes enforce: auth-handshake writes
+        // the auth map by them. The caller retries.
+        if let Some(why) = st.numbers_problem() {
+            return Err(Status::unavailable(why));
+        }
         let Some(slot) = st.watch_slot(&node) else {
             st.metrics.overloaded("watches_per_node");
             tracing::warn!(%node, "too many open watch streams for this node; refused");

@@ -11,14 +11,19 @@
 //! as the change that needs them, travel with its watch event, are never
 //! reused and never change, so every watcher sees the same ones, across
 //! restarts too.
+//!
+//! On Kubernetes the numbers already published as MeshIdentity objects are
+//! what the nodes enforce; [`Registry::adopt`] takes them in before
+//! anything allocates, or refuses where the registry disagrees.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use meshguard_ca_client::registry::convert;
 use meshguard_ca_client::registry::proto::{self, cluster_event::Event};
 use meshguard_common::cluster::alloc::{self, AllocError, Allocations, Delta};
-use meshguard_common::cluster::{ClusterView, NodeRecord, Workload};
+use meshguard_common::cluster::{Allocation, ClusterView, NodeRecord, Workload};
 use meshguard_common::policy::MeshPolicy;
 use meshguard_common::spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::broadcast;
@@ -46,6 +51,24 @@ pub enum RegistryError {
     Alloc(#[from] AllocError),
     #[error("{what} belongs to node {holder}")]
     Conflict { what: String, holder: String },
+    #[error(
+        "the registry's numbers disagree with {} MeshIdentity object(s) the nodes enforce (the first: {}); the objects are the source of truth: restore the identity-ca state that wrote them, or delete identity-ca's state so that it adopts them",
+        .disagreements.len(),
+        .disagreements.first().map(ToString::to_string).unwrap_or_default()
+    )]
+    Disagree { disagreements: Vec<Disagreement> },
+}
+
+/// A number the registry and the MeshIdentity objects give different
+/// meanings, or a meaning they give different numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disagreement {
+    /// The object's name (`256`, `node-1`).
+    pub object: String,
+    /// What the object says the number stands for.
+    pub stands_for: String,
+    /// What the registry says instead.
+    pub registry: String,
 }
 
 pub struct Registry {
@@ -301,6 +324,30 @@ impl Registry {
         Ok(())
     }
 
+    /// Takes in the numbers `objects` (MeshIdentity objects) hold: each
+    /// becomes the registry's allocation where it has none, and the
+    /// counters move past every number an object holds, so nothing is
+    /// allocated twice. Where the registry already gives a number another
+    /// meaning, or a meaning another number, nothing changes and every such
+    /// disagreement is returned. Stored in one transaction; watchers get
+    /// the new numbers in one event. Returns what was new.
+    pub fn adopt(&self, objects: &[Allocation]) -> Result<Delta, RegistryError> {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let (next, delta) = plan_adoption(&st.alloc, objects)?;
+        if next == st.alloc {
+            return Ok(delta);
+        }
+        next.validate()?;
+        let tx = self.store.write()?;
+        store_delta(&tx, &next, &delta)?;
+        Store::commit(tx)?;
+        st.alloc = next;
+        if !delta.is_empty() {
+            self.emit(&mut st, &delta, None);
+        }
+        Ok(delta)
+    }
+
     /// Allocates numbers for `ids` and `nodes`, and stores them and whatever
     /// `write` writes in one durable transaction. On failure nothing is
     /// stored and nothing allocated.
@@ -337,6 +384,66 @@ impl Registry {
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(Arc::new(proto::ClusterEvent { revision: st.revision, allocated, event }));
     }
+}
+
+/// `alloc` with the numbers `objects` hold adopted, and what was new; or
+/// every disagreement between them. Where objects give one meaning several
+/// numbers (damage) the lowest is its number, as on every node (the
+/// agents' Kubernetes source picks it); the others stay taken.
+fn plan_adoption(alloc: &Allocations, objects: &[Allocation]) -> Result<(Allocations, Delta), RegistryError> {
+    let mut next = alloc.clone();
+    let mut delta = Delta::default();
+    let mut disagreements = Vec::new();
+    let (mut ids, mut nodes) = (Vec::new(), Vec::new());
+    for o in objects {
+        match o {
+            Allocation::Identity(id, n) => ids.push((id, *n)),
+            Allocation::Node(node, n) => nodes.push((node, *n)),
+        }
+    }
+    let name = |n: u32| n.to_string();
+    next.next_identity = adopt_kind(&mut next.identities, alloc.next_identity, &ids, name, &mut delta.identities, &mut disagreements)?;
+    let name = |n: u32| format!("node-{n}");
+    next.next_node_id = adopt_kind(&mut next.nodes, alloc.next_node_id, &nodes, name, &mut delta.nodes, &mut disagreements)?;
+    if !disagreements.is_empty() {
+        return Err(RegistryError::Disagree { disagreements });
+    }
+    Ok((next, delta))
+}
+
+/// [`plan_adoption`] for one kind of number (identities or node ids):
+/// adds to `mine` and `added`, or to `disagreements`; returns the counter.
+fn adopt_kind<K: Ord + Clone + fmt::Display>(
+    mine: &mut BTreeMap<K, u32>,
+    mut counter: u32,
+    objects: &[(&K, u32)],
+    name: impl Fn(u32) -> String,
+    added: &mut Vec<(K, u32)>,
+    disagreements: &mut Vec<Disagreement>,
+) -> Result<u32, AllocError> {
+    let by_number: BTreeMap<u32, &K> = mine.iter().map(|(k, n)| (*n, k)).collect();
+    let mut lowest: BTreeMap<&K, u32> = BTreeMap::new();
+    for (k, n) in objects {
+        let low = lowest.entry(*k).or_insert(*n);
+        *low = (*low).min(*n);
+        if let Some(theirs) = by_number.get(n).filter(|theirs| **theirs != *k) {
+            disagreements.push(Disagreement { object: name(*n), stands_for: k.to_string(), registry: format!("gives {n} to {theirs}") });
+        }
+        counter = counter.max(n.checked_add(1).ok_or(AllocError::Exhausted)?);
+    }
+    for (k, n) in lowest {
+        match mine.get(k) {
+            Some(m) if *m != n => {
+                disagreements.push(Disagreement { object: name(n), stands_for: k.to_string(), registry: format!("gives {k} {m}") })
+            }
+            Some(_) => {}
+            None => {
+                mine.insert(k.clone(), n);
+                added.push((k.clone(), n));
+            }
+        }
+    }
+    Ok(counter)
 }
 
 /// What needs a number in `view`: every workload's identity, every SPIFFE ID
@@ -418,6 +525,14 @@ fn unhost(st: &mut State, w: &Workload, td: &TrustDomain) {
                 st.hosted.remove(&k);
             }
         }
+    }
+}
+
+// === impl Disagreement ===
+
+impl fmt::Display for Disagreement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MeshIdentity {} stands for {}, but the registry {}", self.object, self.stands_for, self.registry)
     }
 }
 
@@ -516,5 +631,55 @@ mod tests {
         let mut view = ClusterView::default();
         convert::apply_event(&mut view, snap).unwrap();
         assert_eq!(view, r.view());
+    }
+
+    #[test]
+    fn adoption_takes_in_the_objects_numbers_or_names_every_disagreement() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let open = || Registry::open(Store::open(dir.path(), "r.redb", "cluster.local").unwrap(), td.clone()).unwrap();
+        let r = open();
+        let (db, web, api) =
+            (td.workload_id("shop", "db").unwrap(), td.workload_id("shop", "web").unwrap(), td.workload_id("shop", "api").unwrap());
+        let (_, mut rx) = r.watch();
+        // db twice (damage): the lowest is its number, as on every node.
+        let objects = [Allocation::Identity(db.clone(), 300), Allocation::Identity(db.clone(), 256), Allocation::Node("node-9".into(), 1)];
+        let d = r.adopt(&objects).unwrap();
+        assert_eq!((d.identities.clone(), d.nodes.clone()), (vec![(db.clone(), 256)], vec![("node-9".to_owned(), 1)]));
+        let numbers = rx.try_recv().unwrap().allocated.clone().expect("the adopted numbers travel in an event");
+        assert_eq!(numbers.identities.get(db.as_str()), Some(&256));
+        assert_eq!(numbers.node_ids.get("node-9"), Some(&1));
+        // Nothing allocates a number an object holds.
+        r.put_workload(workload("web", "node-1")).unwrap();
+        r.allocate_node_ids(["node-2"]).unwrap();
+        assert_eq!((r.identity_number(&web), r.node_id("node-2")), (Some(301), Some(2)));
+        assert!(r.adopt(&objects).unwrap().is_empty(), "adopted already");
+        while rx.try_recv().is_ok() {}
+
+        let before = r.view();
+        let disagreeing = [
+            Allocation::Identity(web.clone(), 257),
+            Allocation::Identity(api.clone(), 301),
+            Allocation::Node("node-3".into(), 2),
+            Allocation::Identity(td.workload_id("shop", "new").unwrap(), 400),
+        ];
+        let Err(RegistryError::Disagree { disagreements }) = r.adopt(&disagreeing) else { panic!("disagreements refused") };
+        let said: Vec<String> = disagreements.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            said,
+            [
+                format!("MeshIdentity 301 stands for {api}, but the registry gives 301 to {web}"),
+                format!("MeshIdentity 257 stands for {web}, but the registry gives {web} 301"),
+                "MeshIdentity node-2 stands for node-3, but the registry gives 2 to node-2".to_owned(),
+            ]
+        );
+        assert_eq!(r.view(), before, "all or nothing: not even the agreeing number was adopted");
+        assert!(rx.try_recv().is_err());
+        drop(r);
+
+        let r = open();
+        assert_eq!(r.view(), before, "adopted numbers are stored like allocated ones");
+        r.allocate_node_ids(["node-4"]).unwrap();
+        assert_eq!(r.node_id("node-4"), Some(3));
     }
 }

@@ -23,6 +23,7 @@ use crate::attest::k8s::{ApiServerReviewer, K8sAttestor};
 use crate::attest::{JoinTokens, NodeAttestor};
 use crate::authority::{Ca, CaError, Lifetimes, now_unix};
 use crate::config::{Config, DB_FILE};
+use crate::k8s_numbers::Adoption;
 use crate::metrics::Metrics;
 use crate::node_api::NodeService;
 use crate::registry::{Registry, RegistryError};
@@ -166,6 +167,9 @@ pub struct CaState {
     pub attestations: Arc<tokio::sync::Semaphore>,
     /// Open watch streams by node.
     watches: Places<String>,
+    /// Kubernetes mode: the registry's numbers against the MeshIdentity
+    /// objects (`None` standalone).
+    adoption: RwLock<Option<Adoption>>,
 }
 
 /// A running CA.
@@ -201,8 +205,13 @@ impl CaState {
         let registry = Registry::open(store.clone(), td)?;
         let tokens = JoinTokens::new(store.clone());
         let nodes: BTreeMap<String, NodeAttestation> = store.load_all(ATTESTED_NODES, "attested_nodes")?.into_iter().collect();
-        // Attested nodes have node ids even before they publish a record.
-        registry.allocate_node_ids(nodes.keys().map(String::as_str))?;
+        // On Kubernetes nothing allocates before the MeshIdentity objects'
+        // numbers are adopted (which then gives attested nodes their ids).
+        let adoption = config.kubernetes.is_some().then_some(Adoption::Waiting);
+        if adoption.is_none() {
+            // Attested nodes have node ids even before they publish a record.
+            registry.allocate_node_ids(nodes.keys().map(String::as_str))?;
+        }
         let metrics = Arc::new(Metrics::new());
         metrics.observe_authorities(&ca.list());
         Ok(Self {
@@ -216,7 +225,39 @@ impl CaState {
             shutdown,
             attestations: Arc::new(tokio::sync::Semaphore::new(MAX_ATTESTATIONS)),
             watches: Places::new(MAX_WATCHES_PER_NODE),
+            adoption: RwLock::new(adoption),
         })
+    }
+
+    /// Kubernetes mode: where the registry's numbers stand against the
+    /// MeshIdentity objects; `None` standalone.
+    pub fn adoption(&self) -> Option<Adoption> {
+        self.adoption.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_adoption(&self, adoption: Adoption) {
+        *self.adoption.write().unwrap_or_else(|e| e.into_inner()) = Some(adoption);
+    }
+
+    /// Why the registry's numbers must not be served (nor allocated) now,
+    /// if so: on Kubernetes, until they are checked against the
+    /// MeshIdentity objects the nodes enforce, and for good when they
+    /// disagree.
+    pub fn numbers_problem(&self) -> Option<String> {
+        match self.adoption()? {
+            Adoption::Adopted { .. } => None,
+            Adoption::Waiting => {
+                Some("the MeshIdentity objects are not listed yet: the registry's numbers wait to be checked against them".into())
+            }
+            Adoption::Refused { reason } => Some(reason),
+        }
+    }
+
+    /// What `/readyz` says: ready while an unexpired authority signs and
+    /// the registry's numbers agree with what the nodes enforce.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let problems: Vec<String> = self.signing_problem().into_iter().chain(self.numbers_problem()).collect();
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
     /// Kubernetes mode: the API server owns workloads (pods), policies
@@ -270,8 +311,13 @@ impl CaState {
         self.ca.store().put(ATTESTED_NODES, node, Some(&rec))?;
         nodes.insert(node.to_owned(), rec);
         drop(nodes);
-        // Every attested node has a node id (a no-op after the first time).
-        self.registry.allocate_node_ids([node])?;
+        // Every attested node has a node id (a no-op after the first time);
+        // on Kubernetes once the objects' numbers are adopted, which gives
+        // every node attested by then its id (this node is recorded above,
+        // before the check, so it cannot fall between).
+        if self.numbers_problem().is_none() {
+            self.registry.allocate_node_ids([node])?;
+        }
         Ok(())
     }
 
@@ -353,11 +399,7 @@ impl CaServer {
         let state = Arc::new(state);
         let mut tasks = JoinSet::new();
         if let Some(client) = kube_client {
-            let sd = || shutdown_rx.clone();
-            tasks.spawn(until_shutdown(sd(), crate::k8s_pods::mirror(client.clone(), state.clone())));
-            tasks.spawn(until_shutdown(sd(), crate::k8s_pods::mirror_policies(client.clone(), state.clone())));
-            tasks.spawn(until_shutdown(sd(), crate::k8s_nodes::mirror(client.clone(), state.clone())));
-            tasks.spawn(until_shutdown(sd(), crate::k8s_numbers::publish(client, state.clone())));
+            tasks.spawn(until_shutdown(shutdown_rx.clone(), kubernetes(client, state.clone())));
         }
 
         // Our own certificate, renewed at half-life and whenever the bundle changes.
@@ -464,10 +506,9 @@ impl CaServer {
         if let Some(maddr) = config.metrics_address {
             let registry = state.metrics.registry();
             let weak = Arc::downgrade(&state);
-            // Ready while an unexpired authority signs.
             let ready: meshguard_common::telemetry::Readiness = Arc::new(move || match weak.upgrade() {
                 None => Err(vec!["shutting down".into()]),
-                Some(st) => st.signing_problem().map_or(Ok(()), |p| Err(vec![p])),
+                Some(st) => st.readiness(),
             });
             tasks.spawn(async move {
                 if let Err(error) = meshguard_common::telemetry::serve(maddr, registry, ready).await {
@@ -507,6 +548,23 @@ impl CaServer {
         signal.await;
         self.shutdown().await;
     }
+}
+
+/// Kubernetes mode: the MeshIdentity objects' numbers adopted first, then
+/// the mirrors into the registry and the publisher out of it — none of
+/// them when the registry disagrees with the objects (the CA stays not
+/// ready and serves no numbers; the node API's attestation still works).
+async fn kubernetes(client: kube::Client, state: Arc<CaState>) {
+    if !crate::k8s_numbers::adopt(client.clone(), &state).await {
+        return;
+    }
+    let mut tasks = JoinSet::new();
+    tasks.spawn(crate::k8s_pods::mirror(client.clone(), state.clone()));
+    tasks.spawn(crate::k8s_pods::mirror_policies(client.clone(), state.clone()));
+    tasks.spawn(crate::k8s_nodes::mirror(client.clone(), state.clone()));
+    tasks.spawn(crate::k8s_numbers::publish(client, state));
+    // Dropped at shutdown, which aborts them.
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Runs `task` (one that never ends by itself) until shutdown.

@@ -1,6 +1,8 @@
 //! identity-ca's side of the cluster view on Kubernetes, against the
-//! in-process API server: the numbers its registry allocates published as
-//! MeshIdentity objects (never overwritten, never deleted), MeshNode
+//! in-process API server: the numbers MeshIdentity objects already hold
+//! adopted before anything allocates (or, where its registry disagrees,
+//! nothing started: fail closed), the numbers its registry allocates
+//! published as MeshIdentity objects (never overwritten, never deleted), MeshNode
 //! objects mirrored into its registry (malformed ones skipped, deletions
 //! missed while the watch was down caught by the relist), and no way for a
 //! node or an admin to write around the API server.
@@ -14,7 +16,11 @@ use std::time::Duration;
 use meshguard_ca_client::registry::convert;
 use meshguard_common::cluster::{MeshNode, NodeRecord, Workload};
 use meshguard_common::key::PublicKey;
-use meshguard_common::spiffe::SpiffeId;
+use meshguard_common::spiffe::{SpiffeId, TrustDomain};
+use meshguard_identity_ca::k8s_numbers::Adoption;
+use meshguard_identity_ca::registry::Registry;
+use meshguard_identity_ca::server::CaServer;
+use meshguard_identity_ca::store::Store;
 use meshguard_test_apiserver::{ApiServer, ObjectKey, Verb};
 use serde_json::{Value, json};
 
@@ -67,6 +73,24 @@ fn mesh_node_key(name: &str) -> ObjectKey {
     ObjectKey::cluster(GROUP, "MeshNode", name)
 }
 
+/// A CA state directory whose registry numbered web (on node-1) before
+/// this CA ever reached the API server: an older backup, say.
+fn state_with_web(dir: &std::path::Path) -> u32 {
+    let store = Store::open(&dir.join("state"), meshguard_identity_ca::config::DB_FILE, "cluster.local").unwrap();
+    let registry = Registry::open(store, TrustDomain::new("cluster.local").unwrap()).unwrap();
+    registry.put_workload(web_workload()).unwrap();
+    registry.identity_number(&id("web")).unwrap()
+}
+
+async fn wait_for_adoption(ca: &CaServer) -> Adoption {
+    wait_for("the MeshIdentity numbers adopted or refused", || !matches!(ca.state.adoption(), Some(Adoption::Waiting))).await;
+    ca.state.adoption().unwrap()
+}
+
+fn creates(api: &ApiServer) -> usize {
+    api.requests().iter().filter(|r| r.resource.as_deref() == Some("meshidentities") && r.verb == Verb::Create).count()
+}
+
 /// A pod's identity and a MeshNode's node id are published as MeshIdentity
 /// objects named after their numbers; the MeshNode itself reaches the
 /// registry (and so auth-handshake). The objects outlive what they stand for.
@@ -102,22 +126,63 @@ async fn the_registrys_numbers_are_published_and_mesh_nodes_mirrored() {
     assert_eq!(api.requests().iter().filter(|r| r.verb == Verb::Delete && r.resource.as_deref() == Some("meshidentities")).count(), 0);
 }
 
-/// A MeshIdentity that exists with another meaning is the agents' number:
-/// never overwritten, counted, and the numbers after it are still published.
+fn mesh_identity_object(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": GROUP, "kind": "MeshIdentity", "metadata": {"name": name}, "spec": spec})
+}
+
+/// The attack: identity-ca's state is lost (or restored from an older
+/// backup) while the MeshIdentity objects the nodes key their maps by
+/// remain. A fresh registry allocating from the first number again would
+/// give 256 to web while every node enforces 256 as db, and auth-handshake
+/// (which reads the registry) would write auth entries for the wrong pair.
+/// So the CA adopts the objects' numbers before anything allocates.
 #[tokio::test]
-async fn a_conflicting_mesh_identity_is_counted_and_never_overwritten() {
+async fn a_fresh_ca_adopts_the_numbers_the_objects_hold() {
     let api = ApiServer::start().await.unwrap();
-    // Left by an earlier CA (its state lost): 256 means db to the agents.
     let first = meshguard_common::cluster::alloc::FIRST_IDENTITY;
-    let stale = json!({"apiVersion": GROUP, "kind": "MeshIdentity", "metadata": {"name": first.to_string()}, "spec": {"spiffeId": id("db").to_string()}});
-    api.create(stale).unwrap();
+    let first_node = meshguard_common::cluster::alloc::FIRST_NODE_ID;
+    api.create(mesh_identity_object(&first.to_string(), json!({"spiffeId": id("db").to_string()}))).unwrap();
+    api.create(mesh_identity_object(&format!("node-{first_node}"), json!({"node": "node-9"}))).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = kube_ca(&api, dir.path()).await;
     let registry = &ca.state.registry;
+    assert_eq!(wait_for_adoption(&ca).await, Adoption::Adopted { identities: 1, nodes: 1 });
+    assert_eq!(ca.state.readiness(), Ok(()));
 
     api.create(pod("web", "web", "node-1")).unwrap();
     wait_for("web's number", || registry.identity_number(&id("web")).is_some()).await;
-    assert_eq!(registry.identity_number(&id("web")), Some(first), "a fresh registry gives web the first number");
+    assert_ne!(registry.identity_number(&id("web")), Some(first), "web must not get the number the nodes enforce as db");
+    assert_eq!(registry.identity_number(&id("db")), Some(first), "db keeps its number");
+    api.create(mesh_node("node-2", 2, 2)).unwrap();
+    wait_for("node-2's id", || registry.node_id("node-2").is_some()).await;
+    assert_ne!(registry.node_id("node-2"), Some(first_node), "a new node must not get node-9's id");
+    assert_eq!(registry.node_id("node-9"), Some(first_node));
+
+    // web's number is published under its own name; the objects are untouched.
+    let web_n = registry.identity_number(&id("web")).unwrap().to_string();
+    wait_for("web's MeshIdentity", || mesh_identity(&api, &web_n).is_some()).await;
+    assert_eq!(mesh_identity(&api, &first.to_string()).unwrap(), json!({"spiffeId": id("db").to_string()}));
+    assert_eq!(mesh_identity(&api, &format!("node-{first_node}")).unwrap(), json!({"node": "node-9"}));
+    assert_eq!(ca.state.metrics.k8s_identity_conflicts.get(), 0);
+}
+
+/// A MeshIdentity that exists with another meaning (written by another
+/// writer after the CA adopted the objects) is the agents' number: never
+/// overwritten, counted, and the numbers after it are still published.
+#[tokio::test]
+async fn a_conflicting_mesh_identity_is_counted_and_never_overwritten() {
+    let api = ApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kube_ca(&api, dir.path()).await;
+    let registry = &ca.state.registry;
+    wait_for_adoption(&ca).await;
+    // Someone else's: 256 means db to the agents.
+    let first = meshguard_common::cluster::alloc::FIRST_IDENTITY;
+    api.create(mesh_identity_object(&first.to_string(), json!({"spiffeId": id("db").to_string()}))).unwrap();
+
+    api.create(pod("web", "web", "node-1")).unwrap();
+    wait_for("web's number", || registry.identity_number(&id("web")).is_some()).await;
+    assert_eq!(registry.identity_number(&id("web")), Some(first), "the registry never saw the other writer's object");
     api.create(pod("api", "api", "node-1")).unwrap();
     wait_for("api's number", || registry.identity_number(&id("api")).is_some()).await;
     let api_n = registry.identity_number(&id("api")).unwrap().to_string();
@@ -137,31 +202,114 @@ async fn a_conflicting_mesh_identity_is_counted_and_never_overwritten() {
     assert_eq!((conflicts(), writes(&api)), (1, before));
 }
 
-/// The same meaning under another number (left by an earlier CA, or
-/// written by someone else) is counted too; the registry's number is still
-/// published, since the registry is the allocator.
+/// The registry disagreeing with the objects (its state restored from an
+/// older backup: it gives 256 to web, every node enforces 256 as db) fails
+/// closed: nothing on Kubernetes starts, nothing is published or
+/// overwritten, the registry's numbers are not served (auth-handshake
+/// would write auth entries by them), and `/readyz` says why. Attestation
+/// still works.
 #[tokio::test]
-async fn a_meaning_the_api_server_gives_another_number_is_counted() {
-    use meshguard_common::spiffe::TrustDomain;
-    use meshguard_identity_ca::registry::Registry;
-    use meshguard_identity_ca::store::Store;
+async fn a_ca_that_disagrees_with_the_objects_starts_nothing_on_kubernetes() {
+    use meshguard_ca_client::registry::proto;
     let api = ApiServer::start().await.unwrap();
-    api.create(
-        json!({"apiVersion": GROUP, "kind": "MeshIdentity", "metadata": {"name": "900"}, "spec": {"spiffeId": id("web").to_string()}}),
-    )
-    .unwrap();
-    // The registry numbered web before this CA ever reached the API server.
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("state"), meshguard_identity_ca::config::DB_FILE, "cluster.local").unwrap();
-    let registry = Registry::open(store, TrustDomain::new("cluster.local").unwrap()).unwrap();
-    registry.put_workload(web_workload()).unwrap();
-    let n = registry.identity_number(&id("web")).unwrap().to_string();
-    drop(registry);
-
+    let web_n = state_with_web(dir.path());
+    api.create(mesh_identity_object(&web_n.to_string(), json!({"spiffeId": id("db").to_string()}))).unwrap();
+    api.create(pod("api", "api", "node-1")).unwrap();
+    api.create(mesh_node("node-1", 1, 1)).unwrap();
     let ca = kube_ca(&api, dir.path()).await;
-    wait_for("the registry's number published", || mesh_identity(&api, &n).is_some()).await;
+    let registry = &ca.state.registry;
+
+    let Adoption::Refused { reason } = wait_for_adoption(&ca).await else { panic!("adopted numbers that disagree") };
+    let names_both = format!("MeshIdentity {web_n} stands for {}, but the registry gives {web_n} to {}", id("db"), id("web"));
+    assert!(reason.contains(&names_both), "{reason}");
+    assert_eq!(ca.state.readiness(), Err(vec![reason.clone()]));
     assert_eq!(ca.state.metrics.k8s_identity_conflicts.get(), 1);
-    assert_eq!(mesh_identity(&api, "900").unwrap(), json!({"spiffeId": id("web").to_string()}), "not deleted");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let touched: Vec<_> =
+        api.requests().into_iter().filter(|r| r.resource.as_deref() != Some("meshidentities") || r.verb != Verb::List).collect();
+    assert!(touched.is_empty(), "only the MeshIdentity list: {touched:?}");
+    assert!(registry.identity_number(&id("api")).is_none() && registry.view().nodes.is_empty(), "no mirror started");
+    assert_eq!(mesh_identity(&api, &web_n.to_string()).unwrap(), json!({"spiffeId": id("db").to_string()}), "not overwritten");
+
+    // A node attests, but gets no node id and no numbers.
+    let mut node = attested_node(&api, &ca, "node-1").await;
+    assert_eq!(registry.node_id("node-1"), None);
+    let refused = node.watch_cluster(proto::WatchClusterRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains(&names_both), "{refused:?}");
+    assert_eq!(creates(&api), 0);
+}
+
+/// The same meaning under another number disagrees too: the nodes key web
+/// by 900, the registry by its own.
+#[tokio::test]
+async fn a_meaning_the_objects_give_another_number_is_refused_too() {
+    let api = ApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let web_n = state_with_web(dir.path());
+    api.create(mesh_identity_object("900", json!({"spiffeId": id("web").to_string()}))).unwrap();
+    let ca = kube_ca(&api, dir.path()).await;
+    let Adoption::Refused { reason } = wait_for_adoption(&ca).await else { panic!("adopted numbers that disagree") };
+    assert!(
+        reason.contains(&format!("MeshIdentity 900 stands for {}, but the registry gives {} {web_n}", id("web"), id("web"))),
+        "{reason}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(mesh_identity(&api, &web_n.to_string()).is_none(), "the registry's number not published");
+    assert_eq!(ca.state.registry.identity_number(&id("web")), Some(web_n), "nor changed");
+}
+
+/// A healthy CA restarted against the objects it wrote agrees with them:
+/// nothing new adopted, ready, nothing written.
+#[tokio::test]
+async fn a_restarted_ca_agrees_with_its_own_objects() {
+    let api = ApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kube_ca(&api, dir.path()).await;
+    api.create(pod("web", "web", "node-1")).unwrap();
+    api.create(mesh_node("node-1", 1, 1)).unwrap();
+    let registry = &ca.state.registry;
+    wait_for("both numbers", || registry.identity_number(&id("web")).is_some() && registry.node_id("node-1").is_some()).await;
+    let (web_n, node_n) = (registry.identity_number(&id("web")).unwrap(), registry.node_id("node-1").unwrap());
+    wait_for("both published", || {
+        mesh_identity(&api, &web_n.to_string()).is_some() && mesh_identity(&api, &format!("node-{node_n}")).is_some()
+    })
+    .await;
+    let before = registry.view();
+    ca.shutdown().await;
+
+    api.clear_requests();
+    let ca = kube_ca(&api, dir.path()).await;
+    assert_eq!(wait_for_adoption(&ca).await, Adoption::Adopted { identities: 0, nodes: 0 });
+    assert_eq!(ca.state.readiness(), Ok(()));
+    wait_for("the pods relisted", || ca.state.registry.hosts("node-1", &id("web"))).await;
+    assert_eq!(ca.state.registry.view(), before);
+    assert_eq!((creates(&api), ca.state.metrics.k8s_identity_conflicts.get()), (0, 0));
+}
+
+/// While the API server cannot be reached at start the objects cannot be
+/// listed: nothing allocates, the numbers are not served and the CA is not
+/// ready; the list is retried, and once it succeeds everything starts.
+#[tokio::test]
+async fn the_numbers_wait_for_the_api_server_at_start() {
+    let api = ApiServer::start().await.unwrap();
+    api.create(mesh_identity_object("256", json!({"spiffeId": id("db").to_string()}))).unwrap();
+    api.create(pod("web", "web", "node-1")).unwrap();
+    api.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kube_ca(&api, dir.path()).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(ca.state.adoption(), Some(Adoption::Waiting));
+    let Err(reasons) = ca.state.readiness() else { panic!("ready before the numbers were checked") };
+    assert!(reasons[0].contains("not listed yet"), "{reasons:?}");
+
+    api.restart().await.unwrap();
+    assert_eq!(wait_for_adoption(&ca).await, Adoption::Adopted { identities: 1, nodes: 0 });
+    assert_eq!(ca.state.readiness(), Ok(()));
+    wait_for("web's number", || ca.state.registry.identity_number(&id("web")).is_some()).await;
+    assert_eq!(ca.state.registry.identity_number(&id("web")), Some(257));
 }
 
 /// One malformed MeshNode, at the list or in the watch, is skipped and
@@ -229,9 +377,6 @@ async fn numbers_wait_for_the_api_server_and_are_not_written_twice() {
     let api = ApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = kube_ca(&api, dir.path()).await;
-    let creates = |api: &ApiServer| {
-        api.requests().iter().filter(|r| r.resource.as_deref() == Some("meshidentities") && r.verb == Verb::Create).count()
-    };
     let listed = |api: &ApiServer| api.requests().iter().any(|r| r.resource.as_deref() == Some("meshidentities") && r.verb == Verb::List);
     wait_for("the first list", || listed(&api)).await;
 
