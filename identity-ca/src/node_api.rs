@@ -215,6 +215,14 @@ impl NodeApi for NodeService {
         if reqs.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!("{} SVIDs requested; at most {MAX_BATCH} per call", reqs.len())));
         }
+        // Which pods a node hosts is known from the API server only once
+        // the mirrors run, and they wait for the numbers: until then the
+        // registry's workloads are whatever the store last held (a restored
+        // backup's, say), and a node could get SVIDs for pods it no longer hosts.
+        if let Some(problem) = self.state.numbers_problem() {
+            self.state.metrics.denied("numbers_not_adopted");
+            return Err(Status::unavailable(format!("identity-ca cannot issue workload SVIDs yet: {problem}")));
+        }
         let ids = reqs.iter().map(|r| self.authorize(&node, &r.spiffe_id)).collect::<Result<Vec<_>, _>>()?;
         let n = ids.len() as u64;
         // Checking a CSR is an ECDSA verification (~50 µs; a full batch,

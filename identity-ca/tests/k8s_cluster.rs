@@ -239,6 +239,16 @@ async fn a_ca_that_disagrees_with_the_objects_starts_nothing_on_kubernetes() {
     let refused = node.watch_cluster(proto::WatchClusterRequest {}).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains(&names_both), "{refused:?}");
+    // Nor workload SVIDs: which pods it hosts is not known from the API
+    // server while the mirrors wait, only from the store.
+    let sign = proto::SignWorkloadSvidsRequest {
+        requests: vec![proto::WorkloadSvidRequest {
+            spiffe_id: id("web").to_string(),
+            csr: meshguard_identity_ca::csr::generate().unwrap().1,
+        }],
+    };
+    let refused = node.sign_workload_svids(sign).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert_eq!(creates(&api), 0);
 }
 

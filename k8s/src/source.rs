@@ -14,7 +14,9 @@
 //! logged, counted and skipped, and never stops the others from decoding.
 //! An invalid change to a policy or node keeps its last valid version, as
 //! identity-ca does (which reports the verdict in the policy's status):
-//! taking a policy away could open what it closed.
+//! taking a policy away could open what it closed. An invalid policy never
+//! seen valid is enforced closed (`stand_in`). A pod's addresses count only
+//! inside its node's accepted pod CIDRs and when no other pod claims them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -56,8 +58,11 @@ enum Op<T> {
     Init,
     /// An object of the list.
     Listed(String, T),
-    /// An invalid object of the list: its last valid version (if any) stays.
-    KeepListed(String),
+    /// An invalid object of the list: its last valid version stays, or
+    /// without one the stand-in (a policy's: see `stand_in`).
+    KeepListed(String, Option<T>),
+    /// An invalid change: the same, outside a list.
+    Keep(String, Option<T>),
     /// The list is complete: it replaces what the kind held.
     InitDone,
     Apply(String, T),
@@ -78,7 +83,8 @@ enum Verdict<T> {
     Item(T),
     /// Not part of the view (a pod without identity): as if deleted.
     Absent,
-    Invalid(String),
+    /// With what stands in for it when no valid version was seen.
+    Invalid(String, Option<T>),
 }
 
 /// One kind's objects: the live ones, and a re-list being gathered.
@@ -115,12 +121,18 @@ impl KubeSource {
             counted(
                 &r,
                 "MeshNode",
-                parse::<MeshNode>(o).and_then(|n| n.record()).map_or_else(Verdict::Invalid, |n| Verdict::Item((n, generation))),
+                parse::<MeshNode>(o)
+                    .and_then(|n| n.record())
+                    .map_or_else(|e| Verdict::Invalid(e, None), |n| Verdict::Item((n, generation))),
             )
         })));
         let r = refused.clone();
         tasks.push(tokio::spawn(follow(untyped::<MeshIdentity>(&client), "MeshIdentity", msgs, Msg::Identities, move |o| {
-            counted(&r, "MeshIdentity", parse::<MeshIdentity>(o).and_then(|i| i.allocation()).map_or_else(Verdict::Invalid, Verdict::Item))
+            counted(
+                &r,
+                "MeshIdentity",
+                parse::<MeshIdentity>(o).and_then(|i| i.allocation()).map_or_else(|e| Verdict::Invalid(e, None), Verdict::Item),
+            )
         })));
         let local = Arc::new(std::sync::Mutex::new(None));
         let status = Status { client: client.clone(), local: local.clone(), reported: Arc::default() };
@@ -165,7 +177,7 @@ fn parse<K: DeserializeOwned>(obj: &DynamicObject) -> Result<K, String> {
 
 fn parse_policy(obj: &DynamicObject) -> Verdict<Box<MeshPolicy>> {
     let (Some(namespace), Some(name)) = (obj.metadata.namespace.as_deref(), obj.metadata.name.as_deref()) else {
-        return Verdict::Invalid("metadata.namespace or .name is missing".into());
+        return Verdict::Invalid("metadata.namespace or .name is missing".into(), None);
     };
     let parsed = serde_json::to_string(obj).map_err(|e| e.to_string()).and_then(|t| MeshPolicy::from_json(&t).map_err(|e| e.to_string()));
     match parsed {
@@ -176,12 +188,33 @@ fn parse_policy(obj: &DynamicObject) -> Verdict<Box<MeshPolicy>> {
             stored.metadata.labels = p.metadata.labels;
             Verdict::Item(Box::new(stored))
         }
-        Err(reason) => Verdict::Invalid(reason),
+        Err(reason) => Verdict::Invalid(reason, Some(Box::new(stand_in(obj, namespace, name)))),
     }
 }
 
+/// What enforces an invalid policy no valid version of which this agent
+/// has seen (it started after the bad edit, or the policy was born bad):
+/// the pods it selects closed in the directions it names. Its author meant
+/// to restrict them; enforcing nothing would open them. A selector that
+/// cannot be read selects every pod of the namespace.
+fn stand_in(obj: &DynamicObject, namespace: &str, name: &str) -> MeshPolicy {
+    let spec = obj.data.get("spec");
+    let selector = spec
+        .and_then(|s| s.get("selector"))
+        .map_or(Some(Default::default()), |v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    let has = |k: &str| spec.is_some_and(|s| s.get(k).is_some());
+    // NetworkPolicy's defaults: ingress unless only egress is named.
+    let (ingress, egress) = (has("ingress") || !has("egress"), has("egress"));
+    MeshPolicy::named(
+        namespace,
+        name,
+        meshguard_common::policy::MeshPolicySpec { selector, ingress: ingress.then(Vec::new), egress: egress.then(Vec::new) },
+    )
+}
+
 fn counted<T>(refused: &Refusals, kind: &'static str, v: Verdict<T>) -> Verdict<T> {
-    if matches!(v, Verdict::Invalid(_)) {
+    if matches!(v, Verdict::Invalid(..)) {
         refused.count(kind);
     }
     v
@@ -217,9 +250,9 @@ async fn follow<K, T>(
                 match judge(&obj) {
                     Verdict::Item(v) => Op::Listed(key, v),
                     Verdict::Absent => continue,
-                    Verdict::Invalid(reason) => {
+                    Verdict::Invalid(reason, fallback) => {
                         tracing::warn!(kind, object = %key, %reason, "skipping an invalid object; its last valid version, if any, stays");
-                        Op::KeepListed(key)
+                        Op::KeepListed(key, fallback)
                     }
                 }
             }
@@ -228,9 +261,9 @@ async fn follow<K, T>(
                 match judge(&obj) {
                     Verdict::Item(v) => Op::Apply(key, v),
                     Verdict::Absent => Op::Delete(key),
-                    Verdict::Invalid(reason) => {
+                    Verdict::Invalid(reason, fallback) => {
                         tracing::warn!(kind, object = %key, %reason, "skipping an invalid object; its last valid version, if any, stays");
-                        continue;
+                        Op::Keep(key, fallback)
                     }
                 }
             }
@@ -265,6 +298,7 @@ async fn build(
     let mut mesh_nodes = Table::new();
     let mut identities = Table::new();
     let mut refused_nodes: BTreeMap<String, String> = BTreeMap::new();
+    let mut refused_ips: BTreeMap<(String, std::net::IpAddr), String> = BTreeMap::new();
     while let Some(first) = inbox.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next {
@@ -300,7 +334,15 @@ async fn build(
         }
         status.report(&mesh_nodes.live, &now_refused);
         refused_nodes = now_refused;
-        view.workloads = pods.live.values().map(|w| (w.key(), w.clone())).collect();
+        let (workloads, now_refused) = workloads_in_their_ranges(&pods.live, &view.nodes);
+        for ((pod, ip), reason) in &now_refused {
+            if refused_ips.get(&(pod.clone(), *ip)) != Some(reason) {
+                tracing::warn!(kind = "Pod", object = %pod, %ip, %reason, "pod address refused: no identity is given to it");
+                refused.count("Pod");
+            }
+        }
+        refused_ips = now_refused;
+        view.workloads = workloads;
         view.policies = policies.live.iter().map(|(k, p)| (k.clone(), MeshPolicy::clone(p))).collect();
         let mut ids: BTreeMap<SpiffeId, BTreeSet<u32>> = BTreeMap::new();
         let mut node_ids: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
@@ -323,6 +365,45 @@ async fn build(
             }
         });
     }
+}
+
+/// The workloads with only the addresses they can own: inside the pod
+/// CIDRs of their node's accepted MeshNode, and claimed by no other pod. A
+/// pod's IPs come from its status, which its node's kubelet writes: a
+/// compromised node must not give another node's pod address (and with it
+/// that pod's traffic) an identity of its choosing.
+fn workloads_in_their_ranges(
+    pods: &BTreeMap<String, Workload>,
+    nodes: &BTreeMap<String, NodeRecord>,
+) -> (BTreeMap<String, Workload>, BTreeMap<(String, std::net::IpAddr), String>) {
+    let mut refused = BTreeMap::new();
+    let mut owners: BTreeMap<std::net::IpAddr, Vec<String>> = BTreeMap::new();
+    for w in pods.values() {
+        for ip in &w.ips {
+            owners.entry(*ip).or_default().push(w.key());
+        }
+    }
+    let workloads = pods
+        .values()
+        .map(|w| {
+            let (key, node) = (w.key(), nodes.get(&w.node));
+            let mut w = w.clone();
+            w.ips.retain(|ip| {
+                let inside = node.is_some_and(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)));
+                let reason = if !inside {
+                    "outside the pod CIDRs of its node's accepted MeshNode".to_owned()
+                } else if owners[ip].len() > 1 {
+                    format!("claimed by {} pods: {}", owners[ip].len(), owners[ip].join(", "))
+                } else {
+                    return true;
+                };
+                refused.insert((key.clone(), *ip), reason);
+                false
+            });
+            (key, w)
+        })
+        .collect();
+    (workloads, refused)
 }
 
 /// Writes this node's verdict into its own MeshNode's status (the
@@ -390,9 +471,14 @@ impl<T: Clone> Table<T> {
             Op::Listed(key, v) => {
                 self.relist.get_or_insert_with(BTreeMap::new).insert(key, v);
             }
-            Op::KeepListed(key) => {
-                if let Some(v) = self.live.get(&key).cloned() {
+            Op::KeepListed(key, fallback) => {
+                if let Some(v) = self.live.get(&key).cloned().or(fallback) {
                     self.relist.get_or_insert_with(BTreeMap::new).insert(key, v);
+                }
+            }
+            Op::Keep(key, fallback) => {
+                if let (false, Some(v)) = (self.live.contains_key(&key), fallback) {
+                    self.live.insert(key, v);
                 }
             }
             Op::InitDone => {

@@ -103,6 +103,9 @@ async fn pods_policies_nodes_and_numbers_reach_the_view_and_bad_objects_are_skip
         // A MeshNode for no Node: refused.
         mesh_node("ghost", 3, "10.244.3.0/24"),
         pod("shop", "web-1", "web", "node-1", "10.244.1.5", "web"),
+        // Node 1's kubelet claims an address of node 2's range, and one web-1 holds.
+        pod("shop", "thief", "thief", "node-1", "10.244.2.9", "thief"),
+        pod("shop", "twin", "twin", "node-1", "10.244.1.5", "twin"),
         // No identity: on the host network.
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kube-proxy", "namespace": "kube-system"},
                "spec": {"nodeName": "node-1", "serviceAccountName": "kp", "hostNetwork": true, "containers": []}}),
@@ -121,9 +124,16 @@ async fn pods_policies_nodes_and_numbers_reach_the_view_and_bad_objects_are_skip
     let src = source(&api, dir.path()).await;
     let view = until(&src, "the listed objects", |v| !v.workloads.is_empty()).await;
     assert_eq!(view.nodes.keys().collect::<Vec<_>>(), ["node-1"], "node-2 claims another's range, ghost has no Node");
-    assert_eq!(view.workloads.keys().collect::<Vec<_>>(), ["shop/web-1"]);
-    assert_eq!(view.workloads["shop/web-1"].ips, vec!["10.244.1.5".parse::<std::net::IpAddr>().unwrap()]);
-    assert_eq!(view.policies.keys().collect::<Vec<_>>(), ["shop/db"]);
+    assert_eq!(view.workloads.keys().collect::<Vec<_>>(), ["shop/thief", "shop/twin", "shop/web-1"]);
+    assert!(view.workloads.values().all(|w| w.ips.is_empty()), "an address outside the node's range, or held twice, is no one's");
+    // Bad policies never seen valid stand in closed: their pods isolated in
+    // the directions they name (ingress by default), nothing allowed.
+    assert_eq!(view.policies.keys().collect::<Vec<_>>(), ["shop/db", "shop/junk", "shop/quic"]);
+    let quic = &view.policies["shop/quic"].spec;
+    assert_eq!((quic.ingress.as_deref(), quic.egress.as_deref()), (Some(&[][..]), None));
+    assert_eq!(quic.selector.match_labels.get("app").map(String::as_str), Some("db"), "the pods it meant to restrict");
+    assert_eq!(view.policies["shop/junk"].spec.ingress.as_deref(), Some(&[][..]));
+    assert!(view.policies["shop/junk"].spec.selector.match_labels.is_empty(), "no readable selector: every pod of the namespace");
     assert_eq!(view.identities.iter().collect::<Vec<_>>(), [(&web_id(), &256)]);
     assert_eq!(view.node_ids.iter().collect::<Vec<_>>(), [(&"node-1".to_owned(), &1)]);
     assert_eq!(view.trust_domain.as_ref().map(|t| t.to_string()).as_deref(), Some("cluster.local"));
@@ -131,6 +141,12 @@ async fn pods_policies_nodes_and_numbers_reach_the_view_and_bad_objects_are_skip
     assert_eq!(refused.get("MeshPolicy"), 2);
     assert_eq!(refused.get("MeshIdentity"), 2);
     assert_eq!(refused.get("MeshNode"), 2);
+    assert_eq!(refused.get("Pod"), 3);
+
+    // The thief's and the twin's gone: web-1's address is its own again.
+    api.delete(&ObjectKey::namespaced("v1", "Pod", "shop", "thief")).unwrap();
+    api.delete(&ObjectKey::namespaced("v1", "Pod", "shop", "twin")).unwrap();
+    until(&src, "web-1 with its address", |v| v.workloads.len() == 1 && v.workloads["shop/web-1"].ips.len() == 1).await;
 
     // Changes, in order.
     api.update(pod("shop", "web-1", "web", "node-1", "10.244.1.6", "web")).unwrap();
@@ -143,9 +159,16 @@ async fn pods_policies_nodes_and_numbers_reach_the_view_and_bad_objects_are_skip
     let v = until(&src, "web-2", |v| v.workloads.contains_key("shop/web-2")).await;
     assert_eq!(v.policies["shop/db"].spec.ingress.as_ref().unwrap()[0].ports[0].protocol, meshguard_common::policy::Protocol::Tcp);
     assert_eq!(refused.get("MeshPolicy"), 3);
+    // An agent started after the bad edit never saw the valid version: it
+    // closes what the policy selects instead of leaving it open.
+    let fresh = source(&api, dir.path()).await;
+    let v = until(&fresh, "the listed objects", |v| v.policies.contains_key("shop/db")).await;
+    assert_eq!(v.policies["shop/db"].spec.ingress.as_deref(), Some(&[][..]));
+    drop(fresh);
     api.delete(&ObjectKey::namespaced("v1", "Pod", "shop", "web-1")).unwrap();
     api.delete(&ObjectKey::namespaced(MG, "MeshPolicy", "shop", "db")).unwrap();
-    let v = until(&src, "web-1 and the policy gone", |v| !v.workloads.contains_key("shop/web-1") && v.policies.is_empty()).await;
+    let v =
+        until(&src, "web-1 and the policy gone", |v| !v.workloads.contains_key("shop/web-1") && !v.policies.contains_key("shop/db")).await;
     assert!(v.workloads.contains_key("shop/web-2"));
     // A pod that finishes leaves the view.
     let mut done = pod("shop", "web-2", "web", "node-2", "10.244.2.5", "web");

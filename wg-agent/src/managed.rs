@@ -201,6 +201,26 @@ pub async fn run_with_source(
         watch_dir::DirEvents::watch(agent.cfg.datapath.as_ref().map(|d| d.endpoints_dir.as_path()), ENDPOINT_BACKSTOP, ENDPOINT_POLL);
     agent.publish(&mut endpoints).await;
     let mut views = agent.source.subscribe();
+    let stop = signals::terminated();
+    tokio::pin!(stop);
+    // Until a source has heard from the cluster its view is an empty
+    // placeholder: applying it would remove the routes and empty the maps
+    // the previous run left. Wait for a real one (pods the CNI plugin hands
+    // over meanwhile are held closed).
+    while **views.borrow() == ClusterView::default() {
+        tokio::select! {
+            changed = views.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("cluster source stopped");
+                }
+            }
+            Some(request) = agent.cni_requests.recv() => serve_cni(agent.enforcer.as_mut(), None, request),
+            _ = &mut stop => {
+                tracing::info!("node agent stopping before the cluster source answered; the tunnel and routes stay");
+                return Ok(());
+            }
+        }
+    }
     let first = views.borrow_and_update().clone();
     agent.metrics.view_at.store(meshguard_common::telemetry::unix_now(), std::sync::atomic::Ordering::Relaxed);
     agent.reconcile(&first).await;
@@ -209,8 +229,6 @@ pub async fn run_with_source(
     agent.device.initiate_handshakes();
     agent.metrics.set_ready();
 
-    let stop = signals::terminated();
-    tokio::pin!(stop);
     let mut key_tick = tokio::time::interval(KEY_CHECK_INTERVAL);
     let mut housekeeping_tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     let mut counter_tick = tokio::time::interval(COUNTER_INTERVAL);
