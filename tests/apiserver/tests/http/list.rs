@@ -165,7 +165,7 @@ async fn get_and_discovery() {
     let mesh = c.get("/apis/meshguard.io/v1alpha1").await.body;
     assert_eq!(mesh["kind"], "APIResourceList");
     let resources: Vec<&str> = mesh["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(resources, ["meshpolicies", "meshpolicies/status", "meshnodes", "meshnodes/status"]);
+    assert_eq!(resources, ["meshpolicies", "meshpolicies/status", "meshnodes", "meshnodes/status", "meshidentities"]);
     let core = c.get("/api/v1").await.body;
     assert!(core["resources"].as_array().unwrap().iter().any(|r| r["name"] == "pods" && r["namespaced"] == true));
     let version = Client::anonymous(&server).get("/version").await;
